@@ -1,0 +1,36 @@
+"""ComfyUI side of the pack: the PaRa weight adapter and the nodes (V3 schema)."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+from .adapter import ParaAdapter, register as register_adapter
+from .para_nodes import NODES, register_folder
+
+log = logging.getLogger("ComfyUI-PaRa")
+
+
+def all_nodes() -> list:
+    nodes = list(NODES)
+    try:
+        from .trainer import PaRaTrainer
+        nodes.insert(0, PaRaTrainer)
+    except ImportError as e:  # only while the trainer is being developed
+        log.warning("PaRa: trainer unavailable: %s", e)
+    return nodes
+
+
+class PaRaExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return all_nodes()
+
+
+def setup() -> None:
+    register_folder()
+    register_adapter()
+
+
+async def comfy_entrypoint() -> PaRaExtension:
+    setup()
+    return PaRaExtension()

@@ -1,0 +1,81 @@
+"""PaRa as a ComfyUI weight adapter, in the style of comfy/weight_adapter/lora.py.
+
+ComfyUI calls ``calculate_weight`` with the weight it is patching, on the device it patches on
+(the GPU when there is one), whenever the model is loaded; ``unpatch_model`` restores the
+backup it took. Registering the class in ``comfy.weight_adapter.adapters`` makes the stock
+"Load LoRA" node read PaRa files (``*.para_B``, ``*.para_U``/``*.para_V``) too.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from comfy.weight_adapter.base import WeightAdapterBase
+
+from ..para_core.reduction import basis
+
+log = logging.getLogger("ComfyUI-PaRa")
+
+
+class ParaAdapter(WeightAdapterBase):
+    name = "para"
+
+    def __init__(self, loaded_keys, weights):
+        # weights: ("B", B) for a subject (Q is computed where the weight lives),
+        # or ("UV", U, V) for the general form / precomputed Q.
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+
+    @classmethod
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor) -> "ParaAdapter":
+        return cls(set(), ("UV", U, V))
+
+    @classmethod
+    def load(cls, x: str, lora: dict, alpha: float = None, dora_scale: torch.Tensor = None,
+             loaded_keys: set = None) -> Optional["ParaAdapter"]:
+        if loaded_keys is None:
+            loaded_keys = set()
+        b_key, u_key, v_key = f"{x}.para_B", f"{x}.para_U", f"{x}.para_V"
+        if b_key in lora:
+            loaded_keys.add(b_key)
+            return cls(loaded_keys, ("B", lora[b_key]))
+        if u_key in lora and v_key in lora:
+            loaded_keys.update((u_key, v_key))
+            return cls(loaded_keys, ("UV", lora[u_key], lora[v_key]))
+        return None
+
+    def factors(self, device) -> tuple:
+        if self.weights[0] == "B":
+            Q = basis(self.weights[1].to(device))  # QR in float32 on the patching device
+            return Q, Q
+        _, U, V = self.weights
+        return U.to(device, torch.float32), V.to(device, torch.float32)
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        U, V = self.factors(weight.device)
+        if U.shape[0] != weight.shape[0]:
+            log.error("PaRa: %s: adapter has %d output channels, weight has shape %s; not patched",
+                      key, U.shape[0], tuple(weight.shape))
+            return weight
+        # W' = W0 - s * U (V^T W0), in float32 whatever the storage dtype (spec section 1).
+        Wm = weight.reshape(weight.shape[0], -1).float()
+        delta = (U @ (V.t() @ Wm)).mul_(-float(strength)).reshape(weight.shape)
+        weight += function(delta.to(weight.dtype))
+        return weight
+
+
+def register() -> bool:
+    """Add ParaAdapter to ComfyUI's adapter list (what the stock LoRA loaders iterate)."""
+    try:
+        import comfy.weight_adapter as wa
+        adapters = wa.adapters
+    except (ImportError, AttributeError):
+        log.warning("PaRa: this ComfyUI has no comfy.weight_adapter.adapters list; the stock 'Load LoRA' node "
+                    "will not read PaRa files. The PaRa nodes keep working. Update ComfyUI to get both.")
+        return False
+    if not any(getattr(a, "name", None) == "para" for a in adapters):
+        adapters.append(ParaAdapter)
+    return True

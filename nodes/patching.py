@@ -1,0 +1,87 @@
+"""Glue between a ComfyUI ModelPatcher and para_core: layer shapes, original weights,
+fingerprints, and applying a ParaState through ``add_patches`` on a clone."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Tuple
+
+import torch
+
+import comfy.model_patcher
+import comfy.utils
+
+from ..para_core import ParaError, ParaState, check_fingerprint, check_fits, fingerprint
+from .adapter import ParaAdapter
+
+log = logging.getLogger("ComfyUI-PaRa")
+WEIGHT = ".weight"
+
+
+def model_family(model) -> str:
+    """The model family as ComfyUI detected it (e.g. SD15, SDXL)."""
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    return type(cfg).__name__ if cfg is not None else type(getattr(model, "model", model)).__name__
+
+
+def layer_shapes(model) -> Dict[str, Tuple[int, ...]]:
+    """{layer: weight shape} for every >= 2-D weight of the diffusion model
+    (layer = module path with the ``diffusion_model.`` prefix)."""
+    out = {}
+    for k, v in model.model_state_dict("diffusion_model.").items():
+        if k.endswith(WEIGHT) and v.dim() >= 2:
+            out[k[: -len(WEIGHT)]] = tuple(v.shape)
+    return out
+
+
+def original_weight(model, layer: str) -> torch.Tensor:
+    """The base weight W0 of ``layer``, never a patched copy.
+
+    ComfyUI unpatches lazily, so the live tensor may still carry the previous prompt's patches;
+    the backup it keeps (shared by every clone) holds the original, as get_key_patches() does.
+    """
+    key = layer + WEIGHT
+    bk = model.backup.get(key)
+    if bk is not None:
+        return bk.weight
+    hbk = getattr(model, "hook_backup", {}).get(key)
+    if hbk is not None:
+        return hbk[0]
+    return comfy.utils.get_attr(model.model, key)
+
+
+def model_fingerprint(model, layers) -> str:
+    return fingerprint({l: original_weight(model, l) for l in layers})
+
+
+def check_strength(strength: float, what: str = "strength") -> float:
+    if strength is None or not math.isfinite(float(strength)):
+        raise ParaError(f"input '{what}' is {strength}; give a finite number (1.0 = the paper, 0 = base model, "
+                        f"negative pushes away from the subject).")
+    return float(strength)
+
+
+def fit_to_model(state: ParaState, model) -> ParaState:
+    """Validate ``state`` against ``model`` (shapes; fingerprint warning) and resolve its names."""
+    shapes = layer_shapes(model)
+    state = check_fits(state, shapes, family=f"this {model_family(model)} model")
+    msg = check_fingerprint(state, model_fingerprint(model, state.layers)) if state.metadata.get("para.base_fingerprint") else None
+    if msg:
+        log.warning("PaRa: %s", msg)
+    return state
+
+
+def apply_para(model, state: ParaState, strength: float = 1.0):
+    """A clone of ``model`` with ``state`` patched in at ``strength``; the input is untouched.
+    Nothing is patched when the file does not fit (the error names the first bad layer)."""
+    strength = check_strength(strength)
+    state = fit_to_model(state, model)
+    patches = {l + WEIGHT: ParaAdapter.from_factors(U, V) for l, (U, V) in state.factors().items()}
+    m = model.clone()
+    if strength == 0:
+        return m
+    added = m.add_patches(patches, strength)
+    missing = set(patches) - set(added)
+    if missing:
+        raise ParaError(f"{state.name}: ComfyUI did not accept the patch for {sorted(missing)[0]}; nothing applied.")
+    return m

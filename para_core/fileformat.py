@@ -1,0 +1,367 @@
+"""The PaRa file (spec section 2): safetensors with ``<layer>.para_B`` (subject) or
+``<layer>.para_U`` + ``<layer>.para_V`` (merged), ``para.*`` and ``modelspec.*`` metadata.
+
+``ParaState`` is the in-memory form shared by the CLI and the nodes (the ``PARA`` socket).
+Layer names are ComfyUI module paths with the ``diffusion_model.`` prefix.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .reduction import basis_batched
+
+__all__ = [
+    "ParaError",
+    "ParaState",
+    "FORMAT_VERSION",
+    "load_para",
+    "save_para",
+    "atomic_save_safetensors",
+    "fingerprint",
+    "build_metadata",
+    "check_fits",
+    "FingerprintWarning",
+]
+
+FORMAT_VERSION = "1"
+PREFIX = "diffusion_model."
+KOHYA_PREFIX = "lora_unet_"
+SUFFIXES = (".para_B", ".para_U", ".para_V")
+_LORA_MARKERS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", "_lora.up.", ".hada_w1_a", ".lokr_w1", ".oft_blocks", ".lora_B", ".lora_A")
+
+ARCHITECTURES = {
+    "SD15": "stable-diffusion-v1",
+    "SD20": "stable-diffusion-v2",
+    "SD21UnclipL": "stable-diffusion-v2",
+    "SDXL": "stable-diffusion-xl-v1-base",
+    "SDXLRefiner": "stable-diffusion-xl-v1-refiner",
+    "SD3": "stable-diffusion-v3",
+    "Flux": "flux-1-dev",
+}
+
+
+class ParaError(ValueError):
+    """A user-facing error: says what is wrong, where, and what to do."""
+
+
+class FingerprintWarning(UserWarning):
+    pass
+
+
+@dataclass
+class ParaState:
+    """One PaRa adapter in memory.
+
+    ``kind == "subject"``: ``B[layer]`` of shape (out, r), Q = QR(B).
+    ``kind == "merged"``: ``U[layer]``, ``V[layer]`` of shape (out, k), W' = W0 - U V^T W0.
+    """
+
+    kind: str = "subject"
+    B: Dict[str, torch.Tensor] = field(default_factory=dict)
+    U: Dict[str, torch.Tensor] = field(default_factory=dict)
+    V: Dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: Dict[str, str] = field(default_factory=dict)
+    source: Optional[str] = None
+    _factors: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def layers(self) -> List[str]:
+        return list(self.B if self.kind == "subject" else self.U)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.source) if self.source else self.metadata.get("modelspec.title", "PaRa adapter")
+
+    def rank(self, layer: str) -> int:
+        t = self.B[layer] if self.kind == "subject" else self.U[layer]
+        return int(t.shape[1])
+
+    def ranks(self) -> Dict[str, int]:
+        return {l: self.rank(l) for l in self.layers}
+
+    def num_params(self) -> int:
+        if self.kind == "subject":
+            return sum(t.numel() for t in self.B.values())
+        return sum(t.numel() for t in self.U.values()) + sum(t.numel() for t in self.V.values())
+
+    def out_dim(self, layer: str) -> int:
+        t = self.B[layer] if self.kind == "subject" else self.U[layer]
+        return int(t.shape[0])
+
+    def factors(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """{layer: (U, V)} in float32; a subject gives (Q, Q) from one batched QR per shape."""
+        if self._factors is None:
+            if self.kind == "subject":
+                Q = basis_batched(self.B)
+                self._factors = {l: (Q[l], Q[l]) for l in self.B}
+            else:
+                self._factors = {l: (self.U[l].float(), self.V[l].float()) for l in self.U}
+        return self._factors
+
+    def renamed(self, mapping: Mapping[str, str]) -> "ParaState":
+        """A copy with layers renamed (used to resolve kohya-style names)."""
+        ren = lambda d: {mapping.get(k, k): v for k, v in d.items()}
+        return ParaState(self.kind, ren(self.B), ren(self.U), ren(self.V), dict(self.metadata), self.source)
+
+
+# ---------------------------------------------------------------- writing
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def build_metadata(
+    kind: str,
+    *,
+    rank: Optional[int] = None,
+    ranks: Optional[Mapping[str, int]] = None,
+    layers: str = "",
+    base_arch: str = "",
+    base_fingerprint: str = "",
+    train: Optional[Mapping] = None,
+    merge_mode: Optional[str] = None,
+    title: str = "",
+    extra: Optional[Mapping[str, str]] = None,
+) -> Dict[str, str]:
+    md = {
+        "para.format": FORMAT_VERSION,
+        "para.kind": kind,
+        "para.layers": layers,
+        "para.base_arch": base_arch,
+        "para.base_fingerprint": base_fingerprint,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{ARCHITECTURES.get(base_arch, base_arch.lower() or 'unknown')}/para",
+        "modelspec.implementation": "https://github.com/CCRobert1997/PaRa",
+        "modelspec.title": title or "PaRa adapter",
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    if ranks:
+        md["para.ranks"] = json.dumps({k: int(v) for k, v in ranks.items()}, sort_keys=True)
+        if rank is None:
+            rank = max(ranks.values())
+    if rank is not None:
+        md["para.rank"] = str(int(rank))
+    if merge_mode:
+        md["para.merge_mode"] = merge_mode
+    if train is not None:
+        md["para.train"] = json.dumps(dict(train), sort_keys=True, default=str)
+    for k, v in (extra or {}).items():
+        md[k] = str(v)
+    return md
+
+
+def save_para(state: ParaState, path: str, dtype: torch.dtype = torch.float32) -> str:
+    """Save ``state`` in the spec's format (atomic). Returns the path."""
+    tensors: Dict[str, torch.Tensor] = {}
+    if state.kind == "subject":
+        for l, b in state.B.items():
+            tensors[f"{l}.para_B"] = b.detach().to(dtype)
+    elif state.kind == "merged":
+        for l in state.U:
+            tensors[f"{l}.para_U"] = state.U[l].detach().to(dtype)
+            tensors[f"{l}.para_V"] = state.V[l].detach().to(dtype)
+    else:
+        raise ParaError(f"unknown PaRa kind {state.kind!r}")
+    md = dict(state.metadata)
+    md.setdefault("para.format", FORMAT_VERSION)
+    md["para.kind"] = state.kind
+    if "para.ranks" not in md:
+        md["para.ranks"] = json.dumps(state.ranks(), sort_keys=True)
+    atomic_save_safetensors(tensors, path, md)
+    return path
+
+
+# ---------------------------------------------------------------- reading
+
+def _read_header(path: str) -> dict:
+    """Parse the safetensors header ourselves to give precise errors for wrong/truncated files."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ParaError(f"{path}: not a safetensors file (only {size} bytes). Pick a .safetensors PaRa file.")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 1 or n > 100_000_000 or n + 8 > size:
+            raise ParaError(f"{path}: not a safetensors file, or its header is truncated. Pick a .safetensors PaRa file, or re-save/re-download it.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise ParaError(f"{path}: not a safetensors file (its header is not JSON). Pick a .safetensors PaRa file.") from None
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except Exception:
+            raise ParaError(f"{path}: corrupt safetensors header at tensor {k!r}.") from None
+    if 8 + n + end > size:
+        raise ParaError(f"{path}: the file is truncated ({size} bytes, its header says {8 + n + end}); re-save or re-download it.")
+    return header
+
+
+def _layer_and_suffix(key: str) -> Tuple[Optional[str], Optional[str]]:
+    for s in SUFFIXES:
+        if key.endswith(s):
+            return key[: -len(s)], s[1:]
+    return None, None
+
+
+def load_para(path: str, device: str = "cpu") -> ParaState:
+    """Load and validate a PaRa file; every problem is a ParaError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ParaError(f"{path}: no such PaRa file. Put .safetensors files in models/para.")
+    header = _read_header(path)
+    keys = [k for k in header if k != "__metadata__"]
+    B: Dict[str, torch.Tensor] = {}
+    U: Dict[str, torch.Tensor] = {}
+    V: Dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = dict(f.metadata() or {})
+            for k in keys:
+                layer, kind = _layer_and_suffix(k)
+                if layer is None:
+                    continue
+                t = f.get_tensor(k)
+                {"para_B": B, "para_U": U, "para_V": V}[kind][layer] = t
+    except ParaError:
+        raise
+    except Exception as e:
+        raise ParaError(f"{path}: could not read the safetensors file ({e}); it may be corrupt, re-save it.") from None
+    if not (B or U or V):
+        if any(m in k for k in keys for m in _LORA_MARKERS):
+            raise ParaError(f"{path}: this is a LoRA file, not a PaRa file (it has lora_up/lora_down-style tensors and no .para_B). Load it with ComfyUI's 'Load LoRA' node instead.")
+        raise ParaError(f"{path}: no PaRa tensors (*.para_B or *.para_U/*.para_V) in this file; it is not a PaRa adapter.")
+    if B and (U or V):
+        raise ParaError(f"{path}: mixes para_B with para_U/para_V; a file is either a subject or a merged adapter.")
+    for layer in U:
+        if layer not in V:
+            raise ParaError(f"{path}: layer {layer} has para_U but no para_V; merged files need both.")
+    for layer in V:
+        if layer not in U:
+            raise ParaError(f"{path}: layer {layer} has para_V but no para_U; merged files need both.")
+    for name, d in (("para_B", B), ("para_U", U), ("para_V", V)):
+        for layer, t in d.items():
+            if t.dim() != 2:
+                raise ParaError(f"{path}: {layer}.{name} has shape {tuple(t.shape)}, expected (out, rank).")
+            if not torch.isfinite(t).all():
+                raise ParaError(f"{path}: {layer}.{name} contains NaN or Inf values; the adapter is broken (retrain, or use an earlier checkpoint).")
+    for layer in U:
+        if U[layer].shape != V[layer].shape:
+            raise ParaError(f"{path}: layer {layer}: para_U {tuple(U[layer].shape)} and para_V {tuple(V[layer].shape)} differ in shape.")
+    kind = "subject" if B else "merged"
+    return ParaState(kind=kind, B=B, U=U, V=V, metadata=metadata, source=path)
+
+
+# ---------------------------------------------------------------- fitting a model
+
+def fingerprint(weights: Mapping[str, torch.Tensor], samples: int = 16) -> str:
+    """A cheap fingerprint of the base weights an adapter was made against.
+
+    Hashes, for every adapted layer (sorted), its shape and ``samples`` evenly spaced entries
+    rounded to fp16 (so fp32/fp16/bf16 copies of one base agree up to rare rounding ties).
+    Costs a few gathers per layer: well under a second for SDXL.
+    """
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name]
+        flat = w.reshape(-1)
+        n = flat.numel()
+        idx = torch.linspace(0, n - 1, steps=min(samples, n), device=flat.device).long()
+        vals = flat[idx].detach().float().to(torch.float16).cpu().numpy().tobytes()
+        h.update(_norm_name(name).encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(vals)
+    return h.hexdigest()[:16]
+
+
+def _norm_name(name: str) -> str:
+    return name if name.startswith(PREFIX) else PREFIX + name
+
+
+def kohya_name(layer: str) -> str:
+    path = layer[len(PREFIX):] if layer.startswith(PREFIX) else layer
+    return KOHYA_PREFIX + path.replace(".", "_")
+
+
+def resolve_layers(state: ParaState, model_layers: Iterable[str]) -> ParaState:
+    """Map kohya-style ``lora_unet_*`` names (and bare paths) onto the model's layer names."""
+    model_layers = list(model_layers)
+    lookup = {}
+    for l in model_layers:
+        lookup[l] = l
+        lookup[kohya_name(l)] = l
+        if l.startswith(PREFIX):
+            lookup[l[len(PREFIX):]] = l
+    mapping = {l: lookup[l] for l in state.layers if l in lookup and lookup[l] != l}
+    return state.renamed(mapping) if mapping else state
+
+
+def check_fits(state: ParaState, shapes: Mapping[str, Sequence[int]], family: str = "this model") -> ParaState:
+    """Check every layer exists in the model and has a matching output size.
+
+    ``shapes``: {layer name: weight shape} of the model. Returns the state with names resolved.
+    Raises ParaError naming the file and the first layer that does not fit.
+    """
+    where = state.source or state.name
+    state = resolve_layers(state, shapes)
+    for layer in state.layers:
+        if layer not in shapes:
+            raise ParaError(
+                f"{where}: layer {layer} does not exist in {family}. This adapter was made for another model "
+                f"(its base: {state.metadata.get('para.base_arch') or 'unknown'}); pick the checkpoint it was trained on."
+            )
+        shape = tuple(shapes[layer])
+        if len(shape) < 2 or shape[0] != state.out_dim(layer):
+            raise ParaError(
+                f"{where}: layer {layer} has {state.out_dim(layer)} output channels in the file but the weight in {family} "
+                f"has shape {shape}. This adapter was made for another model "
+                f"(its base: {state.metadata.get('para.base_arch') or 'unknown'}); pick the checkpoint it was trained on."
+            )
+        r = state.rank(layer)
+        inner = 1
+        for d in shape[1:]:
+            inner *= int(d)
+        if state.kind == "subject" and r > min(shape[0], inner):
+            raise ParaError(f"{where}: layer {layer} has rank {r}, more than the layer allows ({min(shape[0], inner)}).")
+    return state
+
+
+def check_fingerprint(state: ParaState, model_fingerprint: str) -> Optional[str]:
+    """Warn (and return the message) when the file was made against other base weights."""
+    theirs = state.metadata.get("para.base_fingerprint", "")
+    if theirs and model_fingerprint and theirs != model_fingerprint:
+        msg = (f"{state.name}: made against base weights with fingerprint {theirs}, this model has {model_fingerprint}. "
+               "Fine for fine-tunes of the same base; results may differ.")
+        warnings.warn(msg, FingerprintWarning, stacklevel=2)
+        return msg
+    return None

@@ -1,0 +1,136 @@
+"""Several subjects at once, without training (spec section 1).
+
+Every mode returns the general form (U, V), shape (out, k), with W' = W0 - U (V^T W0).
+Inputs are lists of (U_i, V_i, s_i); a subject contributes U_i = V_i = Q_i.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+__all__ = ["MERGE_MODES", "merge_sum", "merge_union", "merge_sequential", "merge_factors"]
+
+MERGE_MODES = ("sum", "union", "sequential")
+Factors = Tuple[torch.Tensor, torch.Tensor]
+
+
+def merge_sum(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]]) -> Factors:
+    """W' = W0 - sum_i s_i U_i (V_i^T W0): what the reference code does."""
+    U = torch.cat([s * u.float() for u, _, s in items], dim=1)
+    V = torch.cat([v.float() for _, v, _ in items], dim=1)
+    return U, V
+
+
+def merge_union(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]], rtol: float = 1e-4) -> Factors:
+    """A true projection onto the union of the subspaces (rank-revealing).
+
+    Q is the orthonormal basis of span[V_1 ... V_n] (inputs with s_i = 0 left out), from an SVD
+    that drops directions whose singular value is below ``rtol`` * the largest, so duplicate or
+    overlapping subspaces are merged instead of counted twice. Each kept direction q_j gets the
+    strength t_j = sum_i s_i |V_i^T q_j|^2 / sum_i |V_i^T q_j|^2: the strength of the inputs
+    that span it. With all s_i = s this is exactly s * Q Q^T; with orthogonal subspaces it equals
+    ``sum``. Merged (non-projector) inputs enter through their V, their column space.
+    """
+    kept = [(v.float(), float(s)) for _, v, s in items if s != 0]
+    if not kept:
+        u0 = items[0][0]
+        z = torch.zeros(u0.shape[0], 0, dtype=torch.float32, device=u0.device)
+        return z, z.clone()
+    # Orthonormalize each input first so that the SVD of the stack measures overlap of
+    # subspaces, not the scale of the stored factors.
+    bases = [torch.linalg.qr(v, mode="reduced")[0] for v, _ in kept]
+    stack = torch.cat(bases, dim=1)
+    Uc, S, _ = torch.linalg.svd(stack, full_matrices=False)
+    k = int((S > rtol * S[0]).sum()) if S.numel() else 0
+    Q = Uc[:, :k]
+    num = torch.zeros(k, dtype=torch.float32, device=Q.device)
+    den = torch.zeros(k, dtype=torch.float32, device=Q.device)
+    for b, (_, s) in zip(bases, kept):
+        w = (b.t() @ Q).pow(2).sum(dim=0)
+        num += s * w
+        den += w
+    t = num / den.clamp_min(1e-12)
+    return Q * t, Q
+
+
+def merge_sequential(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]]) -> Factors:
+    """W' = (I - s_n U_n V_n^T) ... (I - s_1 U_1 V_1^T) W0, in order.
+
+    By induction, with P = I - U V^T so far: (I - s u v^T) P = I - [U, s u] [V, P^T v]^T,
+    and P^T v = v - V (U^T v). k = sum of the ranks.
+    """
+    U = V = None
+    for u, v, s in items:
+        u, v = u.float(), v.float()
+        if U is None:
+            U, V = s * u, v
+        else:
+            v_new = v - V @ (U.t() @ v)
+            U, V = torch.cat([U, s * u], dim=1), torch.cat([V, v_new], dim=1)
+    return U, V
+
+
+def merge_factors(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]], mode: str = "sum") -> Factors:
+    if mode == "sum":
+        return merge_sum(items)
+    if mode == "union":
+        return merge_union(items)
+    if mode == "sequential":
+        return merge_sequential(items)
+    raise ValueError(f"unknown merge mode {mode!r}; use one of {', '.join(MERGE_MODES)}")
+
+
+def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
+    """Merge ParaStates (files) into one merged ParaState in the general form.
+
+    Layers present in only some inputs are merged over those inputs. Inputs made for different
+    model families (same layer, different size, or different ``para.base_arch``) are an error.
+    """
+    from .fileformat import ParaError, ParaState, build_metadata
+
+    if mode not in MERGE_MODES:
+        raise ParaError(f"unknown merge mode {mode!r}; use one of {', '.join(MERGE_MODES)}")
+    if len(states) < 1:
+        raise ParaError("merge needs at least one PaRa adapter")
+    if len(strengths) != len(states):
+        raise ParaError(f"merge got {len(states)} adapters but {len(strengths)} strengths")
+    for i, s in enumerate(strengths):
+        if not (s == s) or s in (float("inf"), float("-inf")):
+            raise ParaError(f"strength of input {i + 1} ({states[i].name}) is {s}; give a finite number")
+    archs = {st.metadata.get("para.base_arch") for st in states} - {None, ""}
+    if len(archs) > 1:
+        names = ", ".join(f"{st.name} ({st.metadata.get('para.base_arch')})" for st in states)
+        raise ParaError(f"cannot merge adapters made for different model families: {names}")
+    order: List[str] = []
+    for st in states:
+        for l in st.layers:
+            if l not in order:
+                order.append(l)
+    U, V = {}, {}
+    for layer in order:
+        items = []
+        out = None
+        for st, s in zip(states, strengths):
+            if layer not in st.layers:
+                continue
+            u, v = st.factors()[layer]
+            if out is not None and u.shape[0] != out:
+                raise ParaError(
+                    f"cannot merge: layer {layer} has {out} output channels in one adapter and {u.shape[0]} in "
+                    f"{st.name}; they were made for different models")
+            out = u.shape[0]
+            items.append((u, v, float(s)))
+        U[layer], V[layer] = merge_factors(items, mode)
+    base = states[0].metadata
+    md = build_metadata(
+        "merged",
+        ranks={l: int(U[l].shape[1]) for l in U},
+        layers=base.get("para.layers", ""),
+        base_arch=base.get("para.base_arch", ""),
+        base_fingerprint=base.get("para.base_fingerprint", ""),
+        merge_mode=mode,
+        title="merge(" + ", ".join(f"{st.name}:{s:g}" for st, s in zip(states, strengths)) + f", {mode})",
+        extra={"para.merge_inputs": __import__("json").dumps([[st.name, float(s)] for st, s in zip(states, strengths)])},
+    )
+    return ParaState(kind="merged", U=U, V=V, metadata=md)

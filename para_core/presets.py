@@ -1,0 +1,127 @@
+"""Layer presets: which weights PaRa adapts (the reference code's ``train_method``).
+
+Patterns are regular expressions matched (``re.fullmatch``) against the module path inside the
+diffusion model, in ComfyUI's LDM names, without the ``diffusion_model.`` prefix, e.g.
+``input_blocks.1.1.transformer_blocks.0.attn1.to_q``. Only weights with >= 2 dims are ever
+selected (norms and biases are never adapted).
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+
+__all__ = ["PRESETS", "PRESET_NAMES", "DEFAULT_PRESET", "select_layers", "strip_prefix", "PresetError"]
+
+_BLOCK = r"(?:input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)"
+# Attention projections of the SD-style SpatialTransformer (diffusers "Attention" modules).
+SELF_ATTN = _BLOCK + r"\.transformer_blocks\.\d+\.attn1\.(?:to_q|to_k|to_v|to_out\.0)"
+CROSS_ATTN = _BLOCK + r"\.transformer_blocks\.\d+\.attn2\.(?:to_q|to_k|to_v|to_out\.0)"
+CROSS_ATTN_QK = _BLOCK + r"\.transformer_blocks\.\d+\.attn2\.(?:to_q|to_k)"
+# ResBlock convs and the time-embedding projection inside each ResBlock (diffusers
+# ResnetBlock2D conv1/conv2/time_emb_proj/conv_shortcut). The global ``time_embed`` MLP is not
+# part of any block, so no preset selects it (the paper excludes it).
+RESNET = _BLOCK + r"\.(?:in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)"
+# Downsample2D / Upsample2D convs.
+RESAMPLE = r"(?:input_blocks\.\d+\.0\.op|output_blocks\.\d+\.\d+\.conv)"
+MIDDLE = r"middle_block\.\d+\..*"
+
+PRESETS: Dict[str, Dict[str, Sequence[str]]] = {
+    # every Linear/Conv in attention, resnet and down/upsample blocks except cross-attention
+    "noxattn": {"include": [SELF_ATTN, RESNET, RESAMPLE]},
+    # all but self-attention
+    "innoxattn": {"include": [CROSS_ATTN, RESNET, RESAMPLE]},
+    "selfattn": {"include": [SELF_ATTN]},
+    "xattn": {"include": [CROSS_ATTN]},
+    "xattn-strict": {"include": [CROSS_ATTN_QK]},
+    "full": {"include": [SELF_ATTN, CROSS_ATTN, RESNET, RESAMPLE]},
+    # noxattn restricted to the middle block (the "h-space")
+    "noxattn-hspace": {"include": [SELF_ATTN, RESNET, RESAMPLE], "within": [MIDDLE]},
+    # only the last conv of the middle block: single-image editing
+    "noxattn-hspace-last": {"include": [r"middle_block\.2\.out_layers\.3"]},
+    # for transformer models (DiT / MMDiT): every 2-D weight
+    "all-linear": {"include": [r".*"], "ndim": [2]},
+    # attention projections of transformer models, whatever the naming scheme
+    "attention-only": {
+        "include": [
+            r".*(?:attn\d*|attention|self_attn|cross_attn)[^.]*\.(?:to_q|to_k|to_v|to_out\.0|q|k|v|qkv|proj|o|out|q_proj|k_proj|v_proj|o_proj|out_proj)",
+        ],
+        "ndim": [2],
+    },
+}
+PRESET_NAMES: List[str] = list(PRESETS)
+DEFAULT_PRESET = "noxattn"
+PREFIX = "diffusion_model."
+
+
+class PresetError(ValueError):
+    pass
+
+
+def strip_prefix(path: str) -> str:
+    return path[len(PREFIX):] if path.startswith(PREFIX) else path
+
+
+def _compile_custom(spec: str) -> Tuple[List[re.Pattern], List[re.Pattern]]:
+    """Custom patterns: comma/newline separated; ``re:`` marks a regex, anything else is a glob
+    (``*`` matches across dots); a leading ``!`` excludes."""
+    include, exclude = [], []
+    for raw in re.split(r"[,\n]", spec):
+        item = raw.strip()
+        if not item:
+            continue
+        target = exclude if item.startswith("!") else include
+        item = item.lstrip("!").strip()
+        if item.startswith("re:"):
+            pattern = item[3:]
+        else:
+            pattern = fnmatch.translate(strip_prefix(item))
+        try:
+            target.append(re.compile(pattern))
+        except re.error as e:
+            raise PresetError(f"layer pattern {item!r} is not a valid regular expression: {e}") from None
+    if not include:
+        raise PresetError(f"layer patterns {spec!r} include nothing; give a preset name ({', '.join(PRESET_NAMES)}) or patterns")
+    return include, exclude
+
+
+def describe(spec: str) -> str:
+    """Human-readable patterns of a preset (for README/--help)."""
+    p = PRESETS[spec]
+    text = " | ".join(p["include"])
+    if "within" in p:
+        text += "  (within " + " | ".join(p["within"]) + ")"
+    return text
+
+
+def select_layers(shapes: Mapping[str, Sequence[int]], spec: str = DEFAULT_PRESET, family: str = "this model") -> List[str]:
+    """Names (as given) of the adapted layers among ``shapes`` ({module path: weight shape}).
+
+    ``spec`` is a preset name or custom patterns. Raises PresetError when nothing is selected.
+    """
+    spec = (spec or DEFAULT_PRESET).strip()
+    if spec in PRESETS:
+        p = PRESETS[spec]
+        include = [re.compile(x) for x in p["include"]]
+        within = [re.compile(x) for x in p.get("within", [])]
+        ndims = set(p.get("ndim", []))
+        exclude: List[re.Pattern] = []
+    else:
+        include, exclude = _compile_custom(spec)
+        within, ndims = [], set()
+    chosen = []
+    for name, shape in shapes.items():
+        if len(shape) < 2 or (ndims and len(shape) not in ndims):
+            continue
+        path = strip_prefix(name)
+        if not any(r.fullmatch(path) for r in include):
+            continue
+        if within and not any(r.fullmatch(path) for r in within):
+            continue
+        if any(r.fullmatch(path) for r in exclude):
+            continue
+        chosen.append(name)
+    if not chosen:
+        hint = " (for transformer models try 'all-linear' or 'attention-only')" if spec in PRESETS and spec not in ("all-linear", "attention-only") else ""
+        raise PresetError(f"layer preset {spec!r} selects no layer of {family}{hint}")
+    return chosen
