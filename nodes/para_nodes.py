@@ -126,7 +126,7 @@ class PaRaMerge(io.ComfyNode):
         for i in range(1, MAX_MERGE + 1):
             inputs.append(PARA.Input(f"para_{i}", optional=i > 2,
                                      tooltip=f"PaRa adapter {i}" + (" (optional)" if i > 2 else "")))
-            inputs.append(io.Float.Input(f"strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
+            inputs.append(io.Float.Input(f"strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.01, optional=i > 2,
                                          tooltip=f"Strength of adapter {i} inside the merge. " + STRENGTH_TIP))
         return io.Schema(
             node_id="PaRaMerge", display_name="PaRa Merge", category=CATEGORY,
