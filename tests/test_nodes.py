@@ -61,7 +61,8 @@ def subject(core, patching, model, seed, rank=2, preset="noxattn"):
 
 def weights_after(model):
     import comfy.model_management as mm
-    mm.load_models_gpu([model], force_full_load=True)
+    with torch.no_grad():  # as in the server, which runs nodes under inference mode
+        mm.load_models_gpu([model], force_full_load=True)
     sd = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
     return sd
 
@@ -249,3 +250,22 @@ def test_save_then_load_through_nodes(tiny_model, core, pn, patching):
         assert torch.equal(loaded.B[l], st.B[l])
     (m,) = pn.PaRaLoader.execute(model=tiny_model, para_name=name, strength=1.0).args
     assert len(m.patches) == len(st.layers)
+
+
+def test_apply_with_fp8_storage(tiny_model_factory, core, pn, patching):
+    """fp8 weights: ComfyUI patches in float32 and rounds back (stochastically) to fp8."""
+    dtype = torch.float8_e4m3fn
+    model = tiny_model_factory(seed=0, dtype=dtype)
+    base = snapshot(model)
+    st = subject(core, patching, model, 14)
+    (patched,) = pn.PaRaApply.execute(model=model, para=st, strength=1.0).args
+    after = weights_after(patched)
+    for l in st.layers:
+        w = after[l + ".weight"]
+        assert w.dtype == dtype
+        ref = dense_reduce(base[l + ".weight"].float(), [qr(st.B[l])], [1.0])
+        # e4m3 keeps 3 mantissa bits: one rounding step is up to 1/8 of the value
+        torch.testing.assert_close(w.double(), ref, rtol=0.15, atol=0.02)
+    patched.unpatch_model()
+    assert all(torch.equal(v.view(torch.uint8), base[k].view(torch.uint8)) if v.dtype == dtype else torch.equal(v, base[k])
+               for k, v in snapshot(model).items())
