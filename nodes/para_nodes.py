@@ -44,12 +44,22 @@ def load_para_cached(name: str) -> ParaState:
     if path is None:
         raise ParaError(f"PaRa file {name!r} not found in models/para ({', '.join(folder_paths.get_folder_paths('para'))}).")
     st = os.stat(path)
-    key = (st.st_mtime, st.st_size)
+    key = (st.st_mtime_ns, st.st_size)
     hit = _cache.get(path)
     if hit is None or hit[0] != key:
         _cache.clear()  # keep one file's tensors, not every file ever loaded
         _cache[path] = (key, load_para(path))
     return _cache[path][1]
+
+
+def file_stamp(name: str):
+    """Changes when the file behind ``name`` changes, so a retrained file under the same name is
+    reloaded (ComfyUI otherwise reuses the cached output of an unchanged node)."""
+    path = folder_paths.get_full_path("para", name)
+    if path is None:
+        return name
+    st = os.stat(path)
+    return f"{path}:{st.st_mtime_ns}:{st.st_size}"
 
 
 def para_files():
@@ -73,6 +83,10 @@ class PaRaLoad(io.ComfyNode):
             inputs=[_para_combo()],
             outputs=[PARA.Output(display_name="PARA", tooltip="The PaRa adapter (subject or merged).")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, para_name, **kw):
+        return file_stamp(para_name)
 
     @classmethod
     def execute(cls, para_name) -> io.NodeOutput:
@@ -106,6 +120,10 @@ class PaRaLoader(io.ComfyNode):
             inputs=[io.Model.Input("model", tooltip="The diffusion model to personalize."), _para_combo(), _strength()],
             outputs=[io.Model.Output(tooltip="The model with the subspace removed.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, para_name, **kw):
+        return file_stamp(para_name)
 
     @classmethod
     def execute(cls, model, para_name, strength) -> io.NodeOutput:

@@ -199,21 +199,24 @@ def save_para(state: ParaState, path: str, dtype: torch.dtype = torch.float32) -
 
 # ---------------------------------------------------------------- reading
 
-def _read_header(path: str) -> dict:
-    """Parse the safetensors header ourselves to give precise errors for wrong/truncated files."""
+def _read_header(path: str, what: str = "PaRa file") -> dict:
+    """Parse the safetensors header ourselves to give precise errors for wrong/truncated files.
+    ``what`` names the expected kind of file in the messages ("PaRa file", "checkpoint")."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ParaError(f"{path}: not a safetensors file (only {size} bytes). Pick a .safetensors PaRa file.")
+            raise ParaError(f"{path}: not a safetensors file (only {size} bytes). Pick a .safetensors {what}.")
         (n,) = struct.unpack("<Q", head)
         if n <= 1 or n > 100_000_000 or n + 8 > size:
-            raise ParaError(f"{path}: not a safetensors file, or its header is truncated. Pick a .safetensors PaRa file, or re-save/re-download it.")
+            raise ParaError(f"{path}: not a safetensors file, or its header is truncated. Pick a .safetensors {what}, or re-save/re-download it.")
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except ValueError:
-        raise ParaError(f"{path}: not a safetensors file (its header is not JSON). Pick a .safetensors PaRa file.") from None
+        raise ParaError(f"{path}: not a safetensors file (its header is not JSON). Pick a .safetensors {what}.") from None
+    if not isinstance(header, dict):
+        raise ParaError(f"{path}: not a safetensors file (its header is not a JSON object). Pick a .safetensors {what}.")
     end = 0
     for k, v in header.items():
         if k == "__metadata__":
@@ -296,7 +299,9 @@ def fingerprint(weights: Mapping[str, torch.Tensor], samples: int = 16) -> str:
         w = weights[name]
         flat = w.reshape(-1)
         n = flat.numel()
-        idx = torch.linspace(0, n - 1, steps=min(samples, n), device=flat.device).long()
+        k = min(samples, n)
+        # integer arithmetic: a float linspace can round the last index past the end
+        idx = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)
         vals = flat[idx].detach().float().to(torch.float16).cpu().numpy().tobytes()
         h.update(_norm_name(name).encode())
         h.update(str(tuple(w.shape)).encode())

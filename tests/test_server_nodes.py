@@ -185,3 +185,15 @@ def test_nan_strength_is_a_clear_error(comfy_server, para_files):
     assert comfy_env.status_str(entry) == "error", entry
     assert "strength" in comfy_server.error_message(entry)
     assert comfy_env.status_str(comfy_server.run(graph_with(prefix="after_nan"), timeout=180)) == "success"
+
+
+def test_a_file_rewritten_under_the_same_name_is_reloaded(comfy_server, para_files, core):
+    import shutil
+    para_dir = comfy_server.models_dir / "para"
+    shutil.copy(para_dir / para_files["s0"], para_dir / "rewritten.safetensors")
+    g = lambda p: graph_with(["para", 0], {"para": {"class_type": "PaRaLoader", "inputs": {
+        "model": ["ckpt", 0], "para_name": "rewritten.safetensors", "strength": 1.0}}}, prefix=p)
+    first = run_latent(comfy_server, g("rw1"))
+    shutil.copy(para_dir / para_files["s1"], para_dir / "rewritten.safetensors")
+    second = run_latent(comfy_server, g("rw2"))
+    assert (first - second).abs().max() > 1e-3, "the changed file was not reloaded"

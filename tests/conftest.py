@@ -1,0 +1,130 @@
+"""Pytest fixtures for the PaRa tests.
+
+Core tests (para_core only) need nothing from here and always run. Tests that need ComfyUI
+use one of the fixtures below or the `comfyui` marker; they are skipped with one clear
+message when no ComfyUI checkout is found (see comfy_env.find_comfyui).
+
+At configure time, when ComfyUI is found, its root goes first on sys.path and its args are set
+for tests (CPU, a temporary --base-directory): nothing is imported from ComfyUI yet, but a test
+module may then `import comfy...` / `import nodes` (ComfyUI's nodes.py) at module level.
+The pack itself is imported with comfy_env.import_pack() (fixture `para_pack`), never as
+`import nodes`.
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import comfy_env
+
+# Fixtures that need a ComfyUI checkout; tests using them get the `comfyui` marker.
+COMFY_FIXTURES = {"comfyui_path", "comfy_in_process", "comfy_base_dir", "tiny_model",
+                  "tiny_model_factory", "sd15_checkpoint", "comfy_server", "para_pack"}
+SERVER_FIXTURES = {"comfy_server"}
+
+_state = {"root": None, "base_dir": None}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: needs a ComfyUI checkout (skipped when none is found)")
+    config.addinivalue_line("markers", "server: starts a ComfyUI server subprocess")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    root = comfy_env.find_comfyui()
+    if root is not None:
+        base = Path(tempfile.mkdtemp(prefix="para-comfy-inproc-"))
+        for sub in ("models/checkpoints", "models/para", "models/loras", "input", "output", "user"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        comfy_env.configure_comfy(root, base_directory=base)
+        _state.update(root=root, base_dir=base)
+
+
+def pytest_unconfigure(config):
+    if _state["base_dir"] is not None:
+        shutil.rmtree(_state["base_dir"], ignore_errors=True)
+
+
+def pytest_report_header(config):
+    root = _state["root"]
+    return f"ComfyUI: {root}" if root else f"ComfyUI: absent ({comfy_env.COMFYUI_MISSING})"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason=comfy_env.COMFYUI_MISSING)
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & COMFY_FIXTURES and not item.get_closest_marker("comfyui"):
+            item.add_marker("comfyui")
+        if names & SERVER_FIXTURES and not item.get_closest_marker("server"):
+            item.add_marker("server")
+        if _state["root"] is None and item.get_closest_marker("comfyui"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    """The ComfyUI root (skips the test when there is none)."""
+    if _state["root"] is None:
+        pytest.skip(comfy_env.COMFYUI_MISSING)
+    return _state["root"]
+
+
+@pytest.fixture(scope="session")
+def comfy_base_dir(comfyui_path) -> Path:
+    """The in-process ComfyUI's --base-directory (models/, output/, input/, temp/, user/), a
+    session temp folder, so tests never write into the ComfyUI checkout."""
+    return _state["base_dir"]
+
+
+@pytest.fixture(scope="session")
+def comfy_in_process(comfyui_path) -> Path:
+    """ComfyUI importable in this process, on the CPU (unless PARA_TEST_DEVICE says otherwise),
+    with folder_paths under comfy_base_dir. Returns the ComfyUI root."""
+    return comfy_env.setup_comfy(comfyui_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(comfy_in_process):
+    """make(seed=0, dtype=None, unet_config=None) -> a fresh tiny SD1.5-style ModelPatcher
+    (model_channels 32, context_dim 64, channel_mult [1, 2]; CPU; deterministic weights)."""
+    return comfy_env.make_tiny_model
+
+
+@pytest.fixture
+def tiny_model(tiny_model_factory):
+    """A fresh tiny SD1.5-style ModelPatcher, weights from seed 0. Conditioning: (1, 77, 64),
+    e.g. comfy_env.random_conditioning(seed)."""
+    return tiny_model_factory(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfy_in_process, comfy_base_dir) -> Path:
+    """Path of the small SD1.5-format test checkpoint (cached in $PARA_TEST_CACHE or
+    ~/.cache/comfyui-para, built on first use). It is also linked into the in-process
+    models/checkpoints, so nodes.CheckpointLoaderSimple().load_checkpoint(path.name) works."""
+    path = comfy_env.cached_sd15_checkpoint()
+    link = comfy_base_dir / "models" / "checkpoints" / path.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_path, sd15_checkpoint):
+    """A running ComfyUI server (comfy_env.ComfyServer) with the test checkpoint in
+    models/checkpoints and this pack in custom_nodes/ComfyUI-PaRa; stopped at session end."""
+    server = comfy_env.ComfyServer(comfyui_path, checkpoints=[sd15_checkpoint])
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def para_pack(comfy_in_process):
+    """This pack imported in-process the way ComfyUI imports a custom node (its __init__.py as a
+    package), e.g. para_pack.NODE_CLASS_MAPPINGS."""
+    return comfy_env.import_pack()
