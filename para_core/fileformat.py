@@ -291,7 +291,8 @@ def fingerprint(weights: Mapping[str, torch.Tensor], samples: int = 16) -> str:
     """A cheap fingerprint of the base weights an adapter was made against.
 
     Hashes, for every adapted layer (sorted), its shape and ``samples`` evenly spaced entries
-    rounded to fp16 (so fp32/fp16/bf16 copies of one base agree up to rare rounding ties).
+    rounded to fp16 (so fp32 and fp16 copies of one base agree; a bf16 copy, which keeps
+    fewer mantissa bits, does not: it gets the mismatch warning).
     Costs a few gathers per layer: well under a second for SDXL.
     """
     h = hashlib.sha256()

@@ -27,10 +27,14 @@ def merge_union(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]], rtol:
 
     Q is the orthonormal basis of span[V_1 ... V_n] (inputs with s_i = 0 left out), from an SVD
     that drops directions whose singular value is below ``rtol`` * the largest, so duplicate or
-    overlapping subspaces are merged instead of counted twice. Each kept direction q_j gets the
-    strength t_j = sum_i s_i |V_i^T q_j|^2 / sum_i |V_i^T q_j|^2: the strength of the inputs
-    that span it. With all s_i = s this is exactly s * Q Q^T; with orthogonal subspaces it equals
-    ``sum``. Merged (non-projector) inputs enter through their V, their column space.
+    overlapping subspaces are merged instead of counted twice. The strengths act through
+    T = G^-1/2 M G^-1/2 on that span, with M = sum_i s_i Q_i Q_i^T and G = sum_i Q_i Q_i^T
+    (Q_i: orthonormal basis of input i; G = stack stack^T, so G^-1/2 = Q S^-1 Q^T from the same
+    SVD): W' = W0 - T W0. With all s_i = s, T = s Q Q^T exactly; with orthogonal subspaces T
+    equals ``sum``; a duplicate counts once; T's eigenvalues stay within [min s_i, max s_i].
+    (T is a full k x k matrix in the basis Q, not a diagonal: when singular values repeat, e.g.
+    orthogonal inputs, the SVD's Q mixes the inputs' directions.) Merged (non-projector) inputs
+    enter through their V, their column space.
     """
     kept = [(v.float(), float(s)) for _, v, s in items if s != 0]
     if not kept:
@@ -44,14 +48,13 @@ def merge_union(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]], rtol:
     Uc, S, _ = torch.linalg.svd(stack, full_matrices=False)
     k = int((S > rtol * S[0]).sum()) if S.numel() else 0
     Q = Uc[:, :k]
-    num = torch.zeros(k, dtype=torch.float32, device=Q.device)
-    den = torch.zeros(k, dtype=torch.float32, device=Q.device)
+    C = torch.zeros(k, k, dtype=torch.float32, device=Q.device)  # Q^T M Q
     for b, (_, s) in zip(bases, kept):
-        w = (b.t() @ Q).pow(2).sum(dim=0)
-        num += s * w
-        den += w
-    t = num / den.clamp_min(1e-12)
-    return Q * t, Q
+        A = b.t() @ Q
+        C += s * (A.t() @ A)
+    inv = 1.0 / S[:k]
+    C = inv[:, None] * C * inv[None, :]  # S^-1 Q^T M Q S^-1: T = Q C Q^T
+    return Q @ C, Q
 
 
 def merge_sequential(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]]) -> Factors:
@@ -123,12 +126,17 @@ def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
             items.append((u, v, float(s)))
         U[layer], V[layer] = merge_factors(items, mode)
     base = states[0].metadata
+    # The fingerprint covers the adapted layers; it only carries over when every input has the
+    # same one over the same layers (otherwise the merged file's layer set or base differs).
+    fps = {st.metadata.get("para.base_fingerprint", "") for st in states}
+    same_layers = all(set(st.layers) == set(states[0].layers) for st in states)
+    base_fingerprint = fps.pop() if len(fps) == 1 and same_layers else ""
     md = build_metadata(
         "merged",
         ranks={l: int(U[l].shape[1]) for l in U},
         layers=base.get("para.layers", ""),
         base_arch=base.get("para.base_arch", ""),
-        base_fingerprint=base.get("para.base_fingerprint", ""),
+        base_fingerprint=base_fingerprint,
         merge_mode=mode,
         title="merge(" + ", ".join(f"{st.name}:{s:g}" for st, s in zip(states, strengths)) + f", {mode})",
         extra={"para.merge_inputs": __import__("json").dumps([[st.name, float(s)] for st, s in zip(states, strengths)])},

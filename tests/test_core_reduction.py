@@ -1,0 +1,154 @@
+"""The reduction W' = W0 - s Q (Q^T W0) against a dense reference (spec section 1)."""
+import pytest
+import torch
+
+from core_helpers import dense_projector, dense_reduce, randn
+from para_core import (RankCap, basis, basis_batched, effective_rank, reduce_activation, reduce_weight,
+                       reduce_weight_general, reduction_delta)
+
+SHAPES = {"linear": (48, 40), "conv3x3": (48, 8, 3, 3), "conv1x1": (48, 24, 1, 1)}
+# Tolerance of the result relative to max|W0|: float32 arithmetic, or one rounding to the dtype.
+TOL = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+
+
+def _matrix(t):
+    return t.reshape(t.shape[0], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_reduce_weight_matches_dense_projector(kind, dtype, strength):
+    W0 = randn(*SHAPES[kind], seed=0, dtype=dtype)
+    B = randn(SHAPES[kind][0], 4, seed=1)
+    out = reduce_weight(W0, B, strength)
+    assert out.dtype == dtype and out.shape == W0.shape
+    ref = dense_reduce(W0, B, strength)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= TOL[dtype] * W0.double().abs().max().item()
+
+
+def test_basis_is_orthonormal_and_spans_B():
+    B = randn(30, 5, seed=2)
+    Q = basis(B)
+    assert Q.dtype == torch.float32 and Q.shape == (30, 5)
+    torch.testing.assert_close(Q.t() @ Q, torch.eye(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close((Q @ Q.t()).double(), dense_projector(B), atol=1e-5, rtol=0)
+
+
+def test_basis_of_half_precision_B_runs_in_float32():
+    assert basis(randn(30, 5, seed=2, dtype=torch.float16)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (40, 8, 3, 3)], ids=["linear", "conv"])
+def test_rank_drops_by_r_for_full_row_rank_weight(shape):
+    W0 = randn(*shape, seed=3)
+    r = 6
+    W = reduce_weight(W0, randn(shape[0], r, seed=4))
+    rank0 = torch.linalg.matrix_rank(_matrix(W0)).item()
+    assert rank0 == shape[0]
+    assert torch.linalg.matrix_rank(_matrix(W)).item() == rank0 - r
+
+
+def test_rank_drops_by_r_for_low_rank_weight_when_B_lies_in_its_column_space():
+    # rank(W0) = 10 < out: the r removed directions must lie in col(W0) to lower the rank by r.
+    W0 = randn(40, 10, seed=5) @ randn(10, 64, seed=6)
+    B = W0 @ randn(64, 3, seed=7)
+    W = reduce_weight(W0, B)
+    assert torch.linalg.matrix_rank(W).item() == 10 - 3
+
+
+def test_rank_of_a_tall_weight_drops_only_below_out_minus_r():
+    # out > in: col(W0) misses a random r-dim subspace, so rank(W') = min(rank W0, out - r).
+    W0 = randn(40, 16, seed=26)
+    assert torch.linalg.matrix_rank(reduce_weight(W0, randn(40, 6, seed=27))).item() == 16
+    assert torch.linalg.matrix_rank(reduce_weight(W0, randn(40, 30, seed=28))).item() == 10
+
+
+def test_projection_is_idempotent_at_strength_one():
+    W0 = randn(48, 40, seed=8)
+    B = randn(48, 5, seed=9)
+    once = reduce_weight(W0, B)
+    torch.testing.assert_close(reduce_weight(once, B), once, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_strength_zero_is_the_base_weight(dtype):
+    W0 = randn(48, 8, 3, 3, seed=10, dtype=dtype)
+    assert torch.equal(reduce_weight(W0, randn(48, 4, seed=11), 0.0), W0)
+
+
+def test_strength_two_is_a_norm_preserving_reflection():
+    W0 = randn(48, 40, seed=12)
+    B = randn(48, 5, seed=13)
+    W2 = reduce_weight(W0, B, 2.0)
+    # I - 2 Q Q^T is orthogonal: every column keeps its norm, and reflecting twice gives W0 back.
+    torch.testing.assert_close(W2.norm(dim=0), W0.norm(dim=0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reduce_weight(W2, B, 2.0), W0, atol=1e-5, rtol=0)
+
+
+def test_reduction_delta_is_the_change_of_the_weight():
+    W0 = randn(48, 8, 3, 3, seed=14)
+    Q = basis(randn(48, 4, seed=15))
+    delta = reduction_delta(W0, Q, Q)
+    torch.testing.assert_close(W0 + delta, reduce_weight_general(W0, Q, Q), atol=1e-6, rtol=0)
+
+
+def test_general_form_with_U_V_matches_dense_formula():
+    W0 = randn(24, 30, seed=16)
+    U, V = randn(24, 3, seed=17), randn(24, 3, seed=18)
+    ref = W0.double() - 0.7 * U.double() @ (V.double().t() @ W0.double())
+    torch.testing.assert_close(reduce_weight_general(W0, U, V, 0.7).double(), ref, atol=1e-5, rtol=0)
+
+
+def test_factors_that_do_not_fit_the_weight_are_rejected():
+    with pytest.raises(ValueError, match="do not fit"):
+        reduce_weight_general(randn(24, 30), randn(20, 3), randn(20, 3))
+
+
+def test_one_dimensional_weights_are_never_adapted():
+    with pytest.raises(ValueError, match=">= 2 dims"):
+        reduce_weight(torch.ones(32), randn(32, 2))
+
+
+def test_activation_side_equals_weight_side():
+    W0 = randn(48, 40, seed=19)
+    Q = basis(randn(48, 4, seed=20))
+    x = randn(7, 40, seed=21)
+    h = x @ W0.t()
+    torch.testing.assert_close(reduce_activation(h, Q, channel_dim=-1), x @ reduce_weight_general(W0, Q, Q).t(),
+                               atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------- rank caps
+
+def test_reference_cap_gives_a_320_wide_layer_at_most_8():
+    assert effective_rank(16, (320, 320)) == 8
+    assert effective_rank(16, (320, 320, 3, 3), RankCap.REFERENCE) == 8
+
+
+def test_reference_cap_keeps_ranks_that_fit_and_floors_narrow_layers_at_one():
+    assert effective_rank(4, (320, 320)) == 4
+    assert effective_rank(16, (1280, 1280)) == 16
+    assert effective_rank(4, (20, 20)) == 1
+
+
+def test_no_cap_only_limits_to_the_matrix_size():
+    assert effective_rank(16, (320, 320), RankCap.NONE) == 16
+    assert effective_rank(16, (8, 4, 1, 1), RankCap.NONE) == 4
+    assert effective_rank(16, (320, 2, 3, 3), RankCap.NONE) == 16
+
+
+def test_bad_rank_or_cap_is_an_error():
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        effective_rank(0, (320, 320))
+    with pytest.raises(ValueError, match="unknown rank cap"):
+        effective_rank(4, (320, 320), "paper")
+
+
+def test_basis_batched_equals_per_layer_qr():
+    Bs = {"a": randn(32, 4, seed=22), "b": randn(32, 4, seed=23), "c": randn(64, 2, seed=24), "d": randn(32, 4, seed=25)}
+    Qs = basis_batched(Bs)
+    assert set(Qs) == set(Bs)
+    for name, B in Bs.items():
+        torch.testing.assert_close(Qs[name], basis(B), atol=1e-6, rtol=0)
