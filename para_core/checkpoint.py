@@ -35,15 +35,15 @@ _NOT_DIFFUSION = ("cond_stage_model.", "first_stage_model.", "conditioner.", "te
 
 
 class _LazyWeights(Mapping):
-    """{layer: weight} that reads each weight only when asked (one at a time, for fingerprint)."""
+    """{layer: safetensors slice}: fingerprint() reads only its sampled entries from disk."""
 
     def __init__(self, ckpt: "Checkpoint", layers: Sequence[str]):
         self._ckpt, self._layers = ckpt, list(layers)
 
-    def __getitem__(self, layer: str) -> torch.Tensor:
+    def __getitem__(self, layer: str):
         if layer not in self._layers:
             raise KeyError(layer)
-        return self._ckpt.weight(layer)
+        return self._ckpt.weight_slice(layer)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layers)
@@ -158,8 +158,12 @@ class Checkpoint:
         """The weight of ``layer`` ("diffusion_model.<path>"), as stored (dtype kept)."""
         return self.tensor(self.key(layer))
 
+    def weight_slice(self, layer: str):
+        """A lazy safetensors slice of ``layer``'s weight (nothing read until indexed)."""
+        return self._handle().get_slice(self.key(layer))
+
     def fingerprint(self, layers: Sequence[str]) -> str:
-        """fileformat.fingerprint of these layers' weights, read one at a time (and once per set)."""
+        """fileformat.fingerprint of these layers' weights, reading only the sampled entries."""
         key = tuple(sorted(layers))
         if key not in self._fingerprints:
             self._fingerprints[key] = fingerprint(_LazyWeights(self, key))
