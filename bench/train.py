@@ -1,0 +1,223 @@
+"""Benchmark: one PaRa training step vs one step of ComfyUI's own LoRA training, in the same run.
+
+Builds the full SD1.5 UNet shape (random weights, no download) and trains, on the same layers
+(a preset, default noxattn) at the same rank, through the same loop (nodes/training.py: ComfyUI's
+Guider_Basic, the model's own model_sampling, AdamW):
+- PaRa: the PaRa Trainer's path (B per layer, activation-side forward, batched QR per step);
+- LoRA: ComfyUI's training adapter (comfy.weight_adapter LoRA ``create_train``) installed with
+  ``ModelPatcher.add_weight_wrapper``, exactly as TrainLoraNode does for each layer.
+The two alternate (round robin) so drift in machine load hits both alike. Prints absolute
+figures and, last: RESULT step_time_ratio=<PaRa/LoRA> peak_mem_ratio=<PaRa/LoRA>
+trainable_params_ratio=<PaRa/LoRA>. Peak memory is the whole process's (weights included):
+sampled RSS on the CPU, the CUDA allocator's high-water mark on a GPU.
+
+    python bench/train.py [--device cpu|cuda] [--rank 4] [--preset noxattn] [--latent 32]
+                          [--batch 1] [--dtype bf16|fp16|fp32] [--steps 3] [--rounds 2]
+                          [--gradient-checkpointing] [--weight-side]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+from apply import SD15_UNET, rss_mb  # noqa: E402  (the same model shape as the apply benchmark)
+
+
+def release_memory(device):
+    """Give freed memory back (CPU: glibc keeps freed arenas; CUDA: the caching allocator) so one
+    method's peak does not carry over into the next one's measurement."""
+    import torch
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+class PeakMemory:
+    """Absolute peak of the process during a block, in MiB, and the level at its start."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import threading
+        import torch
+        release_memory(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.start = self.peak = rss_mb()
+            self._stop = threading.Event()
+
+            def watch():
+                while not self._stop.is_set():
+                    self.peak = max(self.peak, rss_mb())
+                    time.sleep(0.002)
+            self._thread = threading.Thread(target=watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_mb())
+
+
+class LoraWrappers:
+    """ComfyUI's LoRA training adapters, installed as weight wrappers (TrainLoraNode's way):
+    nothing to install per step, the ModelPatcher applies them in every layer's forward."""
+
+    def __init__(self, adapters):
+        self.adapters = adapters
+
+    def parameters(self):
+        return [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
+
+    def prepare_step(self):
+        pass
+
+    def install(self):
+        pass
+
+    def remove(self):
+        pass
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--preset", default="noxattn")
+    ap.add_argument("--latent", type=int, default=32, help="latent size (32 = 256 px)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="training dtype, the weights are stored in it too (default: bf16 on a GPU, fp32 on the "
+                         "CPU, where bf16 is emulated unless it has AVX512-BF16/AMX)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per method and round")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured steps per method and round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--weight-side", action="store_true",
+                    help="also time PaRa forced onto the weight side (W' = W0 - Q Q^T W0 per step), to check the "
+                         "trainer's choice of the activation side")
+    args = ap.parse_args(argv)
+
+    import comfy_env
+    comfy_env.configure_comfy(device=args.device, base_directory=tempfile.mkdtemp(prefix="para-bench-train-"))
+    comfy_env.setup_comfy()
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from comfy.weight_adapter import adapter_maps
+    pack = comfy_env.import_pack()
+    import importlib
+    importlib.import_module(pack.__name__ + ".nodes").setup()
+    core = importlib.import_module(pack.__name__ + ".para_core")
+    patching = importlib.import_module(pack.__name__ + ".nodes.patching")
+    training = importlib.import_module(pack.__name__ + ".nodes.training")
+    trainer = importlib.import_module(pack.__name__ + ".nodes.trainer")
+    ptrain = importlib.import_module(pack.__name__ + ".para_core.train")
+
+    device = mm.get_torch_device()
+    args.dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
+    dtype = training.TRAINING_DTYPES[args.dtype]
+    t0 = time.perf_counter()
+    config = comfy_env._sd15_config(SD15_UNET, dtype)
+    base = config.get_model({}, device=torch.device("cpu"))
+    comfy_env.init_weights_(base.diffusion_model, 0)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+    n_model = sum(p.numel() for p in base.diffusion_model.parameters())
+    print(f"model: SD1.5 UNet shape, {n_model / 1e6:.1f}M params in {args.dtype}, built in {time.perf_counter() - t0:.1f}s")
+
+    shapes = patching.layer_shapes(model)
+    names = trainer.choose_layers(shapes, args.preset, "layers", "SD15")
+    modules = trainer.layer_modules(model, names, "layers")
+    ranks = trainer.choose_ranks(names, shapes, args.rank, core.RankCap.REFERENCE)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(args.batch, 4, args.latent, args.latent, generator=gen)
+    positive = [[torch.randn(1, 77, 768, generator=gen), {}]]
+    settings = training.TrainSettings(steps=args.warmup + args.steps, learning_rate=1e-4, optimizer="AdamW",
+                                      batch_size=args.batch, seed=0, dtype=args.dtype,
+                                      gradient_checkpointing=args.gradient_checkpointing)
+
+    def para_run(side="auto"):
+        with torch.inference_mode(False):
+            g = training.generator_for(0, "init")
+            B = {l: torch.nn.Parameter(ptrain.init_B(patching.original_weight(model, l), ranks[l], "orthogonal", g)
+                                       .to(device)) for l in names}
+        return model, training.ParaForward(modules, B, side=side)
+
+    def lora_run():
+        mp = model.clone()
+        adapters = {}
+        with torch.inference_mode(False):
+            torch.manual_seed(0)
+            for l in names:
+                w = patching.original_weight(model, l)
+                adapters[l] = adapter_maps["LoRA"].create_train(w, rank=args.rank, alpha=1.0).to(device)
+                mp.add_weight_wrapper(l + ".weight", adapters[l])
+        return mp, LoraWrappers(adapters)
+
+    methods = {"PaRa": para_run, "LoRA": lora_run}
+    if args.weight_side:
+        methods["PaRa weight side"] = lambda: para_run("weight")
+    times = {m: [] for m in methods}
+    peaks = {m: [] for m in methods}
+    overheads = {m: [] for m in methods}
+    params = {}
+    losses = {}
+    for r in range(args.rounds):
+        for name, make in methods.items():
+            mp, adapter = make()
+            params[name] = sum(p.numel() for p in adapter.parameters())
+            with PeakMemory(device) as mem:
+                run = training.TrainingRun(mp, latents, positive, adapter, settings)
+                run.run()
+            times[name] += run.step_times[args.warmup:]
+            peaks[name].append(mem.peak)
+            overheads[name].append(mem.peak - mem.start)
+            losses[name] = run.losses
+            print(f"round {r + 1} {name}: steps {', '.join(f'{t:.3f}' for t in run.step_times)} s, "
+                  f"peak {mem.peak:.0f} MiB (+{mem.peak - mem.start:.0f} over the {mem.start:.0f} MiB before)", flush=True)
+            del run, adapter, mp
+            mm.unload_all_models()
+            release_memory(device)
+
+    res = {m: (statistics.median(times[m]), max(peaks[m]), max(overheads[m])) for m in methods}
+    print(f"setup: {len(names)} layers ({args.preset}), rank {args.rank} (PaRa capped per layer: "
+          f"{trainer.rank_summary(ranks)}), latent {args.latent}x{args.latent} ({args.latent * 8} px), batch "
+          f"{args.batch}, {args.dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"{args.rounds} rounds x {args.steps} measured steps")
+    for m in methods:
+        t, peak, over = res[m]
+        print(f"{m:16s} step {t * 1000:9.1f} ms (median)   peak memory {peak:9.1f} MiB (+{over:.1f} MiB for training)   "
+              f"trainable params {params[m]:,}   final loss {losses[m][-1]:.4f}")
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    (pt, pp, _), (lt, lp, _) = res["PaRa"], res["LoRA"]
+    print(f"RESULT step_time_ratio={pt / lt:.3f} peak_mem_ratio={pp / lp:.3f} "
+          f"trainable_params_ratio={params['PaRa'] / params['LoRA']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

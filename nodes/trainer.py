@@ -1,0 +1,419 @@
+"""PaRa Trainer: MODEL + latents + conditioning -> MODEL with the trained adapter, PARA, loss.
+
+The node checks its inputs (every error names the input), builds B for the selected layers
+(or takes it from a PaRa file / trainer checkpoint), hands the loop to training.py, writes
+checkpoints into models/para, and applies the result through PaRa Apply's patching."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+from comfy_api.latest import io, ui
+
+import comfy.utils
+import folder_paths
+
+from ..para_core import (PRESET_NAMES, DEFAULT_PRESET, ParaError, ParaState, PresetError, build_metadata, check_fits,
+                         load_para, save_para, select_layers)
+from ..para_core.reduction import RankCap, effective_rank
+from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B
+from ..para_core.trainstate import load_trainer_state, save_trainer_state, trainer_state_path
+from .para_nodes import CATEGORY, para_files
+from .patching import apply_para, layer_shapes, model_family, model_fingerprint, original_weight
+from .training import OPTIMIZERS, TRAINING_DTYPES, ParaForward, TrainSettings, TrainingRun, generator_for
+from .types import PARA
+
+log = logging.getLogger("ComfyUI-PaRa")
+NONE = "[none]"
+# Latent -> pixel size of the models ComfyUI trains this way (SD1.x/2.x, SDXL, SD3, Flux).
+PIXELS_PER_LATENT = 8
+
+
+class PaRaTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PaRaTrainer", display_name="PaRa Trainer", category=CATEGORY, is_output_node=True,
+            description=(
+                "Trains a PaRa adapter (paper: Personalizing Text-to-Image Diffusion via Parameter Rank Reduction): "
+                "for every selected layer it learns an r-dimensional output subspace Q and removes it, "
+                "W' = W0 - Q(Q^T W0). Feed it the latents of your subject's images (VAE Encode) and their "
+                "conditioning (one for all, or one per image). Shows the loss while it runs, saves checkpoints "
+                "into models/para, stops cleanly on Cancel (keeping the last finished step) and can resume."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to personalize (any model ComfyUI can sample)."),
+                io.Latent.Input("latents", tooltip="The training images as latents (VAE Encode of a batch of images)."),
+                io.Conditioning.Input("positive", tooltip="The caption conditioning: one for all images, or one per image "
+                                                          "in the same order (put your trigger word in it)."),
+                io.Int.Input("rank", default=4, min=1, max=1024,
+                             tooltip="Dimensions removed per layer (the paper uses 4). Capped per layer, see rank_cap."),
+                io.Combo.Input("layers", options=PRESET_NAMES, default=DEFAULT_PRESET,
+                               tooltip="Which layers to adapt. noxattn (the paper's default): attention, resnet and "
+                                       "resampling layers except cross-attention. Use all-linear or attention-only "
+                                       "for transformer models (Flux, SD3)."),
+                io.Combo.Input("rank_cap", options=list(RankCap.MODES), default=RankCap.REFERENCE,
+                               tooltip="reference: like the paper's code, a layer with fewer than 40*rank outputs "
+                                       "gets rank out//40 (at least 1). none: only what the layer allows."),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000,
+                             tooltip="Total optimizer steps (the paper trains 1000). When resuming, the total to reach."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
+                               tooltip="Learning rate of the optimizer."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
+                               tooltip="The optimizer for B (AdamW as in the paper)."),
+                io.Int.Input("batch_size", default=1, min=1, max=256,
+                             tooltip="Images per step. Every image is seen once per epoch."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the initial B, the image order, the noise and the timesteps."),
+                io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="bf16",
+                               tooltip="Precision of the model's computation. B is always kept in float32."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
+                io.Combo.Input("init", options=list(INIT_METHODS), default=DEFAULT_INIT,
+                               tooltip="Initial B. kaiming: random subspace, the reference code's init. orthogonal: "
+                                       "random orthonormal columns. top-singular: removes the layer's strongest "
+                                       "output directions at once. bottom-singular: starts from the weakest, i.e. "
+                                       "closest to the base model."),
+                io.Int.Input("save_every", default=250, min=0, max=1_000_000,
+                             tooltip="Write a checkpoint every N steps (and at the end); 0 = only when stopped early."),
+                io.String.Input("filename_prefix", default="PaRa",
+                                tooltip="Checkpoints go to models/para/<prefix>_<run>_step<N>.safetensors, each with "
+                                        "a .trainer.pt beside it for exact resume."),
+                io.Combo.Input("resume_from", options=[NONE] + para_files(), default=NONE,
+                               tooltip="Continue from a file in models/para: with its .trainer.pt the run resumes "
+                                       "exactly (optimizer, step, loss history); a PaRa file alone warm-starts B."),
+                io.String.Input("custom_layers", default="", multiline=True, optional=True,
+                                tooltip="Overrides 'layers' when not empty: comma/newline separated globs over module "
+                                        "paths (e.g. *attn1.to_q), 're:' for a regex, '!' to exclude."),
+                io.String.Input("trigger_words", default="", optional=True,
+                                tooltip="Stored in the file's metadata (para.train, modelspec.trigger_phrase)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied (strength 1)."),
+                PARA.Output(display_name="PARA", tooltip="The trained adapter: save it with PaRa Save."),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per step, for ComfyUI's Plot Loss Graph node."),
+                io.Int.Output(display_name="steps", tooltip="Steps trained in total."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    # ComfyUI runs nodes under torch.inference_mode(); B, its optimizer state and the cloned
+    # inputs must be normal tensors for autograd, so the whole node runs outside it.
+    @torch.inference_mode(False)
+    def execute(cls, model, latents, positive, rank, layers, rank_cap, steps, learning_rate, optimizer, batch_size,
+                seed, training_dtype, gradient_checkpointing, init, save_every, filename_prefix, resume_from,
+                custom_layers="", trigger_words="") -> io.NodeOutput:
+        hidden = getattr(cls, "hidden", None)
+        node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
+        custom = (custom_layers or "").strip()
+        layers_input = "custom_layers" if custom else "layers"
+        samples = check_latents(latents, model)
+        positive = check_conditioning(positive, samples.shape[0])
+        check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap)
+        family = model_family(model)
+        shapes = layer_shapes(model)
+        resume = load_resume(resume_from, model, shapes, family)
+        if resume is None:
+            spec = custom or layers
+            names = choose_layers(shapes, spec, layers_input, family)
+            ranks = choose_ranks(names, shapes, rank, rank_cap)
+            gen = generator_for(seed, "init")
+            B0 = {l: init_B(original_weight(model, l), ranks[l], init, gen).float() for l in names}
+            start, trainer_state = 0, None
+        else:
+            spec = resume.para.metadata.get("para.layers", "") or "custom"
+            names = resume.layers
+            B0 = {l: resume.para.B[l].float() for l in names}
+            ranks = {l: int(B0[l].shape[1]) for l in names}
+            trainer_state = resume.trainer
+            start = int(trainer_state["step"]) if trainer_state else 0
+            if steps < start:
+                raise ParaError(f"input 'steps' is {steps} but the checkpoint {resume_from} is already at step {start}; "
+                                f"set steps above {start} to continue training it.")
+        modules = layer_modules(model, names, layers_input)
+
+        device = model.load_device
+        B = {l: torch.nn.Parameter(B0[l].detach().clone().to(device)) for l in names}
+        adapter = ParaForward(modules, B)
+        settings = TrainSettings(steps=steps, learning_rate=float(learning_rate), optimizer=optimizer,
+                                 batch_size=batch_size, seed=seed, dtype=training_dtype,
+                                 gradient_checkpointing=bool(gradient_checkpointing), save_every=save_every)
+        info = RunInfo(model=model, names=names, ranks=ranks, spec=spec, rank=rank, rank_cap=rank_cap,
+                       init=init if resume is None else f"from {resume_from}",
+                       samples=samples, n_captions=len(positive), trigger_words=(trigger_words or "").strip(),
+                       settings=settings, family=family, resume_from=None if resume is None else resume_from,
+                       exact=bool(trainer_state))
+        if resume is not None:
+            resume.warn_differences(info)
+        checkpoints = Checkpoints(filename_prefix, info)
+        progress = Progress(steps, node_id)
+        run = TrainingRun(model, samples, positive, adapter, settings, start_step=start,
+                          optimizer_state=resume.optimizer_state(optimizer) if resume else None,
+                          scaler_state=trainer_state.get("scaler") if trainer_state else None,
+                          loss_history=trainer_state.get("loss_history") if trainer_state else None,
+                          on_checkpoint=checkpoints, on_step=progress)
+        log.info("PaRa: training %d layers of this %s model (%s), ranks %s, %d trainable parameters, steps %d -> %d",
+                 len(names), family, spec, rank_summary(ranks), sum(b.numel() for b in B.values()), start, steps)
+        run.run()
+
+        state = info.state(run)
+        out_model = apply_para(model, state, 1.0)
+        last = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
+        text = f"PaRa: {run.step} steps, loss {last}" + (f", saved {checkpoints.last_name}" if checkpoints.last_name else "")
+        return io.NodeOutput(out_model, state, {"loss": list(run.losses)}, run.step, ui=ui.PreviewText(text))
+
+
+# ------------------------------------------------------------------------- validation
+
+def check_latents(latents, model) -> torch.Tensor:
+    samples = latents.get("samples") if isinstance(latents, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.dim() < 4:
+        raise ParaError("input 'latents' holds no latent batch; connect VAE Encode (or a latent batch) of your images.")
+    if samples.shape[0] == 0:
+        raise ParaError("input 'latents' is empty (0 images); connect VAE Encode of at least one image.")
+    channels = getattr(getattr(getattr(model, "model", None), "latent_format", None), "latent_channels", None)
+    if channels is not None and samples.shape[1] != channels:
+        raise ParaError(f"input 'latents' has {samples.shape[1]} channels but this {model_family(model)} model uses "
+                        f"{channels}; encode the images with this model's VAE.")
+    bad = [i for i in range(samples.shape[0]) if not torch.isfinite(samples[i]).all()]
+    if bad:
+        raise ParaError(f"input 'latents': image {bad[0]} contains NaN/Inf values (VAE Encode in fp16 can overflow; "
+                        "try the VAE in fp32/bf16).")
+    if isinstance(latents, dict) and latents.get("noise_mask") is not None:
+        log.warning("PaRa: the latents carry a noise mask; the trainer uses whole images and ignores it.")
+    return samples.detach().clone().float().cpu()
+
+
+def check_conditioning(positive, n_images: int):
+    if not isinstance(positive, (list, tuple)) or len(positive) == 0:
+        raise ParaError("input 'positive' holds no conditioning; connect CLIP Text Encode with your caption.")
+    if len(positive) not in (1, n_images):
+        raise ParaError(f"input 'positive' has {len(positive)} conditionings but input 'latents' has {n_images} images; "
+                        "give one conditioning for all images or exactly one per image, in the same order.")
+    return list(positive)
+
+
+def check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap):
+    if steps is None or int(steps) < 1:
+        raise ParaError(f"input 'steps' is {steps}; train at least 1 step.")
+    if learning_rate is None or not math.isfinite(float(learning_rate)) or float(learning_rate) <= 0:
+        raise ParaError(f"input 'learning_rate' is {learning_rate}; give a positive finite number (the paper uses 1e-4).")
+    if batch_size is None or int(batch_size) < 1:
+        raise ParaError(f"input 'batch_size' is {batch_size}; use at least 1.")
+    if save_every is None or int(save_every) < 0:
+        raise ParaError(f"input 'save_every' is {save_every}; use 0 (off) or a positive number of steps.")
+    for name, value, options in (("optimizer", optimizer, OPTIMIZERS), ("training_dtype", training_dtype, TRAINING_DTYPES),
+                                 ("init", init, INIT_METHODS), ("rank_cap", rank_cap, RankCap.MODES)):
+        if value not in options:
+            raise ParaError(f"input '{name}' is {value!r}; use one of {', '.join(options)}.")
+
+
+def choose_layers(shapes, spec: str, input_name: str, family: str) -> List[str]:
+    try:
+        return select_layers(shapes, spec, family=f"this {family} model")
+    except PresetError as e:
+        raise ParaError(f"input '{input_name}': {e}") from None
+
+
+def choose_ranks(names, shapes, rank: int, cap: str) -> Dict[str, int]:
+    if rank is None or int(rank) < 1:
+        raise ParaError(f"input 'rank' is {rank}; use at least 1.")
+    largest = max(min(shapes[l][0], math.prod(shapes[l][1:])) for l in names)
+    if rank > largest:
+        raise ParaError(f"input 'rank' is {rank} but the largest selected layer allows at most {largest}; lower the rank.")
+    return {l: effective_rank(int(rank), shapes[l], cap) for l in names}
+
+
+def layer_modules(model, names, input_name: str) -> Dict[str, torch.nn.Module]:
+    modules = {}
+    for l in names:
+        m = comfy.utils.get_attr(model.model, l)
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            raise ParaError(f"input '{input_name}' selects {l}, a {type(m).__name__}; PaRa trains Linear and Conv layers only.")
+        if getattr(m, "scale_weight", None) is not None:
+            raise ParaError(f"layer {l} stores scaled fp8 weights, which PaRa Trainer cannot train through; load the "
+                            "model with weight_dtype default (fp16/bf16).")
+        modules[l] = m
+    return modules
+
+
+def rank_summary(ranks: Dict[str, int]) -> str:
+    counts: Dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    return ", ".join(f"{n}x r{r}" for r, n in sorted(counts.items()))
+
+
+# ------------------------------------------------------------------------- resume
+
+class Resume:
+    def __init__(self, para: ParaState, trainer: Optional[dict], name: str):
+        self.para, self.trainer, self.name = para, trainer, name
+        self.layers = list(trainer["layers"]) if trainer else para.layers
+
+    def warn_differences(self, info: "RunInfo") -> None:
+        """An exact resume needs the same data and settings; say what differs (it still runs)."""
+        if not self.trainer:
+            return
+        theirs, s = self.trainer.get("settings", {}), info.settings
+        ours = {"lr": s.learning_rate, "batch_size": s.batch_size, "seed": s.seed, "dtype": s.dtype}
+        diff = [f"{k} {theirs[k]} -> {v}" for k, v in ours.items() if k in theirs and theirs[k] != v]
+        if self.trainer.get("data_fingerprint") not in (None, info.data_fingerprint):
+            diff.append("other latents")
+        if diff:
+            log.warning("PaRa: resuming %s with %s: the result will differ from an uninterrupted run.",
+                        self.name, ", ".join(diff))
+
+    def optimizer_state(self, optimizer: str):
+        if not self.trainer:
+            return None
+        if self.trainer.get("optimizer_name") != optimizer:
+            log.warning("PaRa: %s was trained with %s, this run uses %s: the optimizer starts fresh (not an exact resume).",
+                        self.name, self.trainer.get("optimizer_name"), optimizer)
+            return None
+        return self.trainer.get("optimizer")
+
+
+def load_resume(resume_from, model, shapes, family) -> Optional[Resume]:
+    if not resume_from or resume_from == NONE:
+        return None
+    path = folder_paths.get_full_path("para", resume_from)
+    if path is None:
+        raise ParaError(f"input 'resume_from': {resume_from!r} is not in models/para.")
+    para = load_para(path)
+    if para.kind != "subject":
+        raise ParaError(f"input 'resume_from': {resume_from} is a merged adapter (para_U/para_V); only a trained "
+                        "subject (para_B) can be trained further.")
+    para = check_fits(para, shapes, family=f"this {family} model")
+    trainer = None
+    tpath = trainer_state_path(path)
+    if os.path.isfile(tpath):
+        trainer = load_trainer_state(tpath)
+        if sorted(trainer["layers"]) != sorted(para.layers):
+            log.warning("PaRa: %s does not match its PaRa file's layers; warm start from the PaRa file only.", tpath)
+            trainer = None
+    if trainer:
+        log.info("PaRa: resuming %s exactly from step %d", resume_from, int(trainer["step"]))
+    else:
+        log.info("PaRa: warm start from %s (no trainer state beside it: fresh optimizer, step 0)", resume_from)
+    return Resume(para, trainer, resume_from)
+
+
+# ------------------------------------------------------------------------- metadata, checkpoints, progress
+
+def data_fingerprint(samples: torch.Tensor) -> str:
+    h = hashlib.sha256(str(tuple(samples.shape)).encode())
+    h.update(samples.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class RunInfo:
+    """Everything the PaRa file's metadata and the trainer state say about a run."""
+
+    def __init__(self, model, names, ranks, spec, rank, rank_cap, init, samples, n_captions, trigger_words, settings,
+                 family, resume_from, exact):
+        self.names, self.ranks, self.spec, self.settings = names, ranks, spec, settings
+        self.family = family
+        self.fingerprint = model_fingerprint(model, names)
+        self.data_fingerprint = data_fingerprint(samples)
+        h, w = samples.shape[-2:]
+        self.train = {
+            "trainer": "ComfyUI-PaRa PaRaTrainer", "total_steps": settings.steps, "lr": settings.learning_rate,
+            "optimizer": settings.optimizer, "batch_size": settings.batch_size, "seed": settings.seed,
+            "resolution": f"{w * PIXELS_PER_LATENT}x{h * PIXELS_PER_LATENT}", "latent_shape": list(samples.shape[1:]),
+            "dtype": settings.dtype, "gradient_checkpointing": settings.gradient_checkpointing, "init": init,
+            "rank_cap": rank_cap, "trigger_words": trigger_words, "images": int(samples.shape[0]),
+            "captions": n_captions, "loss": "mse in the model's prediction space (eps / v / flow)",
+        }
+        if resume_from:
+            self.train["resumed_from" if exact else "warm_start_from"] = resume_from
+        self.rank = rank
+        self.trigger_words = trigger_words
+
+    def state(self, run: TrainingRun, reason: str = "final") -> ParaState:
+        train = dict(self.train, steps=run.step, stopped="" if reason in ("final", "save_every") else reason)
+        if run.losses:
+            tail = run.losses[-min(len(run.losses), 50):]
+            train.update(final_loss=run.losses[-1], mean_loss_last_50=sum(tail) / len(tail))
+        md = build_metadata("subject", rank=max(self.ranks.values()), ranks=self.ranks, layers=self.spec,
+                            base_arch=self.family, base_fingerprint=self.fingerprint, train=train,
+                            title=f"PaRa {self.trigger_words or 'subject'} ({run.step} steps)",
+                            extra={"modelspec.trigger_phrase": self.trigger_words} if self.trigger_words else None)
+        B = {l: p.detach().float().cpu().clone() for l, p in run.adapter.B.items()}
+        return ParaState(kind="subject", B=B, metadata=md)
+
+    def trainer_state(self, run: TrainingRun, para_name: str, reason: str) -> dict:
+        s = self.settings
+        return {
+            "step": run.step, "layers": list(run.adapter.B), "optimizer_name": s.optimizer,
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
+            "loss_history": list(run.losses), "para_file": para_name, "reason": reason,
+            "settings": {"lr": s.learning_rate, "batch_size": s.batch_size, "seed": s.seed, "dtype": s.dtype,
+                         "steps": s.steps},
+            "rng": {"seed": s.seed, "scheme": "per step: sha256(seed:purpose:step) seeds a CPU generator; "
+                                              "no global RNG state is used"},
+            "data_fingerprint": self.data_fingerprint,
+        }
+
+
+class Checkpoints:
+    """Writes <prefix>_<run>_step<N>.safetensors (+ .trainer.pt) into models/para, atomically."""
+
+    def __init__(self, prefix: str, info: RunInfo):
+        folder = os.path.abspath(folder_paths.get_folder_paths("para")[0])
+        try:
+            full, filename, counter, _, _ = folder_paths.get_save_image_path(prefix or "PaRa", folder)
+        except Exception:
+            raise ParaError(f"input 'filename_prefix' {prefix!r} points outside models/para; use a plain name "
+                            "or a subfolder.") from None
+        self.folder, self.stem, self.info = folder, os.path.join(full, f"{filename}_{counter:05}"), info
+        self.last_name: Optional[str] = None
+
+    def __call__(self, run: TrainingRun, reason: str) -> str:
+        path = f"{self.stem}_step{run.step:06}.safetensors"
+        if run.optimizer_state_valid:
+            # Trainer state first: the PaRa file, which the resume list shows, appears last.
+            save_trainer_state(self.info.trainer_state(run, os.path.basename(path), reason), trainer_state_path(path))
+        save_para(self.info.state(run, reason), path)
+        self.last_name = os.path.relpath(path, self.folder)
+        log.info("PaRa: step %d: saved checkpoint %s (%s)", run.step, path, reason)
+        return path
+
+
+class Progress:
+    """ComfyUI progress bar + the loss as node text + a console line every few seconds."""
+
+    def __init__(self, steps: int, node_id):
+        self.steps, self.node_id = steps, node_id
+        self.bar = comfy.utils.ProgressBar(steps)
+        self.last_log = self.last_text = 0.0
+        self.t0 = time.monotonic()
+
+    def __call__(self, run: TrainingRun):
+        self.bar.update_absolute(run.step, self.steps)
+        now = time.monotonic()
+        done = len(run.step_times)
+        tail = run.losses[-min(len(run.losses), 20):]
+        msg = f"step {run.step}/{self.steps}  loss {run.losses[-1]:.4f} (avg {sum(tail) / len(tail):.4f})"
+        if now - self.last_text > 0.5 or run.step == self.steps:
+            self.last_text = now
+            self._send_text(msg)
+        if done == 1 or now - self.last_log > 15 or run.step == self.steps:
+            self.last_log = now
+            per = sum(run.step_times[-20:]) / len(run.step_times[-20:])
+            log.info("PaRa: %s  %.2f s/step, %.0f s left", msg, per, per * (self.steps - run.step))
+
+    def _send_text(self, text: str):
+        server = sys.modules.get("server")
+        instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+        if instance is not None and self.node_id is not None:
+            try:
+                instance.send_progress_text(text, self.node_id)
+            except Exception:  # progress text is a nicety; never let it stop training
+                pass

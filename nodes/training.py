@@ -1,0 +1,491 @@
+"""The training loop behind the PaRa Trainer node.
+
+It reaches the model the way ComfyUI's own trainer does (comfy_extras/nodes_train.py): a
+``Guider_Basic`` loads the model and prepares the conditioning, and a ``Sampler`` subclass runs
+the loop instead of sampling. Noise, sigmas and the loss come from the model's own
+``model_sampling``, so eps, v-prediction and flow models train the same way.
+
+Only B is trainable. Each adapted layer's ``forward`` is replaced for the run (and restored in a
+``finally``) by para_core's activation-side forward on the layer's own weight: no copy of the
+base weights is made per step, and no full weight gradient is ever formed.
+Every step's randomness (images, noise, sigmas) is drawn from generators seeded by
+(seed, step), never from the global RNG: a run resumed at step k continues exactly like one that
+never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import comfy.model_management as mm
+import comfy.ops
+import comfy.samplers
+import comfy.utils
+from comfy_extras.nodes_custom_sampler import Guider_Basic
+
+from ..para_core import ParaError, basis_batched
+from ..para_core.train import cheaper_side, forward_activation_side, forward_weight_side, layer_op
+
+log = logging.getLogger("ComfyUI-PaRa")
+
+OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD,
+              "RMSprop": torch.optim.RMSprop}
+TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Timesteps are drawn uniformly in ComfyUI's "percent" of the schedule; the very ends map to
+# sigma = 0 (nothing to learn, and a division by zero in the loss) or to an infinite sigma.
+PERCENT_MARGIN = 1e-3
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+OOM_ADVICE = ("out of memory while training. Try a smaller batch_size, turn gradient_checkpointing on, "
+              "a lower rank or fewer layers, smaller latents, or training_dtype bf16/fp16.")
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    learning_rate: float
+    optimizer: str = "AdamW"
+    batch_size: int = 1
+    seed: int = 0
+    dtype: str = "bf16"
+    gradient_checkpointing: bool = False
+    save_every: int = 0
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, what: str):
+        self.step, self.what = step, what
+        super().__init__(f"{what} is NaN/Inf at step {step}")
+
+
+# ------------------------------------------------------------------------- determinism
+
+def generator_for(seed: int, purpose: str, index: int = 0) -> torch.Generator:
+    """A CPU generator for (seed, purpose, index), independent of every other draw."""
+    digest = hashlib.sha256(f"{int(seed)}:{purpose}:{int(index)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple:
+    return tuple(torch.randperm(n, generator=generator_for(seed, "epoch", epoch)).tolist())
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> List[int]:
+    """The images of step ``step`` (0-based): consecutive slices of one shuffled order per epoch,
+    so every image is seen once per epoch, and step k's batch depends only on (seed, k)."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(_epoch_order(seed, epoch, n)[i])
+    return out
+
+
+# ------------------------------------------------------------------------- the loss
+
+def check_trainable(model_sampling) -> None:
+    """A clear error for models whose sampling object lacks what training needs."""
+    missing = [a for a in ("percent_to_sigma", "noise_scaling", "calculate_denoised") if not hasattr(model_sampling, a)]
+    if missing:
+        raise ParaError(f"this model's sampling ({type(model_sampling).__name__}) has no {', '.join(missing)}; "
+                        "PaRa Trainer cannot derive a training loss for it.")
+    sigma = torch.tensor([float(model_sampling.percent_to_sigma(0.5))])
+    c = output_scale(model_sampling, sigma, 4)
+    if not torch.isfinite(c).all() or (c == 0).any():
+        raise ParaError(f"this model's sampling ({type(model_sampling).__name__}) gives no usable training target; "
+                        "PaRa Trainer cannot train it.")
+
+
+def output_scale(model_sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+    """c(sigma) in denoised = a(sigma) * x + c(sigma) * model_output.
+
+    ComfyUI's calculate_denoised is affine in the model output for every model type, so the
+    output for model_output = 1 and x = 0 is c: -sigma for eps and flow models, the v-prediction
+    factor for v models, 1 for x0 models."""
+    shape = (sigma.shape[0],) + (1,) * (ndim - 1)
+    ones = torch.ones(shape, dtype=torch.float32, device=sigma.device)
+    return model_sampling.calculate_denoised(sigma.float(), ones, torch.zeros_like(ones)).float()
+
+
+def diffusion_loss_sum(model_sampling, denoised, x0, sigma) -> torch.Tensor:
+    """Sum of squared errors in the model's own output space: (denoised - x0) / c is the error of
+    the predicted eps (eps models), v (v-prediction) or velocity (flow models), i.e. each
+    family's standard training loss, from nothing but the model's sampling object."""
+    err = (denoised.float() - x0.float()) / output_scale(model_sampling, sigma, x0.dim())
+    return err.square().sum()
+
+
+# ------------------------------------------------------------------------- the adapted layers
+
+def _weight_and_bias(module, x):
+    """The layer's weight and bias as its own forward would use them: ComfyUI's cast ops (dtype
+    casting, low-VRAM offload, patches applied on the fly), or the plain tensors."""
+    if hasattr(module, "weight_function"):
+        return comfy.ops.cast_bias_weight(module, x)
+    b = module.bias.to(x.dtype) if module.bias is not None else None
+    return module.weight.to(x.dtype), b
+
+
+def _output_positions(module, x, channel_dim) -> int:
+    if channel_dim == -1:
+        return x.numel() // x.shape[-1]
+    stride = math.prod(getattr(module, "stride", (1,)))
+    return max(1, x.shape[0] * math.prod(x.shape[2:]) // stride)
+
+
+_MISSING = object()
+
+
+class ParaForward:
+    """The trainable B of every adapted layer and the forward override that uses them."""
+
+    def __init__(self, modules: Dict[str, torch.nn.Module], B: Dict[str, torch.nn.Parameter], side: str = "auto"):
+        self.modules = modules
+        self.B = B
+        self.side = side  # "auto", or "activation"/"weight" to force one (bench/train.py compares them)
+        self.Q: Dict[str, torch.Tensor] = {}
+        self.sides: Dict[str, str] = {}
+        self._saved: Dict[str, object] = {}
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        return list(self.B.values())
+
+    def prepare_step(self) -> None:
+        # One batched QR per distinct B shape instead of one per layer.
+        self.Q = basis_batched(self.B)
+
+    def install(self) -> None:
+        for name, module in self.modules.items():
+            self._saved[name] = module.__dict__.get("forward", _MISSING)
+            module.forward = self._forward_for(name, module)
+
+    def remove(self) -> None:
+        for name, module in self.modules.items():
+            prev = self._saved.pop(name, _MISSING)
+            if prev is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = prev
+        self.Q = {}
+
+    def _forward_for(self, name, module):
+        op = layer_op(module)
+        channel_dim = -1 if isinstance(module, torch.nn.Linear) else 1
+        inner = module.weight[0].numel()
+        rank = self.B[name].shape[1]
+        grouped = getattr(module, "groups", 1) != 1
+
+        def forward(x, *args, **kwargs):
+            W0, b = _weight_and_bias(module, x)
+            # With a backward pass the weight side would form the full weight gradient
+            # g^T x (as costly as the layer itself); the activation side only adds rank-r
+            # products of the outputs, so it wins for every layer wider than 6 r
+            # (para_core.train.cheaper_side; measured in bench/train.py).
+            if grouped:
+                side = "activation"
+            elif self.side != "auto":
+                side = self.side
+            else:
+                side = cheaper_side(_output_positions(module, x, channel_dim), inner, rank=rank,
+                                    backward=torch.is_grad_enabled())
+            self.sides[name] = side
+            fwd = forward_activation_side if side == "activation" else forward_weight_side
+            return fwd(op, x, W0, b, self.Q[name], channel_dim)
+
+        return forward
+
+
+class GradientCheckpointing:
+    """Recompute each block's activations in the backward pass instead of keeping them: the
+    top-most non-container modules of the diffusion model (ResBlocks, transformer blocks, ...)
+    run under torch.utils.checkpoint. Less memory, about a third more time."""
+
+    def __init__(self, root: torch.nn.Module):
+        self.modules = list(self._blocks(root))
+        self._saved = []
+
+    @staticmethod
+    def _blocks(module):
+        for child in module.children():
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+                yield from GradientCheckpointing._blocks(child)
+            elif any(True for _ in child.parameters()):
+                yield child
+
+    def install(self):
+        for m in self.modules:
+            inner = m.forward
+            self._saved.append((m, m.__dict__.get("forward", _MISSING)))
+
+            def forward(*args, _inner=inner, **kwargs):
+                return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            m.forward = forward
+
+    def remove(self):
+        while self._saved:
+            m, prev = self._saved.pop()
+            if prev is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = prev
+
+
+def materialize_inference_tensors(module: torch.nn.Module) -> int:
+    """Replace inference tensors by normal tensors with the same values, once per run.
+
+    ComfyUI runs nodes under torch.inference_mode(), so a model loaded by a node may hold
+    inference tensors, which autograd refuses to save for backward (every frozen layer after an
+    adapted one saves its weight to pass the gradient on). Returns how many were replaced."""
+    n = 0
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_inference():
+                m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                n += 1
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.clone()
+                n += 1
+    return n
+
+
+def clone_conditioning(positive):
+    """A deep copy of a CONDITIONING list with every tensor cloned (the node's inputs may be
+    inference tensors, and ComfyUI's cond processing writes into the dicts)."""
+    def clone(v):
+        if isinstance(v, torch.Tensor):
+            return v.detach().clone()
+        if isinstance(v, dict):
+            return {k: clone(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(clone(x) for x in v)
+        return v
+    return [[clone(c[0]), clone(c[1]) if len(c) > 1 else {}] for c in positive]
+
+
+# ------------------------------------------------------------------------- the run
+
+class _TrainingSampler(comfy.samplers.Sampler):
+    """Called by the guider with the loaded model and processed conds; trains instead of sampling."""
+
+    def __init__(self, run: "TrainingRun"):
+        self.run = run
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.run.loop(model_wrap, extra_args)
+        return torch.zeros_like(noise)
+
+
+class TrainingRun:
+    """One training run of the parameters of ``adapter`` (ParaForward or anything with
+    parameters/prepare_step/install/remove) on ``model`` from ``start_step`` to ``settings.steps``.
+
+    ``on_checkpoint(run, reason)`` is called at every ``save_every`` step, at the end (when
+    save_every > 0), and when the run stops early (interrupt, NaN/Inf, out of memory, error)
+    after at least one finished step; it returns the written path. ``on_step(run)`` is called
+    after every finished step (progress)."""
+
+    def __init__(self, model, latents: torch.Tensor, positive, adapter, settings: TrainSettings,
+                 start_step: int = 0, optimizer_state=None, scaler_state=None, loss_history=None,
+                 on_checkpoint: Optional[Callable[["TrainingRun", str], Optional[str]]] = None,
+                 on_step: Optional[Callable[["TrainingRun"], None]] = None):
+        self.model = model
+        self.latents = latents
+        self.positive = positive
+        self.adapter = adapter
+        self.settings = settings
+        self.dtype = TRAINING_DTYPES[settings.dtype]
+        self.device = model.load_device
+        self.step = start_step  # steps finished so far
+        self.start_step = start_step
+        self.losses: List[float] = list(loss_history or [])
+        self.on_checkpoint = on_checkpoint
+        self.on_step = on_step
+        self.last_checkpoint: Optional[str] = None
+        self._saved_step = start_step
+        self.step_times: List[float] = []
+        params = adapter.parameters()
+        self.optimizer = OPTIMIZERS[settings.optimizer](params, lr=settings.learning_rate)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        # fp16 gradients underflow without loss scaling; B itself stays float32 (the master copy).
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
+
+    # -- entry point --------------------------------------------------------------------
+
+    def run(self) -> List[float]:
+        with torch.inference_mode(False), torch.enable_grad():
+            mp = self.model.clone()
+            # Like ComfyUI's trainer: the model's ops compute in the training dtype (weights are
+            # cast per layer only where their storage dtype differs).
+            mp.set_model_compute_dtype(self.dtype)
+            mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+            guider = Guider_Basic(mp)
+            guider.set_conds(clone_conditioning(self.positive))
+            shape = (self.settings.batch_size,) + tuple(self.latents.shape[1:])
+            # The guider only needs the batch shape; the dataset is handed to the loop directly.
+            zeros = torch.zeros(shape)
+            guider.sample(zeros, zeros, _TrainingSampler(self), torch.ones(1), seed=self.settings.seed)
+        return self.losses
+
+    # -- the loop (runs inside the guider, with the model loaded) ------------------------
+
+    def loop(self, model_wrap, extra_args):
+        base = model_wrap.inner_model
+        ms = base.model_sampling
+        check_trainable(ms)
+        data = base.process_latent_in(self.latents.to(self.device, torch.float32))
+        conds = list(model_wrap.conds["positive"])
+        replaced = materialize_inference_tensors(base)
+        if replaced:
+            log.info("PaRa: made %d inference-mode tensors trainable-safe (once per run)", replaced)
+        grad_flags = {n: p.requires_grad for n, p in base.named_parameters()}
+        base.requires_grad_(False)
+        checkpointing = GradientCheckpointing(base.diffusion_model) if self.settings.gradient_checkpointing else None
+        self.adapter.install()
+        if checkpointing:
+            checkpointing.install()
+        try:
+            self._steps(model_wrap, extra_args, ms, data, conds)
+        finally:
+            if checkpointing:
+                checkpointing.remove()
+            self.adapter.remove()
+            for n, p in base.named_parameters():
+                p.requires_grad_(grad_flags.get(n, False))
+            model_wrap.conds["positive"] = conds
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _steps(self, model_wrap, extra_args, ms, data, conds):
+        try:
+            while self.step < self.settings.steps:
+                mm.throw_exception_if_processing_interrupted()
+                t0 = time.perf_counter()
+                self._one_step(model_wrap, extra_args, ms, data, conds)
+                self.step_times.append(time.perf_counter() - t0)
+                if self.on_step:
+                    self.on_step(self)
+                every = self.settings.save_every
+                if every > 0 and (self.step % every == 0 or self.step == self.settings.steps):
+                    self._checkpoint("save_every" if self.step % every == 0 else "final")
+        except mm.InterruptProcessingException:
+            self._checkpoint("interrupted", early=True)
+            raise
+        except NonFiniteLoss as e:
+            path = self._checkpoint("non-finite loss", early=True)
+            if path:
+                kept = f"The last good state (step {self._saved_step}) is saved in {path}."
+            elif self.step:
+                kept = f"No new step had finished; the last good state (step {self.step}) is the file it resumed from."
+            else:
+                kept = "No step had finished, so nothing was saved."
+            raise ParaError(f"PaRa Trainer stopped: the {e.what} became NaN/Inf at step {e.step}. {kept} Lower "
+                            "learning_rate, use training_dtype bf16 or fp32 instead of fp16, or check the latents "
+                            "and conditioning for NaN.") from None
+        except OUT_OF_MEMORY as e:
+            path = self._checkpoint("out of memory", early=True)
+            kept = f" The last finished step ({self._saved_step}) is saved in {path}." if path else ""
+            raise ParaError(f"PaRa Trainer ran {OOM_ADVICE}{kept}") from e
+        except ParaError:
+            raise
+        except Exception:
+            self._checkpoint("error", early=True)
+            raise
+
+    def _one_step(self, model_wrap, extra_args, ms, data, conds):
+        k, s = self.step, self.settings
+        n = data.shape[0]
+        g = generator_for(s.seed, "step", k)
+        idx = batch_indices(s.seed, k, n, s.batch_size)
+        x0 = data[idx]
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        pct = torch.rand(len(idx), generator=g, dtype=torch.float64) * (1 - 2 * PERCENT_MARGIN) + PERCENT_MARGIN
+        sigma = torch.tensor([float(ms.percent_to_sigma(float(p))) for p in pct], dtype=torch.float32,
+                             device=self.device)
+        xt = ms.noise_scaling(sigma, noise, x0, False)
+        # Images that share a conditioning run as one batch; with one caption per image each
+        # runs with its own (ComfyUI applies every cond of the list to the whole batch).
+        groups: Dict[int, List[int]] = {}
+        for j, i in enumerate(idx):
+            groups.setdefault(i if len(conds) > 1 else 0, []).append(j)
+        self.adapter.prepare_step()
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                    else contextlib.nullcontext())
+        total = None
+        with autocast:
+            for c, js in groups.items():
+                model_wrap.conds["positive"] = [conds[c]]
+                sel = torch.tensor(js, device=self.device)
+                denoised = model_wrap(xt[sel], sigma[sel], **extra_args)
+                part = diffusion_loss_sum(ms, denoised, x0[sel], sigma[sel])
+                total = part if total is None else total + part
+        loss = total / x0.numel()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(k + 1, "loss")
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        # Cancel between backward and update: the half-done step is dropped, B stays at step k.
+        mm.throw_exception_if_processing_interrupted()
+        params = self.adapter.parameters()
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            if not _all_finite([p.grad for p in params if p.grad is not None]):
+                raise NonFiniteLoss(k + 1, "gradient")
+            before = [p.detach().clone() for p in params]
+            self.optimizer.step()
+            if not _all_finite(params):
+                with torch.no_grad():
+                    for p, b in zip(params, before):
+                        p.copy_(b)
+                self._optimizer_broken = True
+                raise NonFiniteLoss(k + 1, "update of B")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(value)
+        self.step = k + 1
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    _optimizer_broken = False
+
+    @property
+    def optimizer_state_valid(self) -> bool:
+        """False after an update that had to be rolled back (the optimizer moments saw it)."""
+        return not self._optimizer_broken
+
+    def _checkpoint(self, reason: str, early: bool = False) -> Optional[str]:
+        if self.on_checkpoint is None:
+            return None
+        if early and self.step == self._saved_step:
+            return self.last_checkpoint  # nothing new since the last save
+        if early and self.step == self.start_step:
+            return None
+        try:
+            path = self.on_checkpoint(self, reason)
+        except Exception as e:  # never let a failed save hide the reason the run stopped
+            if not early:
+                raise
+            log.error("PaRa: could not save a checkpoint after '%s': %s", reason, e)
+            return None
+        self.last_checkpoint, self._saved_step = path, self.step
+        return path
+
+
+def _all_finite(tensors) -> bool:
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
+    return bool(torch.isfinite(torch.stack(norms)).all().item())

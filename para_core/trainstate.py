@@ -1,0 +1,65 @@
+"""Trainer state: what makes a resumed run continue exactly where it stopped.
+
+A checkpoint is two files side by side in ``models/para``:
+
+    <name>.safetensors   a complete PaRa file (B of every layer, metadata); usable on its own
+    <name>.trainer.pt    optimizer state, step, loss history, the run's settings (this module)
+
+The PaRa file alone warm-starts a new run from its B; with its ``.trainer.pt`` the run resumes
+exactly (same optimizer moments, same per-step randomness, since that is derived from
+(seed, step) and not from a global RNG). Both are written atomically.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict
+
+import torch
+
+from .fileformat import ParaError
+
+__all__ = ["TRAINER_STATE_VERSION", "trainer_state_path", "save_trainer_state", "load_trainer_state"]
+
+TRAINER_STATE_VERSION = 1
+SUFFIX = ".trainer.pt"
+
+
+def trainer_state_path(para_path: str) -> str:
+    """``x.safetensors`` -> ``x.trainer.pt`` (the trainer state that belongs to a PaRa file)."""
+    root, ext = os.path.splitext(os.fspath(para_path))
+    return (root if ext == ".safetensors" else os.fspath(para_path)) + SUFFIX
+
+
+def save_trainer_state(state: Dict[str, Any], path: str) -> str:
+    """torch.save to a temporary file in the same folder, then rename (never half-written)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=folder)
+    os.close(fd)
+    try:
+        torch.save(dict(state, version=TRAINER_STATE_VERSION), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def load_trainer_state(path: str) -> Dict[str, Any]:
+    """Load a ``.trainer.pt`` (tensors, numbers, strings only: ``weights_only`` loading, so a
+    file from elsewhere cannot run code). Raises ParaError naming the file."""
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ParaError(f"{path}: unreadable trainer state ({e}); delete it to warm-start from the PaRa file alone.") from None
+    if not isinstance(state, dict) or "step" not in state or "layers" not in state:
+        raise ParaError(f"{path}: not a PaRa trainer state (no step/layers); delete it to warm-start from the PaRa file alone.")
+    if int(state.get("version", 0)) > TRAINER_STATE_VERSION:
+        raise ParaError(f"{path}: trainer state version {state.get('version')} is newer than this pack understands "
+                        f"({TRAINER_STATE_VERSION}); update ComfyUI-PaRa.")
+    return state
