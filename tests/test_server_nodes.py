@@ -86,7 +86,9 @@ def test_object_info_lists_every_node_with_inputs(comfy_server):
     assert req["strength"][1]["default"] == 1.0 and req["strength"][1]["min"] < 0 and "tooltip" in req["strength"][1]
     assert info["PaRaLoad"]["output"] == ["PARA"]
     merge = info["PaRaMerge"]["input"]
-    assert merge["required"]["mode"][0] == ["sum", "union", "sequential"]
+    mode = merge["required"]["mode"]
+    options = mode[0] if isinstance(mode[0], list) else mode[1]["options"]  # V1 list or V3 "COMBO"
+    assert options == ["sum", "union", "sequential"]
     assert {"para_1", "para_2"} <= set(merge["required"]) and "para_3" in merge["optional"]
 
 

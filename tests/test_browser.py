@@ -1,0 +1,128 @@
+"""The shipped UI workflows in the real ComfyUI frontend (the comfyui-frontend-package the server
+serves), in headless Chromium: each loads with no missing-nodes dialog and no console error,
+the frontend reads back the same nodes, links and widget values, and a screenshot of it is
+saved to workflows/screenshots/<name>.png (shown in the README)."""
+import io
+import json
+import time
+import urllib.request
+
+import pytest
+
+import cdp
+from workflow_helpers import WORKFLOWS_DIR, install_placeholders, ui_workflows
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.server, pytest.mark.slow]
+
+SHOTS = WORKFLOWS_DIR / "screenshots"
+# Settings for a clean first start: no template browser, no minimap, no canvas statistics, the
+# open workflows listed in the side bar rather than as tabs above the canvas.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
+            "Comfy.Validation.Workflows": True, "Comfy.Workflow.WorkflowTabsPosition": "Sidebar"}
+# The canvas part of a screenshot (left of it: the side bar, whose open-workflow count changes;
+# above it: the menu bar with the workflow's name).
+CANVAS_BOX = (64, 40)
+DIALOGS_JS = ("Array.from(document.querySelectorAll('.p-dialog')).filter(d => d.offsetParent !== null)"
+              ".map(d => d.innerText.trim().slice(0, 400))")
+
+
+def frontend_present() -> bool:
+    try:
+        import comfyui_frontend_package  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def browser(comfy_server, sd15_checkpoint):
+    if cdp.find_chromium() is None:
+        pytest.skip("Chromium not found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)")
+    if not frontend_present():
+        pytest.skip("the ComfyUI frontend (pip package comfyui-frontend-package) is not installed")
+    install_placeholders(comfy_server, sd15_checkpoint)
+    req = urllib.request.Request(comfy_server.url + "/settings", data=json.dumps(SETTINGS).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).read()
+    import make_ui
+    b = cdp.Browser(*make_ui.WINDOW)
+    try:
+        b.navigate(comfy_server.url + "/")
+        b.wait_for("!!(window.app && window.app.graph && document.querySelector('canvas'))", timeout=120)
+        time.sleep(1.0)
+        b.page_errors = b.console_errors()
+        yield b
+    finally:
+        b.close()
+
+
+def load(browser, workflow: dict, name: str):
+    mark = len(browser.events)
+    browser.evaluate("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); true")
+    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)}).then(() => true)")
+    time.sleep(0.8)  # dialogs open and the canvas draws after the promise resolves
+    return browser.console_errors(mark), browser.evaluate(DIALOGS_JS)
+
+
+def test_page_loads_the_pack_without_errors(browser):
+    ours = [e for e in browser.page_errors if "PaRa" in e or "custom_nodes" in e or "extensions" in e]
+    assert not ours, ours
+    assert browser.evaluate("Object.keys(LiteGraph.registered_node_types).filter(t => t.startsWith('PaRa')).length") == 7
+
+
+@pytest.mark.parametrize("name", sorted(ui_workflows()))
+def test_workflow_loads_in_the_frontend(browser, name):
+    workflow = ui_workflows()[name]
+    errors, dialogs = load(browser, workflow, name)
+    assert not dialogs, f"dialog after loading {name}: {dialogs}"
+    assert not errors, f"console errors while loading {name}: {errors}"
+    # what the frontend holds now is what the file says
+    graph = json.loads(browser.evaluate("JSON.stringify(app.graph.serialize())"))
+    ours = {n["id"]: n for n in workflow["nodes"]}
+    theirs = {n["id"]: n for n in graph["nodes"]}
+    assert set(theirs) == set(ours)
+    for nid, n in ours.items():
+        assert theirs[nid]["type"] == n["type"]
+        assert theirs[nid].get("widgets_values", []) == n.get("widgets_values", []), f"node {nid} ({n['type']})"
+
+    def by_name(g):
+        nodes = {n["id"]: n for n in g["nodes"]}
+        return sorted((l[1], l[2], l[3], nodes[l[3]]["inputs"][l[4]]["name"], l[5]) for l in g["links"])
+    assert by_name(graph) == by_name(workflow)
+    save_screenshot(browser.screenshot(), SHOTS / f"{name}.png")
+
+
+def test_a_missing_node_is_reported_by_the_frontend(browser):
+    """The check above would see the frontend's missing-nodes dialog."""
+    workflow = json.loads(json.dumps(ui_workflows()["2_generate_with_para_file"]))
+    node = next(n for n in workflow["nodes"] if n["type"] == "PaRaLoader")
+    node["type"] = "PaRaLoaderThatDoesNotExist"
+    _errors, dialogs = load(browser, workflow, "missing_node_check")
+    assert any("PaRaLoaderThatDoesNotExist" in d for d in dialogs), dialogs
+    browser.evaluate("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); true")
+
+
+def save_screenshot(png: bytes, path):
+    """Save as a small palette PNG; leave the file alone when its canvas is unchanged (so test
+    runs do not rewrite committed pictures for nothing). The palette comes from the picture
+    without the parts that change from run to run (the workflow's name, the side bar's count),
+    so an unchanged canvas quantizes to the same pixels."""
+    from PIL import Image, ImageDraw
+    full = Image.open(io.BytesIO(png)).convert("RGB")
+    ref = full.copy()
+    d = ImageDraw.Draw(ref)
+    d.rectangle([0, 0, CANVAS_BOX[0], full.height], fill=(34, 34, 34))
+    d.rectangle([0, 0, 400, CANVAS_BOX[1]], fill=(34, 34, 34))
+    palette = ref.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    img = full.quantize(palette=palette, dither=Image.Dither.NONE)
+    if path.exists():
+        try:
+            old = Image.open(path).convert("RGB")
+        except OSError:
+            old = None
+        box = (*CANVAS_BOX, img.width, img.height)
+        if old is not None and old.size == img.size and \
+                old.crop(box).tobytes() == img.convert("RGB").crop(box).tobytes():
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, optimize=True)

@@ -1,0 +1,91 @@
+"""The one-command demo (workflows/demo.py) end to end at --quick, and its message when ComfyUI
+is missing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import comfy_env
+from workflow_helpers import WORKFLOWS_DIR
+
+DEMO = WORKFLOWS_DIR / "demo.py"
+
+
+def test_without_comfyui_it_says_how_to_get_it(tmp_path):
+    env = dict(os.environ, COMFYUI_PATH=str(tmp_path / "nowhere"), HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, str(DEMO), "--quick", "--out", str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    if comfy_env.PACK_ROOT.parent.name == "custom_nodes":
+        pytest.skip("this checkout lives in a ComfyUI's custom_nodes, so the demo always finds that ComfyUI")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "git clone https://github.com/comfyanonymous/ComfyUI" in r.stderr
+    assert "COMFYUI_PATH" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_quick_demo_writes_para_files_images_loss_plots_and_a_summary(comfyui_path, sd15_checkpoint, tmp_path):
+    out = tmp_path / "demo_output"
+    r = subprocess.run([sys.executable, str(DEMO), "--quick", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    log = r.stdout
+    for line in ("workflow 1:", "workflow 3:", "workflow 4:", "workflow 5:", "step 4/4", "all done"):
+        assert line in log, log
+
+    summary = json.loads((out / "summary.json").read_text())
+    files = {f["file"]: f for f in summary["para_files"]}
+    subjects = [f for f in files.values() if f["kind"] == "subject"]
+    merged = [f for f in files.values() if f["kind"] == "merged"]
+    assert len(subjects) == 2 and len(merged) == 1
+    assert {f["trigger_words"] for f in subjects} == {"sks", "zwx"}
+    for f in subjects:
+        assert f["rank"] == "4" and f["steps"] == 4 and f["layers"] > 0
+        assert 0 < f["params"] < f["equivalent_lora_params"], "PaRa stores r*out per layer, LoRA r*(out+in)"
+        assert (out / f["file"]).stat().st_size == f["bytes"]
+    assert merged[0]["merge_mode"] == "sum"
+    lora = summary["exported_lora"]
+    assert (out / lora["file"]).is_file()
+    # the exported LoRA has exactly the parameters of an equivalent LoRA, plus one alpha per layer
+    sks = next(f for f in subjects if f["trigger_words"] == "sks")
+    assert lora["params"] == sks["equivalent_lora_params"] + sks["layers"]
+    # ... and gives the PaRa model's picture (workflow 1 and 5 share prompt and seed)
+    assert lora["max_pixel_difference_to_para_image"] is not None and lora["max_pixel_difference_to_para_image"] <= 3
+
+    from PIL import Image
+    expected = ["images/1_train_sks_save_image.png", "images/1_train_zwx_save_image.png",
+                "images/3_merge_save_image.png", "images/4_edit_input.png", "images/4_edit_save_image_edit.png",
+                "images/4_edit_save_image_caption.png", "images/5_lora_save_image.png",
+                "loss_1_train_sks.png", "loss_1_train_zwx.png"]
+    for rel in expected:
+        with Image.open(out / rel) as im:
+            assert im.size[0] > 0, rel
+    with Image.open(out / "images/5_lora_save_image.png") as im:
+        assert im.size == (64, 64)
+    assert sorted(p.name for p in (out / "training_images" / "demo_sks").glob("*.txt"))
+    assert "sks" in next((out / "training_images" / "demo_sks").glob("*.txt")).read_text()
+    md = (out / "summary.md").read_text()
+    assert "| server start |" in md and "LoRA parameters" in md
+    assert set(summary["timings_s"]) >= {"server start", "1_train_subject (sks)", "3_merge_two_subjects",
+                                         "4_single_image_edit", "5_export_as_lora (generate)", "total"}
+
+
+def test_a_user_checkpoint_runs_the_shipped_workflows_at_the_paper_settings(tmp_path):
+    import demo
+    import api_graph
+    s = demo.settings_for(demo.parse_args(["--checkpoint", "my_model.safetensors"]))
+    assert s["size"] == 512 and s["train_steps"] == 1000
+    train = api_graph.load("1_train_subject")
+    trainer = train[api_graph.find(train, "PaRa Trainer")]
+    paper = {"rank": 4, "layers": "noxattn", "learning_rate": 1e-4, "steps": 1000, "optimizer": "AdamW", "batch_size": 1}
+    assert {k: trainer["inputs"][k] for k in paper} == paper
+    edit = api_graph.load("4_single_image_edit")
+    assert api_graph.get_input(edit, "PaRa Trainer.layers") == "noxattn-hspace-last"
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / "my_model.safetensors").write_bytes(b"x")
+    assert demo.user_checkpoint("my_model.safetensors", tmp_path).name == "my_model.safetensors"
+    with pytest.raises(SystemExit, match="found: my_model.safetensors"):
+        demo.user_checkpoint("other.safetensors", tmp_path)

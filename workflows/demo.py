@@ -1,0 +1,561 @@
+"""PaRa demo, one command: train two subjects, merge them, edit a single image, export a LoRA.
+
+    python workflows/demo.py                       # small local model, a few minutes on a CPU
+    python workflows/demo.py --quick               # a smoke run (under a minute)
+    python workflows/demo.py --checkpoint NAME     # your SD1.5 checkpoint, at the paper's settings
+
+It finds ComfyUI (COMFYUI_PATH, the ComfyUI that holds this pack in custom_nodes, or
+~/ComfyUI), builds its own training images (drawn here, no downloads) and, unless you give a
+checkpoint, a small SD1.5-format model; starts ComfyUI headless with this pack on a free
+loopback port; runs the shipped workflows 1, 3, 4 and 5 (workflows/api/) through POST /prompt;
+and writes the PaRa files, images, loss plots and a summary into --out (./demo_output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import api_graph  # noqa: E402
+import comfy_client  # noqa: E402
+import comfy_env  # noqa: E402  (finds ComfyUI, builds the test model, runs the server)
+
+GET_COMFYUI = f"""ComfyUI was not found. The demo looks in:
+  1. $COMFYUI_PATH
+  2. the ComfyUI folder above custom_nodes/, when this pack is installed there
+  3. ~/ComfyUI
+Get it with:
+  git clone https://github.com/comfyanonymous/ComfyUI ~/ComfyUI
+  pip install -r ~/ComfyUI/requirements.txt     (in the Python environment you run the demo with)
+or point to an existing checkout:
+  COMFYUI_PATH=/path/to/ComfyUI {Path(sys.executable).name} workflows/demo.py"""
+
+# The two subjects (new concepts with made-up trigger words) and the single image to edit.
+# The words match the synthetic world of bench/world.py, which the benchmark's base model knows.
+SUBJECTS = {
+    "sks": {"shape": "star", "colour": "yellow", "backgrounds": ("blue", "white")},
+    "zwx": {"shape": "ring", "colour": "red", "backgrounds": ("white", "gray")},
+}
+COLOURS = {"red": (220, 35, 35), "green": (35, 170, 50), "blue": (35, 70, 225), "yellow": (240, 210, 30)}
+BACKGROUNDS = {"white": (240, 240, 240), "gray": (125, 125, 125), "red": (220, 35, 35), "blue": (35, 70, 225)}
+PROMPT_A = "a large yellow sks on a gray background"
+PROMPT_MERGED = "a large yellow sks and a small red zwx on a blue background"
+EDIT_CAPTION = "a large green square on a white background"
+EDIT_PROMPT = "a large green square on a red background"
+
+
+# ------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------
+
+def settings_for(args) -> dict:
+    """Image size, steps and the like for this run. A user checkpoint gets the paper's settings,
+    which the shipped workflows carry (rank 4, noxattn, lr 1e-4, batch 1, 1000 steps, 512 px).
+    The built-in 64 px model gets the settings the quality benchmark uses for it (bench/quality.py:
+    lr 5e-3, batch 2, cfg 4, dpmpp_2m/karras): it learns a new shape in a few hundred steps."""
+    if args.checkpoint:
+        s = {"size": 512, "train_steps": 1000, "edit_steps": 500, "sample_steps": 30, "images": 6}
+    else:
+        s = {"size": 64, "train_steps": 200, "edit_steps": 60, "sample_steps": 20, "images": 6,
+             "learning_rate": 5e-3, "batch_size": 2, "cfg": 4.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+        if args.quick:
+            s.update(train_steps=4, edit_steps=4, sample_steps=2, images=3)
+    for key in ("size", "train_steps", "edit_steps", "sample_steps", "images"):
+        value = getattr(args, key, None)
+        if value:
+            s[key] = value
+    return s
+
+
+def demo_checkpoint() -> tuple[Path, str]:
+    """The checkpoint the demo uses when none is given, as (path, description): the small
+    trained base model of the quality benchmark (bench/train_base.py) when it has been built,
+    else the random-weight SD1.5-format test model (built here in seconds; its pictures are
+    noise, but every step runs for real)."""
+    try:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import train_base  # noqa: PLC0415
+        path = train_base.checkpoint_path()
+        if train_base.is_current(path):
+            return path, "the benchmark's small trained base model (bench/train_base.py)"
+    except Exception:  # the benchmark is optional
+        pass
+    return comfy_env.cached_sd15_checkpoint(), ("a small SD1.5-format model with random weights (the pictures are "
+                                                 "noise; build bench/train_base.py for a trained one)")
+
+
+def user_checkpoint(name: str, comfy_root: Path) -> Path:
+    """NAME from the user's models/checkpoints (or a path to a file)."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p.resolve()
+    folder = comfy_root / "models" / "checkpoints"
+    if (folder / name).is_file():
+        return (folder / name).resolve()
+    have = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.suffix in (".safetensors", ".ckpt"))
+    raise SystemExit(f"checkpoint {name!r} is not in {folder} (found: {', '.join(have) or 'none'}); give a name "
+                     "from that folder or a path to the file")
+
+
+# ------------------------------------------------------------------------------------------
+# Training images (drawn here: no downloads)
+# ------------------------------------------------------------------------------------------
+
+def _polygon(shape: str, cx: float, cy: float, r: float):
+    if shape == "star":
+        return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.sin(i * math.pi / 5),
+                 cy - (r if i % 2 == 0 else 0.45 * r) * math.cos(i * math.pi / 5)) for i in range(10)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + 0.87 * r, cy + 0.5 * r), (cx - 0.87 * r, cy + 0.5 * r)]
+    return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]  # square
+
+
+def draw(shape: str, colour: str, background: str, size_word: str, size: int, cx=0.5, cy=0.5):
+    from PIL import Image, ImageDraw
+    ss = 4  # supersampling for smooth edges
+    img = Image.new("RGB", (size * ss, size * ss), BACKGROUNDS[background])
+    d = ImageDraw.Draw(img)
+    r = (0.28 if size_word == "large" else 0.16) * size * ss
+    x, y = cx * size * ss, cy * size * ss
+    if shape == "circle":
+        d.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[colour])
+    elif shape == "ring":
+        d.ellipse([x - r, y - r, x + r, y + r], outline=COLOURS[colour], width=int(0.35 * r))
+    else:
+        d.polygon(_polygon(shape, x, y, r), fill=COLOURS[colour])
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def make_subject_images(folder: Path, word: str, n: int, size: int, seed: int = 0) -> list[str]:
+    """n images of the subject with captions (<name>.txt beside each) that use its trigger word."""
+    spec = SUBJECTS[word]
+    rng = random.Random(f"{word}:{seed}")
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for i in range(n):
+        bg = spec["backgrounds"][i % len(spec["backgrounds"])]
+        size_word = "large" if i % 3 != 2 else "small"
+        cx, cy = 0.5 + rng.uniform(-0.12, 0.12), 0.5 + rng.uniform(-0.12, 0.12)
+        draw(spec["shape"], spec["colour"], bg, size_word, size, cx, cy).save(folder / f"{word}_{i:02d}.png")
+        caption = f"a {size_word} {spec['colour']} {word} on a {bg} background"
+        (folder / f"{word}_{i:02d}.txt").write_text(caption + "\n")
+        captions.append(caption)
+    return captions
+
+
+def make_edit_image(path: Path, size: int):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw("square", "green", "white", "large", size).save(path)
+
+
+# ------------------------------------------------------------------------------------------
+# Running workflows with progress
+# ------------------------------------------------------------------------------------------
+
+class ProgressPrinter:
+    """Prints a prompt's /ws progress: which node runs, the trainer's steps and loss."""
+
+    def __init__(self, graph: dict, out=sys.stdout):
+        self.graph, self.out = graph, out
+        self.last_node = None
+        self.last_print = 0.0
+        self.last_pct = -1
+        self.texts = 0
+
+    def __call__(self, ev: dict):
+        t = ev.get("type")
+        if t == "executing" and ev.get("node") and ev["node"] != self.last_node:
+            self.last_node = ev["node"]
+            node = self.graph.get(ev["node"])
+            if node is not None:
+                self._print(f"    - {api_graph.title(node)}")
+        elif t == "progress" and ev.get("max", 0) > 1 and not self.texts:
+            # the bar, for nodes that send no text (the trainer's text line carries the loss)
+            node = self.graph.get(str(ev.get("node")))
+            if node is None or node["class_type"] != "PaRaTrainer":
+                return
+            pct = int(100 * ev["value"] / ev["max"])
+            now = time.monotonic()
+            if ev["value"] == ev["max"] or (pct >= self.last_pct + 10 and now - self.last_print > 1.0):
+                self.last_pct, self.last_print = pct, now
+                self._print(f"      training {ev['value']}/{ev['max']} ({pct}%)")
+        elif t == "progress_text" and ev.get("text", "").startswith("step"):
+            self.texts += 1
+            now = time.monotonic()
+            step, _, total = ev["text"].split()[1].partition("/")
+            if now - self.last_print > 3.0 or step == total:
+                self.last_print = now
+                self._print(f"      {ev['text']}")
+
+    def _print(self, line):
+        print(line, file=self.out, flush=True)
+
+
+class Demo:
+    def __init__(self, args):
+        self.args = args
+        self.s = settings_for(args)
+        self.out = Path(args.out).resolve()
+        self.timings: dict[str, float] = {}
+        self.summary: dict = {"settings": self.s, "workflows": {}}
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def run(self, label: str, graph: dict, timeout: float) -> comfy_client.Result:
+        print(f"  queue {label}", flush=True)
+        t0 = time.monotonic()
+        res = self.client.run(graph, timeout=timeout, on_event=ProgressPrinter(graph))
+        dt = time.monotonic() - t0
+        self.timings[label] = self.timings.get(label, 0.0) + dt
+        if not res.ok:
+            raise SystemExit(f"workflow {label} failed: {res.error}\n(ComfyUI log: {self.server.log_path})")
+        print(f"    done in {dt:.1f} s", flush=True)
+        return res
+
+    def collect_images(self, res: comfy_client.Result, graph: dict, stem: str) -> list[str]:
+        saved = []
+        for nid, item in res.files(kinds=("images",)):
+            node = graph.get(nid, {})
+            if node.get("class_type") == "LossGraphNode":
+                dest = self.out / f"loss_{stem}.png"
+            else:
+                tag = api_graph.title(node).lower().replace(" ", "_").replace("(", "").replace(")", "")
+                dest = self.out / "images" / f"{stem}_{tag}.png"
+            self.client.download(item, dest)
+            saved.append(str(dest.relative_to(self.out)))
+        return saved
+
+    def newest(self, folder: Path, pattern: str) -> Path:
+        files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if not files:
+            raise SystemExit(f"expected a file {pattern} in {folder}; ComfyUI log: {self.server.log_path}")
+        return files[-1]
+
+    def cpu_training(self, g: dict):
+        """On a CPU, train in fp32 without gradient checkpointing: bf16 matmuls are several times
+        slower there than fp32, and memory is not what limits a small model."""
+        if not self.gpu:
+            api_graph.set_input(g, "PaRa Trainer.training_dtype", "fp32")
+            api_graph.set_input(g, "PaRa Trainer.gradient_checkpointing", False)
+
+    def base_graph(self, name: str) -> dict:
+        g = api_graph.load(name)
+        api_graph.set_input(g, "Load Checkpoint.ckpt_name", self.ckpt_name)
+        s = self.s
+        g = api_graph.shrink(g, size=s["size"], sample_steps=s["sample_steps"])
+        for node in g.values():
+            keys = {"KSampler": ("cfg", "sampler_name", "scheduler"),
+                    "PaRaTrainer": ("learning_rate", "batch_size")}.get(node["class_type"], ())
+            node["inputs"].update({k: s[k] for k in keys if k in s})
+        return g
+
+    # -- the workflows ----------------------------------------------------------------------
+
+    def train_subject(self, word: str) -> Path:
+        """Workflow 1: train on a folder of captioned images, then generate."""
+        g = self.base_graph("1_train_subject")
+        api_graph.set_input(g, "Training images + captions.folder", f"demo_{word}")
+        api_graph.set_input(g, "PaRa Trainer.steps", self.s["train_steps"])
+        api_graph.set_input(g, "PaRa Trainer.save_every", self.s["train_steps"])
+        api_graph.set_input(g, "PaRa Trainer.filename_prefix", f"demo_{word}")
+        api_graph.set_input(g, "PaRa Trainer.trigger_words", word)
+        self.cpu_training(g)
+        api_graph.set_input(g, "Plot Loss Graph.filename_prefix", f"demo_loss_{word}")
+        api_graph.set_input(g, "Prompt.text", PROMPT_A if word == "sks" else f"a large red {word} on a blue background")
+        api_graph.set_input(g, "Save Image.filename_prefix", f"demo/1_train_{word}")
+        res = self.run(f"1_train_subject ({word})", g, timeout=self.args.timeout)
+        images = self.collect_images(res, g, f"1_train_{word}")
+        para = self.newest(self.server.models_dir / "para", f"demo_{word}_*_step*.safetensors")
+        dest = self.out / "para" / para.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(para, dest)
+        self.summary["workflows"][f"1_train_subject ({word})"] = {"images": images, "para_file": f"para/{para.name}"}
+        return para
+
+    def merge(self, para_a: Path, para_b: Path):
+        """Workflow 3: two subjects merged with PaRa Merge, then generate."""
+        g = self.base_graph("3_merge_two_subjects")
+        api_graph.set_input(g, "Subject A.para_name", para_a.name)
+        api_graph.set_input(g, "Subject B.para_name", para_b.name)
+        api_graph.set_input(g, "Prompt.text", PROMPT_MERGED)
+        api_graph.set_input(g, "Save merged.filename_prefix", "demo_merged")
+        api_graph.set_input(g, "Save Image.filename_prefix", "demo/3_merge")
+        res = self.run("3_merge_two_subjects", g, timeout=600)
+        images = self.collect_images(res, g, "3_merge")
+        merged = self.newest(self.server.models_dir / "para", "demo_merged_*.safetensors")
+        shutil.copy2(merged, self.out / "para" / merged.name)
+        self.summary["workflows"]["3_merge_two_subjects"] = {"images": images, "para_file": f"para/{merged.name}"}
+
+    def edit(self):
+        """Workflow 4: single-image editing (train on one image + caption, generate an edited prompt)."""
+        make_edit_image(self.server.input_dir / "demo_edit.png", self.s["size"])
+        shutil.copy2(self.server.input_dir / "demo_edit.png", self.out / "images" / "4_edit_input.png")
+        g = self.base_graph("4_single_image_edit")
+        api_graph.set_input(g, "Load Image (the image to edit).image", "demo_edit.png")
+        api_graph.set_input(g, "Caption (describes the image).text", EDIT_CAPTION)
+        api_graph.set_input(g, "Edited prompt.text", EDIT_PROMPT)
+        api_graph.set_input(g, "PaRa Trainer.steps", self.s["edit_steps"])
+        api_graph.set_input(g, "PaRa Trainer.filename_prefix", "demo_edit")
+        self.cpu_training(g)
+        api_graph.set_input(g, "Save Image (edit).filename_prefix", "demo/4_edit")
+        api_graph.set_input(g, "Save Image (caption).filename_prefix", "demo/4_edit_caption")
+        res = self.run("4_single_image_edit", g, timeout=self.args.timeout)
+        images = self.collect_images(res, g, "4_edit")
+        self.summary["workflows"]["4_single_image_edit"] = {
+            "images": ["images/4_edit_input.png"] + images, "caption": EDIT_CAPTION, "edited_prompt": EDIT_PROMPT}
+
+    def export(self, para_a: Path):
+        """Workflow 5: export as a standard LoRA, then generate with the stock Load LoRA node:
+        queue once (exports; the LoRA branch waits), pick the file, queue again."""
+        g = self.base_graph("5_export_as_lora")
+        api_graph.set_input(g, "PaRa Load.para_name", para_a.name)
+        api_graph.set_input(g, "PaRa Export LoRA.filename_prefix", "demo_lora")
+        api_graph.set_input(g, "Prompt.text", PROMPT_A)
+        api_graph.set_input(g, "Save Image.filename_prefix", "demo/5_lora")
+        first = self.run("5_export_as_lora (export)", g, timeout=600)
+        lora = self.newest(self.server.models_dir / "loras", "demo_lora_*.safetensors")
+        api_graph.set_input(g, "Load LoRA (exported file).lora_name", lora.name)
+        res = self.run("5_export_as_lora (generate)", g, timeout=600)
+        images = self.collect_images(res, g, "5_lora")
+        dest = self.out / "lora" / lora.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lora, dest)
+        self.summary["workflows"]["5_export_as_lora"] = {"images": images, "lora_file": f"lora/{lora.name}",
+                                                        "first_queue_outputs": sorted(first.outputs)}
+        return dest
+
+    # -- main --------------------------------------------------------------------------------
+
+    def main(self) -> int:
+        args = self.args
+        comfy_root = comfy_env.find_comfyui()
+        if comfy_root is None:
+            print(GET_COMFYUI, file=sys.stderr)
+            return 2
+        t_start = time.monotonic()
+        if args.checkpoint:
+            ckpt = user_checkpoint(args.checkpoint, comfy_root)
+            what = f"your checkpoint {ckpt.name}, at the paper's settings"
+        else:
+            print("preparing the demo model (built once, then cached) ...", flush=True)
+            ckpt, what = demo_checkpoint()
+        self.ckpt_name = ckpt.name
+        self.gpu = self._use_gpu()
+        self.out.mkdir(parents=True, exist_ok=True)
+        for sub in ("images", "para", "lora"):
+            shutil.rmtree(self.out / sub, ignore_errors=True)
+        (self.out / "images").mkdir()
+
+        threads = self.args.threads
+        if threads is None and not self.gpu and not args.checkpoint:
+            # The small model's work (8x8 latents) is too fine-grained for several threads: on a
+            # busy 2-core machine one thread ran the trainer 2-30x faster than two.
+            threads = 1
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # for the server only
+        device = "GPU" if self.gpu else "CPU" + (f" ({threads} thread{'s' if threads > 1 else ''})" if threads else "")
+        self.summary["device"] = device
+        print(f"ComfyUI:    {comfy_root}\ncheckpoint: {ckpt} ({what})\ndevice:     {device}\n"
+              f"settings:   {json.dumps(self.s)}\noutput:     {self.out}", flush=True)
+        base = Path(tempfile.mkdtemp(prefix="para-demo-"))
+        self.server = comfy_env.ComfyServer(comfy_root, base_dir=base, checkpoints=[ckpt],
+                                            device="cuda" if self.gpu else "cpu")
+        try:
+            for word in SUBJECTS:
+                make_subject_images(self.server.input_dir / f"demo_{word}", word, self.s["images"], self.s["size"])
+            shutil.copytree(self.server.input_dir, self.out / "training_images", dirs_exist_ok=True)
+            print(f"starting ComfyUI on {self.server.url} ...", flush=True)
+            t0 = time.monotonic()
+            self.server.start(timeout=180)
+            self.timings["server start"] = time.monotonic() - t0
+            if self.server.import_failures():
+                raise SystemExit(f"this pack failed to import in ComfyUI: {self.server.import_failures()}\n"
+                                 f"{self.server.log_tail()}")
+            self.client = comfy_client.Client(self.server.url)
+            print("workflow 1: train a subject from captioned images, then generate (two subjects)", flush=True)
+            para_a = self.train_subject("sks")
+            para_b = self.train_subject("zwx")
+            print("workflow 3: merge the two subjects with PaRa Merge, then generate", flush=True)
+            self.merge(para_a, para_b)
+            print("workflow 4: single-image editing", flush=True)
+            self.edit()
+            print("workflow 5: export as a standard LoRA, use it with Load LoRA", flush=True)
+            lora = self.export(para_a)
+            self.client.close()
+        finally:
+            self.server.stop()
+            log = self.server.log_path
+            if log.exists():
+                shutil.copy2(log, self.out / "comfyui.log")
+            shutil.rmtree(base, ignore_errors=True)
+        self.timings["total"] = time.monotonic() - t_start
+        self.write_summary(ckpt, what, para_a, lora)
+        print(f"\nall done in {self.timings['total']:.0f} s; see {self.out / 'summary.md'}")
+        return 0
+
+    def _use_gpu(self) -> bool:
+        if self.args.cpu:
+            return False
+        try:
+            import torch
+            return bool(torch.cuda.is_available())
+        except Exception:
+            return False
+
+    # -- summary -----------------------------------------------------------------------------
+
+    def write_summary(self, ckpt: Path, what: str, para_a: Path, lora: Path):
+        files = []
+        shapes = checkpoint_shapes(ckpt)
+        for f in sorted((self.out / "para").glob("*.safetensors")):
+            files.append(describe_para_file(f, shapes))
+        lora_info = {"file": f"lora/{lora.name}", "bytes": lora.stat().st_size, "params": count_params(lora),
+                     "max_pixel_difference_to_para_image": image_difference(
+                         self.out / "images" / "1_train_sks_save_image.png", self.out / "images" / "5_lora_save_image.png")}
+        self.summary.update(checkpoint=str(ckpt), checkpoint_is=what,
+                            timings_s={k: round(v, 1) for k, v in self.timings.items()}, para_files=files,
+                            exported_lora=lora_info)
+        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        (self.out / "summary.md").write_text(summary_markdown(self.summary))
+        print("\n" + summary_markdown(self.summary))
+
+
+# ------------------------------------------------------------------------------------------
+# File facts for the summary (safetensors headers only: no torch needed)
+# ------------------------------------------------------------------------------------------
+
+def _header(path: Path) -> tuple[dict, dict]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    return header, meta
+
+
+def count_params(path: Path) -> int:
+    header, _ = _header(path)
+    return sum(math.prod(v["shape"]) for v in header.values())
+
+
+def checkpoint_shapes(ckpt: Path) -> dict[str, list[int]]:
+    """{diffusion_model.<layer>: weight shape} of an SD-style checkpoint."""
+    header, _ = _header(ckpt)
+    out = {}
+    for k, v in header.items():
+        if k.endswith(".weight") and "diffusion_model." in k:
+            out[k[k.index("diffusion_model."):-len(".weight")]] = v["shape"]
+    return out
+
+
+def describe_para_file(path: Path, shapes: dict) -> dict:
+    """Rank, layers, parameters and size of a PaRa file, and the same for an equivalent LoRA
+    (same layers and ranks: r * (out + in) parameters per layer, vs r * out for PaRa)."""
+    header, meta = _header(path)
+    params = sum(math.prod(v["shape"]) for v in header.values())
+    kind = meta.get("para.kind", "?")
+    ranks: dict[str, int] = {}
+    for k, v in header.items():
+        for suffix in (".para_B", ".para_U"):
+            if k.endswith(suffix):
+                ranks[k[:-len(suffix)]] = v["shape"][1]
+    lora_params = 0
+    for layer, r in ranks.items():
+        shape = shapes.get(layer)
+        if shape:
+            lora_params += r * (shape[0] + math.prod(shape[1:]))
+    bytes_per = (path.stat().st_size / params) if params else 4
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    train = json.loads(meta.get("para.train", "{}") or "{}")
+    return {
+        "file": f"para/{path.name}", "kind": kind, "merge_mode": meta.get("para.merge_mode"),
+        "rank": meta.get("para.rank"), "layers": len(ranks), "preset": meta.get("para.layers"),
+        "effective_ranks": {f"r{r}": n for r, n in sorted(counts.items())},
+        "params": params, "bytes": path.stat().st_size,
+        "equivalent_lora_params": lora_params, "equivalent_lora_bytes_estimate": int(lora_params * bytes_per),
+        "steps": train.get("steps"), "final_loss": train.get("final_loss"), "trigger_words": train.get("trigger_words"),
+    }
+
+
+def image_difference(a: Path, b: Path) -> int | None:
+    """Largest per-pixel difference (0-255) of two images of the same size (None if unavailable)."""
+    try:
+        import numpy as np
+        from PIL import Image
+        x = np.asarray(Image.open(a).convert("RGB"), dtype=np.int16)
+        y = np.asarray(Image.open(b).convert("RGB"), dtype=np.int16)
+        return int(np.abs(x - y).max()) if x.shape == y.shape else None
+    except (OSError, ImportError):
+        return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def summary_markdown(s: dict) -> str:
+    lines = ["# PaRa demo summary", "",
+             f"- checkpoint: `{Path(s['checkpoint']).name}` ({s['checkpoint_is']})",
+             f"- device: {s['device']}; settings: " + ", ".join(f"{k} {v}" for k, v in s["settings"].items()), "",
+             "## Times", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in s["timings_s"].items()]
+    lines += ["", "## PaRa files vs an equivalent LoRA (same layers, same ranks)", "",
+              "| file | kind | layers | ranks | parameters | size | LoRA parameters | LoRA size (est.) | final loss |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for f in s["para_files"]:
+        kind = f["kind"] + (f" ({f['merge_mode']})" if f.get("merge_mode") else "")
+        ranks = ", ".join(f"{n} x {r}" for r, n in f["effective_ranks"].items())
+        loss = f"{f['final_loss']:.4f}" if isinstance(f.get("final_loss"), (int, float)) else ""
+        lines.append(f"| `{f['file']}` | {kind} | {f['layers']} | {ranks} | {f['params']:,} | {_mb(f['bytes'])} | "
+                     f"{f['equivalent_lora_params']:,} | {_mb(f['equivalent_lora_bytes_estimate'])} | {loss} |")
+    lo = s["exported_lora"]
+    lines += ["", f"Exported LoRA (workflow 5, exact; rank = the PaRa rank): `{lo['file']}`, "
+              f"{lo['params']:,} parameters, {_mb(lo['bytes'])}."]
+    if lo.get("max_pixel_difference_to_para_image") is not None:
+        lines.append(f"Its image (stock Load LoRA) differs from the PaRa image of workflow 1 (same prompt and seed) by "
+                     f"at most {lo['max_pixel_difference_to_para_image']}/255 per pixel.")
+    lines += ["", "## Images", ""]
+    for name, w in s["workflows"].items():
+        lines.append(f"- {name}: " + ", ".join(f"`{i}`" for i in w.get("images", [])))
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", default="demo_output", help="output folder (default: ./demo_output)")
+    p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test in under a minute")
+    p.add_argument("--checkpoint", metavar="NAME",
+                   help="a checkpoint in ComfyUI/models/checkpoints (or a path); runs at the paper's settings")
+    p.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is there")
+    p.add_argument("--threads", type=int, help="CPU threads for ComfyUI (default: 1 for the built-in small model "
+                                                "on a CPU, else PyTorch's choice)")
+    p.add_argument("--size", type=int, help="image size in pixels (overrides the preset)")
+    p.add_argument("--train-steps", type=int, help="training steps per subject (overrides the preset)")
+    p.add_argument("--edit-steps", type=int, help="training steps of the single-image edit (overrides the preset)")
+    p.add_argument("--sample-steps", type=int, help="KSampler steps (overrides the preset)")
+    p.add_argument("--images", type=int, help="training images per subject (overrides the preset)")
+    p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds one training workflow may take")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    return Demo(parse_args(argv)).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
