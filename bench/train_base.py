@@ -1,0 +1,374 @@
+"""Build the quality benchmark's base model: a small text-to-image model trained here from
+scratch on the synthetic world (bench/world.py), saved as an SD1.5-format checkpoint that
+ComfyUI's CheckpointLoaderSimple loads and KSampler samples like any SD-style model.
+
+    python bench/train_base.py            # builds (or reuses) the cached checkpoint, seeded
+    python bench/train_base.py --force    # rebuild
+
+What the checkpoint holds (keys as in build_sd15_checkpoint of tests/comfy_env.py):
+- VAE: TAESD-shaped. The encoder is set by hand to compute world.encode (8x8 colour means,
+  scaled), so it needs no training; the decoder is trained here on images of every shape of the
+  world (including the novel ones: the autoencoder is the model's "eyes", the diffusion model
+  its knowledge).
+- Text encoder: SD1 CLIP-L at its deterministic random init (frozen; different captions still
+  give different embeddings).
+- UNet: ComfyUI's SD1.5 UNet in the smallest shape ComfyUI still detects as SD1.5
+  (model_channels 320, one level; tests/comfy_env.SD15_SMALL_UNET_CONFIG), eps-prediction with
+  ComfyUI's own SD1.5 noise schedule. To train within minutes on 2 CPU cores, only part of it
+  is live (LIVE_MODULES); the other blocks are set to exact identities (their output
+  projection is zero, so a ResBlock returns its skip path and a transformer its input) and are
+  skipped while training. ComfyUI still computes them at sampling time, to the same result.
+
+Cache: $PARA_QUALITY_CACHE or ~/.cache/comfyui-para/quality (never in git).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(HERE))
+
+import world  # noqa: E402
+
+BUILDER_VERSION = "1"
+CHECKPOINT_NAME = "para_quality_base.safetensors"
+
+# Identity blocks: zeroed output projection, skipped in training (see module docstring).
+DEAD_RESBLOCKS = ["input_blocks.1.0", "middle_block.0", "output_blocks.0.0", "output_blocks.1.0"]
+DEAD_TRANSFORMERS = ["middle_block.1", "output_blocks.0.1", "output_blocks.1.1"]
+# Feed-forwards of the live transformer are dead too (cost, and no preset adapts them).
+DEAD_FF = ["input_blocks.1.1.transformer_blocks.0.ff"]
+# The live layers that PaRa's noxattn preset adapts: the benchmark's "same layers" for PaRa and
+# LoRA (custom patterns, since LoRA on a zeroed weight could revive a dead block and PaRa can't).
+LIVE_LAYER_PATTERNS = ("input_blocks.1.1.transformer_blocks.0.attn1.*,"
+                       "middle_block.2.in_layers.2,middle_block.2.out_layers.3,middle_block.2.emb_layers.1,"
+                       "output_blocks.*.0.skip_connection")
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("PARA_QUALITY_CACHE")
+    return Path(d).expanduser() if d else Path.home() / ".cache" / "comfyui-para" / "quality"
+
+
+def checkpoint_path() -> Path:
+    return cache_dir() / CHECKPOINT_NAME
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Autoencoder
+# --------------------------------------------------------------------------------------------
+
+def analytic_encoder_(enc):
+    """Set a TAESD encoder to world.encode: copy RGB, 2x2-average at each stride-2 conv (three
+    times: 8x8 means), then the affine map to the 4 latent channels. Every Block is made
+    ReLU(x) = x (x >= 0 here) by zeroing its convs."""
+    import torch
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.zero_()
+        enc[0].weight[[0, 1, 2], [0, 1, 2], 1, 1] = 1.0
+        for i in (2, 6, 10):
+            for c in range(64):
+                enc[i].weight[c, c, 1:, 1:] = 0.25
+        g = world.LATENT_GAIN
+        last = enc[14]
+        for c in range(3):
+            last.weight[c, c, 1, 1] = g
+            last.weight[3, c, 1, 1] = g * world.LUMA[c]
+        last.bias.fill_(-0.5 * g)
+    return enc
+
+
+DEAD_DECODER_BLOCKS = (13, 14, 15, 18)  # the 32x32 and 64x64 Blocks: ReLU(x) once zeroed
+
+
+def train_decoder(dec, steps: int, batch: int, seed: int, lr: float = 2e-3):
+    import torch
+    from comfy_env import init_weights_
+    init_weights_(dec, seed)
+    with torch.no_grad():
+        for i in DEAD_DECODER_BLOCKS:
+            for p in dec[i].parameters():
+                p.zero_()
+    fast = torch.nn.Sequential(*[torch.nn.ReLU() if i in DEAD_DECODER_BLOCKS else m for i, m in enumerate(dec)])
+    params = [p for i, m in enumerate(dec) if i not in DEAD_DECODER_BLOCKS for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    t0 = time.time()
+    for step in range(steps):
+        imgs = np.stack([world.render(world.random_scene(rng)) for _ in range(batch)])
+        z = torch.from_numpy(world.encode(imgs))
+        target = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
+        out = fast(z)
+        loss = torch.nn.functional.mse_loss(out, target) + 0.5 * (out - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    return dec
+
+
+# --------------------------------------------------------------------------------------------
+# UNet
+# --------------------------------------------------------------------------------------------
+
+def _get(root, path):
+    m = root
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def _set(root, path, new):
+    parent, _, last = path.rpartition(".")
+    p = _get(root, parent) if parent else root
+    if last.isdigit():
+        p[int(last)] = new
+    else:
+        setattr(p, last, new)
+
+
+def kill_blocks_(unet):
+    """Zero the output projections of the dead blocks (exact identities in ComfyUI's forward)."""
+    import torch
+    with torch.no_grad():
+        for path in DEAD_RESBLOCKS:
+            o = _get(unet, path).out_layers[3]
+            o.weight.zero_(); o.bias.zero_()
+        for path in DEAD_TRANSFORMERS:
+            o = _get(unet, path).proj_out
+            o.weight.zero_(); o.bias.zero_()
+        for path in DEAD_FF:
+            o = _get(unet, path).net[2]
+            o.weight.zero_(); o.bias.zero_()
+        # zero-init the live output projections too (standard for SD UNets: start as identity)
+        for path in ("input_blocks.1.1.proj_out", "middle_block.2.out_layers.3", "out.2"):
+            o = _get(unet, path)
+            o.weight.zero_(); o.bias.zero_()
+    return unet
+
+
+class _ZeroOut(__import__("torch").nn.Module):
+    def forward(self, x, *a, **k):
+        return x.new_zeros(())
+
+
+class FastGraph:
+    """Swap the dead blocks for cheap equivalents while training; restore() puts them back."""
+
+    def __init__(self, unet):
+        import torch
+        self.unet, self.saved = unet, {}
+        for path in DEAD_RESBLOCKS:
+            rb = _get(unet, path)
+            self.saved[path] = rb
+            skip = rb.skip_connection
+            _set(unet, path, skip if isinstance(skip, torch.nn.Conv2d) else torch.nn.Identity())
+        for path in DEAD_TRANSFORMERS:
+            self.saved[path] = _get(unet, path)
+            _set(unet, path, torch.nn.Identity())
+        for path in DEAD_FF:
+            self.saved[path] = _get(unet, path)
+            _set(unet, path, _ZeroOut())
+
+    def restore(self):
+        for path, m in self.saved.items():
+            _set(self.unet, path, m)
+
+
+def encode_captions(clip, captions):
+    import torch
+    out = {}
+    for c in captions:
+        tokens = clip.tokenize(c)
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        out[c] = cond[0].float().clone()
+    return out
+
+
+def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_every=25):
+    import torch
+    torch.manual_seed(seed)
+    fast = FastGraph(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    # only parameters on the live path get gradients; AdamW ignores the others (grad None)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # EMA per parameter object: the same tensors in the fast and the full graph
+    ema = {p: p.detach().clone() for p in unet.parameters()}
+    empty = emb[""]
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    index = 0
+    losses = []
+    try:
+        for step in range(steps):
+            scenes = [world_.sample(index + i) for i in range(batch)]
+            index += batch
+            x0 = torch.from_numpy(world.encode(np.stack([world.render(s) for s in scenes])))
+            ctx = torch.stack([empty if torch.rand((), generator=gen) < 0.1 else emb[s.caption()] for s in scenes])
+            t = torch.randint(0, 1000, (batch,), generator=gen)
+            sigma = model_sampling.sigmas[t]
+            eps = torch.randn(x0.shape, generator=gen)
+            xt = model_sampling.calculate_input(sigma, x0 + sigma[:, None, None, None] * eps)
+            pred = unet(xt, t.float(), context=ctx)
+            loss = torch.nn.functional.mse_loss(pred, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            d = min(0.995, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for p, e in ema.items():
+                    if p.grad is not None or step == 0:
+                        e.lerp_(p, 1 - d)
+            losses.append(loss.item())
+            if step % log_every == 0 or step == steps - 1:
+                log(f"unet step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f}s)")
+    finally:
+        fast.restore()
+    with torch.no_grad():
+        for p, e in ema.items():
+            p.copy_(e)
+    return losses
+
+
+def build(path: Path, seed: int = 0, decoder_steps: int = 150, decoder_batch: int = 16,
+          unet_steps: int = 1000, unet_batch: int = 16, lr: float = 5e-4, world_limit: int = 0) -> Path:
+    """world_limit > 0 keeps only that many single- and two-object captions (tests: a tiny,
+    fast, meaningless model of the same format)."""
+    import torch
+    import comfy_env
+    comfy_env.setup_comfy()
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.taesd.taesd
+    torch.manual_seed(seed)
+    t_start = time.time()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    # 1. text encoder (random, frozen) and autoencoder
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    comfy_env.init_weights_(clip, seed + 1)
+    tensors = {}
+    for k, v in clip.state_dict().items():
+        if k not in ("logit_scale", "transformer.text_projection.weight"):
+            tensors["cond_stage_model." + k] = v.detach().half().contiguous()
+    del clip
+    ae = comfy.taesd.taesd.TAESD()
+    analytic_encoder_(ae.taesd_encoder)
+    # stages are cached, so that retraining the UNet with other settings reuses them
+    dec_cache = path.with_name(f"stage_decoder_v{BUILDER_VERSION}_s{seed}_{decoder_steps}x{decoder_batch}.pt")
+    if dec_cache.is_file():
+        ae.taesd_decoder.load_state_dict(torch.load(dec_cache, weights_only=True))
+        log(f"decoder from {dec_cache}")
+    else:
+        log("training the decoder")
+        train_decoder(ae.taesd_decoder, decoder_steps, decoder_batch, seed + 2)
+        torch.save(ae.taesd_decoder.state_dict(), dec_cache)
+    with torch.no_grad():
+        ae.vae_scale.fill_(0.18215)  # model-space latent = encoder output (SD15 latent format)
+        ae.vae_shift.fill_(0.0)
+    for k, v in ae.state_dict().items():
+        tensors["first_stage_model." + k] = v.detach().float().contiguous()  # small: keep fp32
+
+    # 2. UNet: ComfyUI's SD15 model (for its noise schedule) with the small config
+    cfg = comfy_env._sd15_config(comfy_env.SD15_SMALL_UNET_CONFIG)
+    base = cfg.get_model({}, device=torch.device("cpu"))
+    unet = kill_blocks_(comfy_env.init_weights_(base.diffusion_model, seed + 3))
+    for k, v in unet.state_dict().items():
+        tensors["model.diffusion_model." + k] = v.detach().half().contiguous()
+
+    # 3. caption embeddings through ComfyUI's own CLIP (the skeleton checkpoint as the loader sees it)
+    w = world.BaseWorld(seed)
+    if world_limit:
+        w.train, w.pairs = w.train[:world_limit], w.pairs[:world_limit]
+    captions = [""] + w.captions()
+    emb_cache = path.with_name(f"stage_captions_v{BUILDER_VERSION}_s{seed}_{len(captions)}.pt")
+    emb = torch.load(emb_cache, weights_only=True) if emb_cache.is_file() else {}
+    if set(emb) != set(captions):
+        skeleton = path.with_name(path.stem + ".skeleton.safetensors")
+        comfy_env._atomic_save(tensors, skeleton, {"modelspec.title": "skeleton"})
+        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(skeleton), output_vae=False, output_clip=True)
+        log(f"encoding {len(captions)} captions")
+        emb = encode_captions(clip, captions)
+        del clip
+        skeleton.unlink()
+        torch.save(emb, emb_cache)
+
+    # 4. train
+    log(f"training the UNet: {unet_steps} steps x {unet_batch}")
+    losses = train_unet(unet, base.model_sampling, w, emb, unet_steps, unet_batch, seed + 4, lr)
+    for k, v in unet.state_dict().items():
+        tensors["model.diffusion_model." + k] = v.detach().half().contiguous()
+    meta = {
+        "modelspec.title": "PaRa quality-benchmark base (synthetic shapes world, trained from scratch)",
+        "para_quality.builder_version": BUILDER_VERSION,
+        "para_quality.seed": str(seed),
+        "para_quality.train": json.dumps(dict(decoder_steps=decoder_steps, decoder_batch=decoder_batch,
+                                              unet_steps=unet_steps, unet_batch=unet_batch, lr=lr,
+                                              final_loss=float(np.mean(losses[-50:])),
+                                              seconds=round(time.time() - t_start))),
+        "para_quality.live_layers": LIVE_LAYER_PATTERNS,
+        "para_quality.world_limit": str(world_limit),
+    }
+    comfy_env._atomic_save(tensors, path, meta)
+    log(f"saved {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.time() - t_start:.0f}s")
+    return path
+
+
+def is_current(path: Path, seed: int = 0) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("para_quality.builder_version") == BUILDER_VERSION and meta.get("para_quality.seed") == str(seed)
+
+
+def ensure_base(seed: int = 0, **kw) -> Path:
+    path = checkpoint_path() if seed == 0 else cache_dir() / f"para_quality_base_s{seed}.safetensors"
+    if not is_current(path, seed):
+        build(path, seed, **kw)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--decoder-steps", type=int, default=150)
+    ap.add_argument("--unet-steps", type=int, default=1000)
+    ap.add_argument("--unet-batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    path = args.out or (checkpoint_path() if args.seed == 0 else cache_dir() / f"para_quality_base_s{args.seed}.safetensors")
+    if args.force or not is_current(path, args.seed):
+        build(path, args.seed, decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
+              unet_batch=args.unet_batch, lr=args.lr)
+    else:
+        log(f"up to date: {path}")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

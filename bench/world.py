@@ -1,0 +1,245 @@
+"""A synthetic captioned image world for the quality benchmark.
+
+64x64 RGB images of one or two flat shapes (colour, size, position) on a plain background,
+with captions such as "a large red circle on a blue background". Everything is deterministic
+from a seed. The base model learns BASE_SHAPES only; NOVEL_SHAPES (a star, a ring) never appear
+in its training captions and serve as the new concepts to personalize with a trigger word.
+
+The latent space is fixed by hand, not learned (see `encode`): the 8x8 latent of a 64x64
+image is the 8x8 average of its colours, affinely scaled. It is exactly what the TAESD-shaped
+encoder saved in the checkpoint computes (train_base.analytic_encoder), so VAEEncode in ComfyUI
+and `encode` here agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+LATENT = SIZE // 8
+
+BASE_SHAPES = ("circle", "square", "triangle")
+NOVEL_SHAPES = ("star", "ring")
+ALL_SHAPES = BASE_SHAPES + NOVEL_SHAPES
+
+OBJECT_COLOURS = {
+    "red": (220, 35, 35),
+    "green": (35, 170, 50),
+    "blue": (35, 70, 225),
+    "yellow": (240, 210, 30),
+}
+BACKGROUNDS = {
+    "white": (240, 240, 240),
+    "gray": (125, 125, 125),
+    "red": (220, 35, 35),
+    "blue": (35, 70, 225),
+}
+SIZES = {"small": 20, "large": 36}  # bounding-box side in pixels (jittered by +-2)
+
+# Latent scaling: latent = LATENT_GAIN * (mean colour in [0, 1] - 0.5); the 4th channel is the
+# luminance (redundant, but keeps every channel informative for the diffusion model).
+LATENT_GAIN = 3.0
+LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    cx: float = 0.5   # centre, as a fraction of the image side
+    cy: float = 0.5
+
+    def words(self, names: Optional[dict] = None) -> str:
+        name = (names or {}).get(self.shape, self.shape)
+        return f"{self.size} {self.colour} {name}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: Tuple[Obj, ...]
+    background: str
+
+    def caption(self, names: Optional[dict] = None) -> str:
+        """names maps a shape to the word used for it (e.g. {"star": "sks"} for a concept)."""
+        objs = " and ".join("a " + o.words(names) for o in self.objects)
+        return f"{objs} on a {self.background} background"
+
+
+def _rng(*key) -> random.Random:
+    h = hashlib.sha256(repr(key).encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "little"))
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> List[Tuple[float, float]]:
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a) + 0.08 * r))
+        return pts
+    raise ValueError(shape)
+
+
+def render(scene: Scene, size: int = SIZE, supersample: int = 4) -> np.ndarray:
+    """uint8 array (size, size, 3). Shapes are drawn at `supersample` x and box-filtered."""
+    S = size * supersample
+    img = Image.new("RGB", (S, S), BACKGROUNDS[scene.background])
+    d = ImageDraw.Draw(img)
+    for o in scene.objects:
+        side = _jittered_side(o)
+        r = side / 2 * supersample
+        cx, cy = o.cx * S, o.cy * S
+        col = OBJECT_COLOURS[o.colour]
+        if o.shape == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+        elif o.shape == "ring":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+            ri = r * 0.5
+            d.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=BACKGROUNDS[scene.background])
+        else:
+            d.polygon(_polygon(o.shape, cx, cy, r), fill=col)
+    img = img.resize((size, size), Image.BOX)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _jittered_side(o: Obj) -> float:
+    # deterministic per object: jitter from the position
+    j = (hash_unit(o.shape, o.cx, o.cy) - 0.5) * 4
+    return SIZES[o.size] + j
+
+
+def hash_unit(*key) -> float:
+    return _rng(*key).random()
+
+
+def mask(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """Boolean (size, size): pixels covered by any object (ground truth for the judges)."""
+    img = render(scene, size)
+    bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+    return np.abs(img.astype(np.float32) - bg).sum(-1) > 60
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling scenes
+# --------------------------------------------------------------------------------------------
+
+def place(rng: random.Random, size: str, taken: Sequence[Tuple[float, float, float]] = ()) -> Tuple[float, float]:
+    """A centre (fractions) that keeps the object inside the image and off the others."""
+    half = (SIZES[size] / 2 + 3) / SIZE
+    for _ in range(200):
+        cx, cy = rng.uniform(half, 1 - half), rng.uniform(half, 1 - half)
+        if all(math.hypot(cx - x, cy - y) > half + h + 0.02 for x, y, h in taken):
+            return cx, cy
+    return cx, cy
+
+
+def single_combos(shapes: Sequence[str] = BASE_SHAPES) -> List[Tuple[str, str, str, str]]:
+    """All (shape, colour, size, background) with the object colour differing from the background."""
+    return [(s, c, z, b) for s in shapes for c in OBJECT_COLOURS for z in SIZES for b in BACKGROUNDS if c != b]
+
+
+def caption_split(seed: int = 0, held_out: int = 12):
+    """(train, held_out) single-object combos; every attribute value stays in the train split."""
+    combos = single_combos()
+    rng = _rng("split", seed)
+    for _ in range(1000):
+        test = rng.sample(combos, held_out)
+        train = [c for c in combos if c not in test]
+        if all({c[i] for c in train} == {c[i] for c in combos} for i in range(4)):
+            return train, test
+    raise RuntimeError("no split keeps every attribute in training")
+
+
+def scene_from_combo(combo, rng: random.Random) -> Scene:
+    shape, colour, size, bg = combo
+    cx, cy = place(rng, size)
+    return Scene((Obj(shape, colour, size, cx, cy),), bg)
+
+
+def two_object_combos(seed: int = 0, n: int = 150, shapes: Sequence[str] = BASE_SHAPES):
+    """n fixed two-object caption combos (both small, different shape or colour)."""
+    rng = _rng("pairs", seed)
+    out = set()
+    while len(out) < n:
+        bg = rng.choice(list(BACKGROUNDS))
+        cols = [c for c in OBJECT_COLOURS if c != bg]
+        a = (rng.choice(shapes), rng.choice(cols))
+        b = (rng.choice(shapes), rng.choice(cols))
+        if a != b:
+            out.add((a, b, bg))
+    return sorted(out)
+
+
+def scene_from_pair(pair, rng: random.Random) -> Scene:
+    (s1, c1), (s2, c2), bg = pair
+    p1 = place(rng, "small")
+    h = (SIZES["small"] / 2 + 3) / SIZE
+    p2 = place(rng, "small", [(p1[0], p1[1], h)])
+    return Scene((Obj(s1, c1, "small", *p1), Obj(s2, c2, "small", *p2)), bg)
+
+
+class BaseWorld:
+    """The base model's training distribution: single objects from the train split (75%) and
+    fixed two-object captions (25%), random positions."""
+
+    def __init__(self, seed: int = 0, pair_fraction: float = 0.25):
+        self.train, self.held_out = caption_split(seed)
+        self.pairs = two_object_combos(seed)
+        self.pair_fraction = pair_fraction
+        self.seed = seed
+
+    def captions(self) -> List[str]:
+        rng = random.Random(0)
+        caps = [scene_from_combo(c, rng).caption() for c in self.train]
+        caps += [scene_from_pair(p, rng).caption() for p in self.pairs]
+        return caps
+
+    def sample(self, index: int) -> Scene:
+        rng = _rng("scene", self.seed, index)
+        if rng.random() < self.pair_fraction:
+            return scene_from_pair(rng.choice(self.pairs), rng)
+        return scene_from_combo(rng.choice(self.train), rng)
+
+
+def random_scene(rng: random.Random, shapes: Sequence[str] = ALL_SHAPES, two: float = 0.2) -> Scene:
+    """Any scene of the world (all shapes, the autoencoder's and the judges' training data)."""
+    bg = rng.choice(list(BACKGROUNDS))
+    cols = [c for c in OBJECT_COLOURS if c != bg]
+    if rng.random() < two:
+        p1 = place(rng, "small")
+        h = (SIZES["small"] / 2 + 3) / SIZE
+        p2 = place(rng, "small", [(p1[0], p1[1], h)])
+        return Scene((Obj(rng.choice(shapes), rng.choice(cols), "small", *p1),
+                      Obj(rng.choice(shapes), rng.choice(cols), "small", *p2)), bg)
+    size = rng.choice(list(SIZES))
+    return Scene((Obj(rng.choice(shapes), rng.choice(cols), size, *place(rng, size)),), bg)
+
+
+# --------------------------------------------------------------------------------------------
+# The fixed latent space
+# --------------------------------------------------------------------------------------------
+
+def encode(images: np.ndarray) -> np.ndarray:
+    """(N, 64, 64, 3) uint8 -> (N, 4, 8, 8) float32 latents (model space of an SD15 checkpoint)."""
+    x = images.astype(np.float32) / 255.0
+    n = x.shape[0]
+    m = x.reshape(n, LATENT, 8, LATENT, 8, 3).mean(axis=(2, 4))  # (N, 8, 8, 3)
+    luma = (m * np.array(LUMA, dtype=np.float32)).sum(-1, keepdims=True)
+    z = LATENT_GAIN * (np.concatenate([m, luma], -1) - 0.5)
+    return z.transpose(0, 3, 1, 2).copy()
