@@ -29,6 +29,7 @@ __all__ = [
     "load_para",
     "save_para",
     "atomic_save_safetensors",
+    "atomic_write",
     "fingerprint",
     "build_metadata",
     "check_fits",
@@ -118,15 +119,16 @@ class ParaState:
 
 # ---------------------------------------------------------------- writing
 
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> str:
+    """Call ``write(tmp)`` on a temporary file in the same folder, then rename it to ``path``:
+    a crash or an error never leaves a half-written file (the old one, if any, stays)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -134,6 +136,13 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, meta
         except OSError:
             pass
         raise
+    return path
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """safetensors save_file through atomic_write."""
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(data, tmp, metadata=dict(metadata or {})), ".safetensors")
 
 
 def build_metadata(

@@ -12,12 +12,11 @@ exactly (same optimizer moments, same per-step randomness, since that is derived
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict
 
 import torch
 
-from .fileformat import ParaError
+from .fileformat import ParaError, atomic_write
 
 __all__ = ["TRAINER_STATE_VERSION", "trainer_state_path", "save_trainer_state", "load_trainer_state"]
 
@@ -33,21 +32,7 @@ def trainer_state_path(para_path: str) -> str:
 
 def save_trainer_state(state: Dict[str, Any], path: str) -> str:
     """torch.save to a temporary file in the same folder, then rename (never half-written)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=folder)
-    os.close(fd)
-    try:
-        torch.save(dict(state, version=TRAINER_STATE_VERSION), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(dict(state, version=TRAINER_STATE_VERSION), tmp), SUFFIX)
 
 
 def load_trainer_state(path: str) -> Dict[str, Any]:
