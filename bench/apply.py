@@ -11,8 +11,8 @@ RESULT apply_time_ratio=<PaRa/LoRA> peak_mem_ratio=<PaRa/LoRA> file_size_ratio=<
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
-import os
 import statistics
 import sys
 import tempfile
@@ -36,8 +36,22 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-class Peak:
-    """Peak memory of a block: CUDA allocator high-water mark, or sampled RSS on the CPU."""
+def release_memory(device):
+    """Give freed memory back (CPU: glibc keeps freed arenas; CUDA: the caching allocator) so one
+    method's peak does not carry over into the next one's measurement."""
+    import torch
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+class PeakMemory:
+    """Absolute peak of the process during a block, in MiB, and the level at its start."""
 
     def __init__(self, device):
         self.device = device
@@ -45,34 +59,32 @@ class Peak:
     def __enter__(self):
         import threading
         import torch
-        gc.collect()
+        release_memory(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated() / 2**20
         else:
-            self.start = rss_mb()
-            self.peak = self.start
-            self._stop = False
+            self.start = self.peak = rss_mb()
+            self._stop = threading.Event()
 
             def watch():
-                while not self._stop:
+                while not self._stop.is_set():
                     self.peak = max(self.peak, rss_mb())
                     time.sleep(0.002)
-            self._t = threading.Thread(target=watch, daemon=True)
-            self._t.start()
+            self._thread = threading.Thread(target=watch, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         import torch
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.mb = torch.cuda.max_memory_allocated() / 2**20 - self.start
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
         else:
-            self._stop = True
-            self._t.join()
+            self._stop.set()
+            self._thread.join()
             self.peak = max(self.peak, rss_mb())
-            self.mb = self.peak - self.start
 
 
 def main(argv=None):
@@ -140,7 +152,7 @@ def main(argv=None):
         return comfy.sd.load_lora_for_models(mp, None, para_sd, 1.0, 0)[0]
 
     def measure_once(make):
-        with torch.no_grad(), Peak(device) as pk:
+        with torch.no_grad(), PeakMemory(device) as pk:
             t = time.perf_counter()
             m = make()
             mm.load_models_gpu([m], force_full_load=True)
@@ -151,7 +163,7 @@ def main(argv=None):
         mm.unload_all_models()
         del m
         gc.collect()
-        return elapsed, pk.mb
+        return elapsed, pk.peak - pk.start
 
     paths = (("PaRa (PaRa Loader)", via_para_nodes), ("LoRA (stock Load LoRA, exported file)", via_stock_lora),
              ("PaRa file via stock Load LoRA", via_stock_loader_para_file))

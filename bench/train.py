@@ -18,8 +18,6 @@ sampled RSS on the CPU, the CUDA allocator's high-water mark on a GPU.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import statistics
 import sys
 import tempfile
@@ -30,58 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from apply import SD15_UNET, rss_mb  # noqa: E402  (the same model shape as the apply benchmark)
-
-
-def release_memory(device):
-    """Give freed memory back (CPU: glibc keeps freed arenas; CUDA: the caching allocator) so one
-    method's peak does not carry over into the next one's measurement."""
-    import torch
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-
-
-class PeakMemory:
-    """Absolute peak of the process during a block, in MiB, and the level at its start."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        import threading
-        import torch
-        release_memory(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated() / 2**20
-        else:
-            self.start = self.peak = rss_mb()
-            self._stop = threading.Event()
-
-            def watch():
-                while not self._stop.is_set():
-                    self.peak = max(self.peak, rss_mb())
-                    time.sleep(0.002)
-            self._thread = threading.Thread(target=watch, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_mb())
+from apply import SD15_UNET, PeakMemory, release_memory  # noqa: E402  (shared with the apply benchmark)
 
 
 class LoraWrappers:
