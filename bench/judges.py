@@ -22,10 +22,10 @@ import scipy.ndimage as ndi
 import world
 
 MIN_AREA = 25
-SIZE_SPLIT = 28
+SIZE_SPLIT = 33
 MASK_THRESHOLD = 110  # sum of |RGB - background| per pixel
 CROP = 16
-JUDGE_VERSION = "2"
+JUDGE_VERSION = "3"
 
 _BG_NAMES = list(world.BACKGROUNDS)
 _BG = np.array([world.BACKGROUNDS[k] for k in _BG_NAMES], dtype=np.float32)
@@ -53,7 +53,7 @@ def background(img: np.ndarray) -> str:
 
 
 def object_masks(img: np.ndarray, bg_name: Optional[str] = None) -> List[np.ndarray]:
-    """Masks of the objects, largest first (holes filled: a ring's mask is its disc)."""
+    """Masks of the objects, largest first (holes filled)."""
     bg = np.array(world.BACKGROUNDS[bg_name or background(img)], dtype=np.float32)
     fg = np.abs(img.astype(np.float32) - bg).sum(-1) > MASK_THRESHOLD
     lab, n = ndi.label(fg)

@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -94,19 +93,20 @@ class Settings:
 
 # The subjects: novel shapes of the world, named by a trigger word.
 SUBJECTS = {
-    "star": {"trigger": "sks", "train": [("yellow", "large", "blue"), ("red", "large", "white"),
-                                          ("green", "small", "gray"), ("yellow", "small", "red")]},
-    "ring": {"trigger": "zwx", "train": [("blue", "large", "white"), ("green", "large", "red"),
-                                          ("red", "small", "gray"), ("blue", "small", "white")]},
+    "bar": {"trigger": "sks", "train": [("yellow", "large", "blue"), ("red", "large", "white"),
+                                         ("green", "small", "gray"), ("yellow", "small", "red")]},
+    "column": {"trigger": "zwx", "train": [("blue", "large", "white"), ("green", "large", "red"),
+                                            ("red", "small", "gray"), ("blue", "small", "white")]},
 }
+A, B = "bar", "column"  # the two subjects (novel shapes of the world)
 # Prompts that recontextualize a subject: colours/backgrounds not in its training combos.
 SUBJECT_PROMPTS = {
-    "star": [("blue", "large", "white"), ("red", "large", "gray"), ("green", "large", "blue"), ("yellow", "large", "gray")],
-    "ring": [("yellow", "large", "gray"), ("red", "large", "blue"), ("green", "large", "white"), ("blue", "large", "red")],
+    "bar": [("blue", "large", "white"), ("red", "large", "gray"), ("green", "large", "blue"), ("yellow", "large", "gray")],
+    "column": [("yellow", "large", "gray"), ("red", "large", "blue"), ("green", "large", "white"), ("blue", "large", "red")],
 }
 DRIFT_PROMPTS = ["a large red circle on a white background", "a large green square on a blue background",
                  "a large yellow triangle on a gray background"]
-MULTI_PROMPTS = [(("yellow", "star"), ("blue", "ring"), "white"), (("red", "star"), ("green", "ring"), "gray")]
+MULTI_PROMPTS = [(("yellow", "bar"), ("blue", "column"), "white"), (("red", "bar"), ("green", "column"), "gray")]
 EDIT_SOURCE = world.Scene((world.Obj("triangle", "green", "large", 0.36, 0.62),), "white")
 EDITS = [  # (what changes, new caption attributes (shape, colour, size, background))
     ("colour", ("triangle", "red", "large", "white")),
@@ -396,7 +396,7 @@ def _run(out, s, ckpt, base_dir, t_start):
     # ---- 1. subject personalization ---------------------------------------------------------
     shapes = patching.layer_shapes(cf.model)
     names = cf.trainer_mod.choose_layers(shapes, train_base.LIVE_LAYER_PATTERNS, "custom_layers", "SD15")
-    imgs_a, caps_a = subject_data("star")
+    imgs_a, caps_a = subject_data(A)
     base_drift = {t: cf.sample(cf.model, t, s.per_prompt, 5000 + k, s) for k, t in enumerate(s.limit(DRIFT_PROMPTS[:s.drift_prompts]))}
     lora1 = lora_param_count(shapes, names, 1)
     rows_by_method, per_method = {}, {}
@@ -406,11 +406,11 @@ def _run(out, s, ckpt, base_dir, t_start):
     for seed in s.seeds:
         tt = time.time()
         m, para, loss = cf.train_para(imgs_a, caps_a, s, seed)
-        para_states[("star", seed)] = para
+        para_states[(A, seed)] = para
         np_para = para_params(para)
         eq_rank = max(1, int(round(np_para / lora1)))
         log(f"PaRa seed {seed}: {time.time() - tt:.0f}s, loss {np.mean(loss[:5]):.3f} -> {np.mean(loss[-5:]):.3f}, {np_para} params")
-        r, rows = eval_subject(cf, J, m, "star", s, seed, base_drift)
+        r, rows = eval_subject(cf, J, m, A, s, seed, base_drift)
         per_method.setdefault(f"PaRa r={s.rank}", []).append(dict(r, params=np_para, train_s=time.time() - tt))
         rows_by_method.setdefault(f"PaRa r={s.rank}", rows)
         for label, rank in ((f"LoRA r={s.rank}", s.rank), (f"LoRA r={eq_rank} (equal params)", eq_rank)):
@@ -420,19 +420,19 @@ def _run(out, s, ckpt, base_dir, t_start):
             sd, loss, npar = cf.train_lora(imgs_a, caps_a, s, seed, rank)
             lora_sds[(label, seed)] = sd
             log(f"{label} seed {seed}: {time.time() - tt:.0f}s, loss {np.mean(loss[:5]):.3f} -> {np.mean(loss[-5:]):.3f}, {npar} params")
-            r, rows = eval_subject(cf, J, cf.with_lora(cf.model, sd), "star", s, seed, base_drift)
+            r, rows = eval_subject(cf, J, cf.with_lora(cf.model, sd), A, s, seed, base_drift)
             per_method.setdefault(label, []).append(dict(r, params=npar, train_s=time.time() - tt))
             rows_by_method.setdefault(label, rows)
-    r0, rows0 = eval_subject(cf, J, cf.model, "star", s, 0, base_drift)
+    r0, rows0 = eval_subject(cf, J, cf.model, A, s, 0, base_drift)
     per_method["base model (no adapter)"] = [dict(r0, params=0, train_s=0)]
     rows_by_method["base model (no adapter)"] = rows0
     results["subject"] = per_method
-    md += ["## 1. Subject personalization (novel shape 'star', trigger 'sks', 4 images)", "",
+    md += [f"## 1. Subject personalization (novel shape '{A}', trigger '{SUBJECTS[A]['trigger']}', {len(SUBJECTS[A]['train'])} images)", "",
            f"Training: {s.steps} steps, batch {s.batch_size}, AdamW, lr PaRa {s.lr_para} / LoRA {s.lr_lora}, fp32, "
            f"layers = {len(names)} live noxattn layers; seeds {list(s.seeds)}; sampling {s.sampler}/{s.scheduler} "
            f"{s.sample_steps} steps cfg {s.cfg}, {s.per_prompt} images per prompt.",
-           "Concept fidelity: the main object is judged a star. Prompt fidelity: its colour and the background "
-           f"match the prompt ({len(s.limit(SUBJECT_PROMPTS['star'][:s.subject_prompts]))} prompts with colour/background "
+           f"Concept fidelity: the main object is judged a {A}. Prompt fidelity: its colour and the background "
+           f"match the prompt ({len(s.limit(SUBJECT_PROMPTS[A][:s.subject_prompts]))} prompts with colour/background "
            "combinations absent from the training images). "
            "Diversity: mean RMS pixel distance between images of one prompt. Drift: RMS pixel change of "
            f"{len(s.limit(DRIFT_PROMPTS[:s.drift_prompts]))} unrelated base prompts vs the base model (same seeds); "
@@ -451,20 +451,20 @@ def _run(out, s, ckpt, base_dir, t_start):
     # ---- 2. multi-subject -------------------------------------------------------------------
     if s.multi:
         log("multi-subject")
-        imgs_b, caps_b = subject_data("ring")
+        imgs_b, caps_b = subject_data(B)
         seed = s.seeds[0]
         _, para_b, _ = cf.train_para(imgs_b, caps_b, s, seed)
         sd_b, _, _ = cf.train_lora(imgs_b, caps_b, s, seed, s.rank)
-        para_a = para_states[("star", seed)]
+        para_a = para_states[(A, seed)]
         sd_a = lora_sds[(f"LoRA r={s.rank}", seed)]
         variants = {f"PaRa merge {mode}": cf.apply(cf.merge(mode, para_a, para_b)) for mode in ("sum", "union", "sequential")}
         variants[f"LoRA r={s.rank} stacked"] = cf.with_lora(cf.with_lora(cf.model, sd_a), sd_b)
         variants["base model (no adapter)"] = cf.model
         multi = {}
-        md += ["## 2. Multi-subject (star 'sks' + ring 'zwx', trained separately, combined without training)", "",
-               "Both present: the image shows a star and a ring (prompts ask for both, two small objects). "
+        md += [f"## 2. Multi-subject ({A} '{SUBJECTS[A]['trigger']}' + {B} '{SUBJECTS[B]['trigger']}', trained separately, combined without training)", "",
+               f"Both present: the image shows a {A} and a {B} (prompts ask for both, two small objects). "
                "Each alone: the single-subject prompts of each concept still give that concept (concept fidelity).", "",
-               "| combination | both present | star alone | ring alone | grid |", "|---|---|---|---|---|"]
+               f"| combination | both present | {A} alone | {B} alone | grid |", "|---|---|---|---|---|"]
         for label, model in variants.items():
             both, rows = [], []
             for k, ((ca, _), (cb, _), bg) in enumerate(s.limit(MULTI_PROMPTS[:s.multi_prompts])):
@@ -473,17 +473,17 @@ def _run(out, s, ckpt, base_dir, t_start):
                 rows.append(imgs)
                 for img in imgs:
                     shapes_seen = {o.shape for o in J.objects(img)}
-                    both.append({"star", "ring"} <= shapes_seen)
+                    both.append({A, B} <= shapes_seen)
             alone = {}
-            for name in ("star", "ring"):
+            for name in (A, B):
                 c, z, b = SUBJECT_PROMPTS[name][0]
                 imgs = cf.sample(model, caption(name, c, z, b, {name: SUBJECTS[name]["trigger"]}), s.per_prompt, 7100, s)
                 rows.append(imgs)
                 alone[name] = float(np.mean([(main_object(J.objects(i)) or world.Obj("none", "", "")).shape == name for i in imgs]))
-            multi[label] = dict(both_present=float(np.mean(both)), star_alone=alone["star"], ring_alone=alone["ring"])
+            multi[label] = dict(both_present=float(np.mean(both)), a_alone=alone[A], b_alone=alone[B])
             fn = "multi_" + "".join(ch if ch.isalnum() else "_" for ch in label) + ".png"
             grid(rows, out / fn)
-            md.append(f"| {label} | {multi[label]['both_present']:.2f} | {alone['star']:.2f} | {alone['ring']:.2f} | [{fn}]({fn}) |")
+            md.append(f"| {label} | {multi[label]['both_present']:.2f} | {alone[A]:.2f} | {alone[B]:.2f} | [{fn}]({fn}) |")
             log(f"{label}: {multi[label]}")
         results["multi"] = multi
         md.append("")
@@ -603,8 +603,8 @@ def pilot(out: Path, s: Settings, lrs: Sequence[float], ckpt: Optional[Path] = N
     decoder = cf.vae.first_stage_model.taesd_decoder
     J = judges_mod.judges_for(decoder.float(), train_base.cache_dir() / f"judges_v{judges_mod.JUDGE_VERSION}_{ckpt.stat().st_mtime_ns}.pt",
                               n=s.judge_train)
-    imgs, caps = subject_data("star")
-    trig = SUBJECTS["star"]["trigger"]
+    imgs, caps = subject_data(A)
+    trig = SUBJECTS[A]["trigger"]
     rows = []
     for lr in lrs:
         for method in ("PaRa", "LoRA"):
@@ -615,11 +615,11 @@ def pilot(out: Path, s: Settings, lrs: Sequence[float], ckpt: Optional[Path] = N
                 sd, loss, _ = cf.train_lora(imgs, caps, s, seed, s.rank, lr=lr)
                 model = cf.with_lora(cf.model, sd)
             conc, fit = [], []
-            for k, (c, z, b) in enumerate(SUBJECT_PROMPTS["star"][:2]):
-                for img in cf.sample(model, caption("star", c, z, b, {"star": trig}), s.per_prompt, 100 + k, s):
+            for k, (c, z, b) in enumerate(SUBJECT_PROMPTS[A][:2]):
+                for img in cf.sample(model, caption(A, c, z, b, {A: trig}), s.per_prompt, 100 + k, s):
                     d = J.describe(img)
                     o = main_object(d["objects"])
-                    conc.append(o is not None and o.shape == "star")
+                    conc.append(o is not None and o.shape == A)
                     fit.append(o is not None and o.colour == c and d["background"] == b)
             rows.append((method, lr, float(np.mean(conc)), float(np.mean(fit)), float(np.mean(loss[-10:])), time.time() - t0))
             log(f"pilot {rows[-1]}")

@@ -40,18 +40,23 @@ sys.path.insert(0, str(HERE))
 
 import world  # noqa: E402
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "3"
+# Each stage is cached under its own version, bumped when what it depends on changes: the decoder
+# sees every shape of the world (base and novel); the captions and the UNet only the base world.
+DECODER_STAGE = "3"
+CAPTION_STAGE = "2"
+UNET_STAGE = "2"
 CHECKPOINT_NAME = "para_quality_base.safetensors"
 
 # Identity blocks: zeroed output projection, skipped in training (see module docstring).
-DEAD_RESBLOCKS = ["input_blocks.1.0", "middle_block.0", "output_blocks.0.0", "output_blocks.1.0"]
-DEAD_TRANSFORMERS = ["middle_block.1", "output_blocks.0.1", "output_blocks.1.1"]
+DEAD_RESBLOCKS = ["input_blocks.1.0", "output_blocks.0.0", "output_blocks.1.0"]
+DEAD_TRANSFORMERS = ["output_blocks.0.1", "output_blocks.1.1"]
 # Feed-forwards of the live transformer are dead too (cost, and no preset adapts them).
-DEAD_FF = ["input_blocks.1.1.transformer_blocks.0.ff"]
+DEAD_FF = ["input_blocks.1.1.transformer_blocks.0.ff", "middle_block.1.transformer_blocks.0.ff"]
 # The live layers that PaRa's noxattn preset adapts: the benchmark's "same layers" for PaRa and
 # LoRA (custom patterns, since LoRA on a zeroed weight could revive a dead block and PaRa can't).
-LIVE_LAYER_PATTERNS = ("input_blocks.1.1.transformer_blocks.0.attn1.*,"
-                       "middle_block.2.in_layers.2,middle_block.2.out_layers.3,middle_block.2.emb_layers.1,"
+LIVE_LAYER_PATTERNS = ("input_blocks.1.1.transformer_blocks.0.attn1.*,middle_block.1.transformer_blocks.0.attn1.*,"
+                       "middle_block.[02].in_layers.2,middle_block.[02].out_layers.3,middle_block.[02].emb_layers.1,"
                        "output_blocks.*.0.skip_connection")
 
 
@@ -159,7 +164,8 @@ def kill_blocks_(unet):
             o = _get(unet, path).net[2]
             o.weight.zero_(); o.bias.zero_()
         # zero-init the live output projections too (standard for SD UNets: start as identity)
-        for path in ("input_blocks.1.1.proj_out", "middle_block.2.out_layers.3", "out.2"):
+        for path in ("input_blocks.1.1.proj_out", "middle_block.1.proj_out", "middle_block.0.out_layers.3",
+                     "middle_block.2.out_layers.3", "out.2"):
             o = _get(unet, path)
             o.weight.zero_(); o.bias.zero_()
     return unet
@@ -194,7 +200,6 @@ class FastGraph:
 
 
 def encode_captions(clip, captions):
-    import torch
     out = {}
     for c in captions:
         tokens = clip.tokenize(c)
@@ -250,8 +255,8 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
     return losses
 
 
-def build(path: Path, seed: int = 0, decoder_steps: int = 150, decoder_batch: int = 16,
-          unet_steps: int = 1000, unet_batch: int = 16, lr: float = 5e-4, world_limit: int = 0) -> Path:
+def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: int = 16,
+          unet_steps: int = 5000, unet_batch: int = 16, lr: float = 5e-4, world_limit: int = 0) -> Path:
     """world_limit > 0 keeps only that many single- and two-object captions (tests: a tiny,
     fast, meaningless model of the same format)."""
     import torch
@@ -275,8 +280,8 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 150, decoder_batch: in
     del clip
     ae = comfy.taesd.taesd.TAESD()
     analytic_encoder_(ae.taesd_encoder)
-    # stages are cached, so that retraining the UNet with other settings reuses them
-    dec_cache = path.with_name(f"stage_decoder_v{BUILDER_VERSION}_s{seed}_{decoder_steps}x{decoder_batch}.pt")
+    # stages are cached, so that retraining one stage with other settings reuses the others
+    dec_cache = path.with_name(f"stage_decoder_v{DECODER_STAGE}_s{seed}_{decoder_steps}x{decoder_batch}.pt")
     if dec_cache.is_file():
         ae.taesd_decoder.load_state_dict(torch.load(dec_cache, weights_only=True))
         log(f"decoder from {dec_cache}")
@@ -302,7 +307,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 150, decoder_batch: in
     if world_limit:
         w.train, w.pairs = w.train[:world_limit], w.pairs[:world_limit]
     captions = [""] + w.captions()
-    emb_cache = path.with_name(f"stage_captions_v{BUILDER_VERSION}_s{seed}_{len(captions)}.pt")
+    emb_cache = path.with_name(f"stage_captions_v{CAPTION_STAGE}_s{seed}_{len(captions)}.pt")
     emb = torch.load(emb_cache, weights_only=True) if emb_cache.is_file() else {}
     if set(emb) != set(captions):
         skeleton = path.with_name(path.stem + ".skeleton.safetensors")
@@ -314,18 +319,31 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 150, decoder_batch: in
         skeleton.unlink()
         torch.save(emb, emb_cache)
 
-    # 4. train
-    log(f"training the UNet: {unet_steps} steps x {unet_batch}")
-    losses = train_unet(unet, base.model_sampling, w, emb, unet_steps, unet_batch, seed + 4, lr)
-    for k, v in unet.state_dict().items():
-        tensors["model.diffusion_model." + k] = v.detach().half().contiguous()
+    # 4. train (the UNet never sees the decoder: its stage is independent of the decoder's)
+    unet_cache = path.with_name(f"stage_unet_v{UNET_STAGE}_s{seed}_{unet_steps}x{unet_batch}_lr{lr:g}"
+                                f"_w{world_limit}.pt")
+    if unet_cache.is_file():
+        stage = torch.load(unet_cache, weights_only=True)
+        log(f"UNet from {unet_cache}")
+    else:
+        log(f"training the UNet: {unet_steps} steps x {unet_batch}")
+        t_unet = time.time()
+        log_every = max(25, unet_steps // 40)
+        losses = train_unet(unet, base.model_sampling, w, emb, unet_steps, unet_batch, seed + 4, lr,
+                            log_every=log_every)
+        stage = {"state": {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()},
+                 "final_loss": round(float(np.mean(losses[-log_every:])), 4),
+                 "seconds": round(time.time() - t_unet)}
+        torch.save(stage, unet_cache)
+    for k, v in stage["state"].items():
+        tensors["model.diffusion_model." + k] = v
     meta = {
         "modelspec.title": "PaRa quality-benchmark base (synthetic shapes world, trained from scratch)",
         "para_quality.builder_version": BUILDER_VERSION,
         "para_quality.seed": str(seed),
         "para_quality.train": json.dumps(dict(decoder_steps=decoder_steps, decoder_batch=decoder_batch,
                                               unet_steps=unet_steps, unet_batch=unet_batch, lr=lr,
-                                              final_loss=float(np.mean(losses[-50:])),
+                                              final_loss=stage["final_loss"], unet_seconds=stage["seconds"],
                                               seconds=round(time.time() - t_start))),
         "para_quality.live_layers": LIVE_LAYER_PATTERNS,
         "para_quality.world_limit": str(world_limit),
@@ -355,8 +373,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--decoder-steps", type=int, default=150)
-    ap.add_argument("--unet-steps", type=int, default=1000)
+    ap.add_argument("--decoder-steps", type=int, default=800)
+    ap.add_argument("--unet-steps", type=int, default=5000)
     ap.add_argument("--unet-batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--out", type=Path, default=None)

@@ -2,8 +2,10 @@
 
 64x64 RGB images of one or two flat shapes (colour, size, position) on a plain background,
 with captions such as "a large red circle on a blue background". Everything is deterministic
-from a seed. The base model learns BASE_SHAPES only; NOVEL_SHAPES (a star, a ring) never appear
-in its training captions and serve as the new concepts to personalize with a trigger word.
+from a seed. The base model learns BASE_SHAPES only; NOVEL_SHAPES (a bar: a wide 3:1 rectangle,
+and a column: a tall one) never appear in its training captions and serve as the new concepts to
+personalize with a trigger word. They are chosen to differ from the base shapes in their coarse
+outline (the 8x8 latent sees a 3:1 aspect; it barely sees a star's points or a ring's hole).
 
 The latent space is fixed by hand, not learned (see `encode`): the 8x8 latent of a 64x64
 image is the 8x8 average of its colours, affinely scaled. It is exactly what the TAESD-shaped
@@ -13,9 +15,8 @@ and `encode` here agree.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,7 +26,7 @@ SIZE = 64
 LATENT = SIZE // 8
 
 BASE_SHAPES = ("circle", "square", "triangle")
-NOVEL_SHAPES = ("star", "ring")
+NOVEL_SHAPES = ("bar", "column")
 ALL_SHAPES = BASE_SHAPES + NOVEL_SHAPES
 
 OBJECT_COLOURS = {
@@ -40,7 +41,7 @@ BACKGROUNDS = {
     "red": (220, 35, 35),
     "blue": (35, 70, 225),
 }
-SIZES = {"small": 20, "large": 36}  # bounding-box side in pixels (jittered by +-2)
+SIZES = {"small": 24, "large": 42}  # bounding-box side in pixels (jittered by +-2)
 
 # Latent scaling: latent = LATENT_GAIN * (mean colour in [0, 1] - 0.5); the 4th channel is the
 # luminance (redundant, but keeps every channel informative for the diffusion model).
@@ -67,7 +68,7 @@ class Scene:
     background: str
 
     def caption(self, names: Optional[dict] = None) -> str:
-        """names maps a shape to the word used for it (e.g. {"star": "sks"} for a concept)."""
+        """names maps a shape to the word used for it (e.g. {"bar": "sks"} for a concept)."""
         objs = " and ".join("a " + o.words(names) for o in self.objects)
         return f"{objs} on a {self.background} background"
 
@@ -86,13 +87,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> List[Tuple[float, fl
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "star":
-        pts = []
-        for k in range(10):
-            rad = r if k % 2 == 0 else r * 0.45
-            a = -math.pi / 2 + k * math.pi / 5
-            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a) + 0.08 * r))
-        return pts
+    if shape == "bar":
+        return [(cx - r, cy - r / 3), (cx + r, cy - r / 3), (cx + r, cy + r / 3), (cx - r, cy + r / 3)]
+    if shape == "column":
+        return [(cx - r / 3, cy - r), (cx + r / 3, cy - r), (cx + r / 3, cy + r), (cx - r / 3, cy + r)]
     raise ValueError(shape)
 
 
@@ -108,10 +106,6 @@ def render(scene: Scene, size: int = SIZE, supersample: int = 4) -> np.ndarray:
         col = OBJECT_COLOURS[o.colour]
         if o.shape == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-        elif o.shape == "ring":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-            ri = r * 0.5
-            d.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=BACKGROUNDS[scene.background])
         else:
             d.polygon(_polygon(o.shape, cx, cy, r), fill=col)
     img = img.resize((size, size), Image.BOX)
@@ -139,14 +133,27 @@ def mask(scene: Scene, size: int = SIZE) -> np.ndarray:
 # Sampling scenes
 # --------------------------------------------------------------------------------------------
 
-def place(rng: random.Random, size: str, taken: Sequence[Tuple[float, float, float]] = ()) -> Tuple[float, float]:
-    """A centre (fractions) that keeps the object inside the image and off the others."""
+def place(rng: random.Random, size: str, taken: Sequence[Tuple[float, float, float]] = (),
+          tries: int = 200) -> Optional[Tuple[float, float]]:
+    """A centre (fractions) that keeps the object inside the image and its bounding box off the
+    others' (Chebyshev distance: squares must not touch at their corners); None if none found."""
     half = (SIZES[size] / 2 + 3) / SIZE
-    for _ in range(200):
+    for _ in range(tries):
         cx, cy = rng.uniform(half, 1 - half), rng.uniform(half, 1 - half)
-        if all(math.hypot(cx - x, cy - y) > half + h + 0.02 for x, y, h in taken):
+        if all(max(abs(cx - x), abs(cy - y)) > half + h + 0.02 for x, y, h in taken):
             return cx, cy
-    return cx, cy
+    return None
+
+
+def place_two(rng: random.Random) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+    """Centres of two small objects that do not touch (the first is re-drawn when it leaves no
+    room for the second)."""
+    h = (SIZES["small"] / 2 + 3) / SIZE
+    while True:
+        p1 = place(rng, "small")
+        p2 = place(rng, "small", [(p1[0], p1[1], h)], tries=50)
+        if p2 is not None:
+            return p1, p2
 
 
 def single_combos(shapes: Sequence[str] = BASE_SHAPES) -> List[Tuple[str, str, str, str]]:
@@ -188,9 +195,7 @@ def two_object_combos(seed: int = 0, n: int = 150, shapes: Sequence[str] = BASE_
 
 def scene_from_pair(pair, rng: random.Random) -> Scene:
     (s1, c1), (s2, c2), bg = pair
-    p1 = place(rng, "small")
-    h = (SIZES["small"] / 2 + 3) / SIZE
-    p2 = place(rng, "small", [(p1[0], p1[1], h)])
+    p1, p2 = place_two(rng)
     return Scene((Obj(s1, c1, "small", *p1), Obj(s2, c2, "small", *p2)), bg)
 
 
@@ -222,9 +227,7 @@ def random_scene(rng: random.Random, shapes: Sequence[str] = ALL_SHAPES, two: fl
     bg = rng.choice(list(BACKGROUNDS))
     cols = [c for c in OBJECT_COLOURS if c != bg]
     if rng.random() < two:
-        p1 = place(rng, "small")
-        h = (SIZES["small"] / 2 + 3) / SIZE
-        p2 = place(rng, "small", [(p1[0], p1[1], h)])
+        p1, p2 = place_two(rng)
         return Scene((Obj(rng.choice(shapes), rng.choice(cols), "small", *p1),
                       Obj(rng.choice(shapes), rng.choice(cols), "small", *p2)), bg)
     size = rng.choice(list(SIZES))

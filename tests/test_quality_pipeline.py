@@ -70,11 +70,11 @@ def test_judges_reach_their_stated_accuracy_on_ground_truth(trained_judges):
 
 
 def test_judges_read_a_known_scene(trained_judges):
-    scene = world.Scene((world.Obj("star", "yellow", "large", 0.5, 0.5),), "gray")
+    scene = world.Scene((world.Obj("bar", "yellow", "large", 0.5, 0.5),), "gray")
     d = trained_judges.describe(world.render(scene))
     assert d["background"] == "gray"
     (o,) = d["objects"]
-    assert (o.shape, o.colour, o.size) == ("star", "yellow", "large")
+    assert (o.shape, o.colour, o.size) == ("bar", "yellow", "large")
     assert abs(o.cx - 0.5) < 0.05 and abs(o.cy - 0.5) < 0.08
 
 
@@ -96,7 +96,7 @@ def test_base_builder_writes_an_sd15_checkpoint_with_the_world_latent(comfy_in_p
                             unet_steps=1, unet_batch=2, world_limit=1)
     model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=False)
     assert type(model.model.model_config).__name__ == "SD15"
-    img = world.render(world.Scene((world.Obj("ring", "blue", "large", 0.4, 0.6),), "white"))[None]
+    img = world.render(world.Scene((world.Obj("column", "blue", "large", 0.4, 0.6),), "white"))[None]
     with torch.no_grad():
         z = vae.encode(torch.from_numpy(img.astype(np.float32) / 255))
     z_model = comfy.latent_formats.SD15().process_in(z)
