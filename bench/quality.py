@@ -59,26 +59,26 @@ def log(msg):
 @dataclass
 class Settings:
     rank: int = 4
-    steps: int = 80
+    extra_para_ranks: Sequence[int] = (8,)   # more PaRa rows (8 = the reference cap out//40 at 320)
+    steps: int = 400
     batch_size: int = 2
-    lr_para: float = 5e-3
+    lr_para: float = 2e-2         # pilot (seed 100, 400 steps): see README "Quality"
     lr_lora: float = 5e-3
-    seeds: Sequence[int] = (0, 1)
-    per_prompt: int = 3          # images per prompt (one KSampler batch, one noise seed)
+    seeds: Sequence[int] = (0, 1, 2)
+    per_prompt: int = 4          # images per prompt (one KSampler batch, one noise seed)
     sample_steps: int = 8
     cfg: float = 4.0
     sampler: str = "dpmpp_2m"
     scheduler: str = "karras"
-    edit_steps: int = 60
-    edit_lr: float = 5e-3
+    edit_steps: int = 200          # each method at its own learning rate (lr_para / lr_lora)
     multi: bool = True
     edit: bool = True
-    base_eval_prompts: int = 6    # held-out captions for the base model's prompt accuracy
+    base_eval_prompts: int = 12   # held-out captions for the base model's prompt accuracy
     prompts_limit: int = 0        # > 0: only that many prompts per list (tests)
-    subject_prompts: int = 3      # recontextualization prompts per subject
-    drift_prompts: int = 2
-    multi_prompts: int = 1
-    equal_param_seeds: int = 1    # seeds for the equal-parameter LoRA (the first ones of `seeds`)
+    subject_prompts: int = 4      # recontextualization prompts per subject
+    drift_prompts: int = 3
+    multi_prompts: int = 2
+    equal_param_seeds: int = 3    # seeds for the equal-parameter LoRA (the first ones of `seeds`)
     judge_train: int = 1500       # ground-truth scenes the shape judge is trained on
     judge_validate: int = 300
 
@@ -413,6 +413,13 @@ def _run(out, s, ckpt, base_dir, t_start):
         r, rows = eval_subject(cf, J, m, A, s, seed, base_drift)
         per_method.setdefault(f"PaRa r={s.rank}", []).append(dict(r, params=np_para, train_s=time.time() - tt))
         rows_by_method.setdefault(f"PaRa r={s.rank}", rows)
+        for rank in s.extra_para_ranks:  # PaRa with more capacity (still fewer parameters than LoRA r)
+            tt = time.time()
+            m, para_x, loss = cf.train_para(imgs_a, caps_a, s, seed, rank=rank)
+            log(f"PaRa r={rank} seed {seed}: {time.time() - tt:.0f}s, loss {np.mean(loss[:5]):.3f} -> {np.mean(loss[-5:]):.3f}")
+            r, rows = eval_subject(cf, J, m, A, s, seed, base_drift)
+            per_method.setdefault(f"PaRa r={rank}", []).append(dict(r, params=para_params(para_x), train_s=time.time() - tt))
+            rows_by_method.setdefault(f"PaRa r={rank}", rows)
         for label, rank in ((f"LoRA r={s.rank}", s.rank), (f"LoRA r={eq_rank} (equal params)", eq_rank)):
             if label.endswith("params)") and seed not in list(s.seeds)[:s.equal_param_seeds]:
                 continue
@@ -494,8 +501,8 @@ def _run(out, s, ckpt, base_dir, t_start):
         src = world.render(EDIT_SOURCE)[None]
         src_cap = EDIT_SOURCE.caption()
         edit_layers = "middle_block.2.out_layers.3"
-        m_para, _, _ = cf.train_para(src, [src_cap], s, 0, steps=s.edit_steps, layers=edit_layers, lr=s.edit_lr)
-        sd_l, _, _ = cf.train_lora(src, [src_cap], s, 0, s.rank, steps=s.edit_steps, layers=edit_layers, lr=s.edit_lr)
+        m_para, _, _ = cf.train_para(src, [src_cap], s, 0, steps=s.edit_steps, layers=edit_layers)
+        sd_l, _, _ = cf.train_lora(src, [src_cap], s, 0, s.rank, steps=s.edit_steps, layers=edit_layers)
         variants = {"PaRa (noxattn-hspace-last)": m_para, f"LoRA r={s.rank} (same layer)": cf.with_lora(cf.model, sd_l),
                     "base model (no adapter)": cf.model}
         src_obj = EDIT_SOURCE.objects[0]

@@ -117,7 +117,7 @@ def test_benchmark_runs_end_to_end_at_tiny_settings(sd15_checkpoint, tmp_path):
                 "prompt_fidelity_lora", "multi_both_present_para", "edit_success_para"):
         assert f" {key}=" in line
     md = (out / "quality.md").read_text()
-    for row in ("| PaRa r=4 |", "| LoRA r=4 |", "equal params", "PaRa merge sum", "PaRa merge union",
+    for row in ("| PaRa r=4 |", "| PaRa r=8 |", "| LoRA r=4 |", "equal params", "PaRa merge sum", "PaRa merge union",
                 "PaRa merge sequential", "LoRA r=4 stacked", "PaRa (noxattn-hspace-last)"):
         assert row in md, row
     assert (out / "base_heldout.png").is_file()

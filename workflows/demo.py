@@ -45,8 +45,8 @@ or point to an existing checkout:
 # The two subjects (new concepts with made-up trigger words) and the single image to edit.
 # The words match the synthetic world of bench/world.py, which the benchmark's base model knows.
 SUBJECTS = {
-    "sks": {"shape": "star", "colour": "yellow", "backgrounds": ("blue", "white")},
-    "zwx": {"shape": "ring", "colour": "red", "backgrounds": ("white", "gray")},
+    "sks": {"shape": "bar", "colour": "yellow", "backgrounds": ("blue", "white")},
+    "zwx": {"shape": "column", "colour": "red", "backgrounds": ("white", "gray")},
 }
 COLOURS = {"red": (220, 35, 35), "green": (35, 170, 50), "blue": (35, 70, 225), "yellow": (240, 210, 30)}
 BACKGROUNDS = {"white": (240, 240, 240), "gray": (125, 125, 125), "red": (220, 35, 35), "blue": (35, 70, 225)}
@@ -114,9 +114,10 @@ def user_checkpoint(name: str, comfy_root: Path) -> Path:
 # ------------------------------------------------------------------------------------------
 
 def _polygon(shape: str, cx: float, cy: float, r: float):
-    if shape == "star":
-        return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.sin(i * math.pi / 5),
-                 cy - (r if i % 2 == 0 else 0.45 * r) * math.cos(i * math.pi / 5)) for i in range(10)]
+    if shape == "bar":  # a wide 3:1 rectangle
+        return [(cx - r, cy - r / 3), (cx + r, cy - r / 3), (cx + r, cy + r / 3), (cx - r, cy + r / 3)]
+    if shape == "column":  # a tall one
+        return [(cx - r / 3, cy - r), (cx + r / 3, cy - r), (cx + r / 3, cy + r), (cx - r / 3, cy + r)]
     if shape == "triangle":
         return [(cx, cy - r), (cx + 0.87 * r, cy + 0.5 * r), (cx - 0.87 * r, cy + 0.5 * r)]
     return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]  # square
@@ -131,8 +132,6 @@ def draw(shape: str, colour: str, background: str, size_word: str, size: int, cx
     x, y = cx * size * ss, cy * size * ss
     if shape == "circle":
         d.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[colour])
-    elif shape == "ring":
-        d.ellipse([x - r, y - r, x + r, y + r], outline=COLOURS[colour], width=int(0.35 * r))
     else:
         d.polygon(_polygon(shape, x, y, r), fill=COLOURS[colour])
     return img.resize((size, size), Image.LANCZOS)
