@@ -1,7 +1,7 @@
 """Quality benchmark: does PaRa personalize the small base model (bench/train_base.py) better
 than LoRA, combine subjects without training, and edit from a single image?
 
-    python bench/quality.py [--out DIR] [--quick]
+    python bench/quality.py [--out DIR] [--quick] [--ckpt FILE] [--steps N] [--seeds S ...] [--pilot LR ...]
 
 Everything runs through ComfyUI's own nodes, called in-process: CheckpointLoaderSimple,
 CLIPTextEncode, VAEEncode, KSampler (common_ksampler), VAEDecode, LoraLoader's loader
@@ -640,8 +640,11 @@ def pilot(out: Path, s: Settings, lrs: Sequence[float], ckpt: Optional[Path] = N
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality")
-    ap.add_argument("--quick", action="store_true", help="tiny settings (tests)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default bench/results/quality; with --quick ./quality_quick_output)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny settings on a tiny base built in about a minute: checks that everything runs "
+                         "(the numbers mean nothing)")
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--seeds", type=int, nargs="+")
@@ -653,6 +656,10 @@ def main(argv=None):
                     help="only the learning-rate pilot (seed 100) at these learning rates")
     args = ap.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
+    if args.out is None:
+        args.out = Path("quality_quick_output") if args.quick else ROOT / "bench" / "results" / "quality"
+    if args.quick and args.ckpt is None:
+        args.ckpt = train_base.ensure_quick_base()
     if args.steps: s.steps = args.steps
     if args.seeds: s.seeds = tuple(args.seeds)
     if args.lr_para: s.lr_para = args.lr_para

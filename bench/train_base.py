@@ -221,7 +221,9 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
     params = [p for p in unet.parameters() if p.requires_grad]
     # only parameters on the live path get gradients; AdamW ignores the others (grad None)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # warm-up 5% (at least 3 steps: OneCycleLR divides by zero on a warm-up of under 2 steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=min(0.5, max(0.05, 3 / steps)))
     # EMA per parameter object: the same tensors in the fast and the full graph
     ema = {p: p.detach().clone() for p in unet.parameters()}
     empty = emb[""]
@@ -372,6 +374,15 @@ def ensure_base(seed: int = 0, **kw) -> Path:
     path = checkpoint_path() if seed == 0 else cache_dir() / f"para_quality_base_s{seed}.safetensors"
     if not is_current(path, seed):
         build(path, seed, **kw)
+    return path
+
+
+def ensure_quick_base() -> Path:
+    """A tiny base of the same format (20 decoder and 20 UNet steps on a few captions, about a
+    minute): for `quality.py --quick`, which checks that the pipeline runs, not what it measures."""
+    path = cache_dir() / "para_quality_base_quick.safetensors"
+    if not is_current(path):
+        build(path, 0, decoder_steps=20, decoder_batch=4, unet_steps=20, unet_batch=4, world_limit=8)
     return path
 
 
