@@ -172,8 +172,11 @@ class Judges:
         return cls(ShapeJudge().fit(np.stack(feats), labels))
 
     def save(self, path):
+        import os
         import torch
-        torch.save({"version": JUDGE_VERSION, "state": self.shape.net.state_dict()}, path)
+        tmp = Path(str(path) + ".tmp")  # through a temporary file: never a half-written cache
+        torch.save({"version": JUDGE_VERSION, "state": self.shape.net.state_dict()}, tmp)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):

@@ -75,6 +75,14 @@ def checkpoint_path() -> Path:
     return cache_dir() / CHECKPOINT_NAME
 
 
+def _save_stage(obj, path: Path):
+    """torch.save through a temporary file: an interrupted build never leaves a half-written stage."""
+    import torch
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -296,7 +304,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
     else:
         log("training the decoder")
         train_decoder(ae.taesd_decoder, decoder_steps, decoder_batch, seed + 2)
-        torch.save(ae.taesd_decoder.state_dict(), dec_cache)
+        _save_stage(ae.taesd_decoder.state_dict(), dec_cache)
     with torch.no_grad():
         ae.vae_scale.fill_(0.18215)  # model-space latent = encoder output (SD15 latent format)
         ae.vae_shift.fill_(0.0)
@@ -325,7 +333,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
         emb = encode_captions(clip, captions)
         del clip
         skeleton.unlink()
-        torch.save(emb, emb_cache)
+        _save_stage(emb, emb_cache)
 
     # 4. train (the UNet never sees the decoder: its stage is independent of the decoder's)
     unet_cache = path.with_name(f"stage_unet_v{UNET_STAGE}_s{seed}_{unet_steps}x{unet_batch}_lr{lr:g}"
@@ -342,7 +350,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
         stage = {"state": {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()},
                  "final_loss": round(float(np.mean(losses[-log_every:])), 4),
                  "seconds": round(time.time() - t_unet)}
-        torch.save(stage, unet_cache)
+        _save_stage(stage, unet_cache)
     for k, v in stage["state"].items():
         tensors["model.diffusion_model." + k] = v
     meta = {
