@@ -21,8 +21,8 @@ What the checkpoint holds (keys as in build_sd15_checkpoint of tests/comfy_env.p
   ResBlock returns its skip path and a transformer its input) and are skipped while training.
   ComfyUI still computes them at sampling time, to the same result.
 
-Default build (seed 0): decoder 800 steps, UNet 5000 steps x 16 images, about 22 minutes on 2
-idle CPU cores (decoder 3 min, UNet 18 min). Each stage is cached beside the checkpoint under its
+Default build (seed 0): decoder 800 steps, UNet 5000 steps x 16 images: 20 min 34 s on 2 idle
+CPU cores (decoder 3 min, UNet 17 min), bit-identical when rebuilt. Each stage is cached beside the checkpoint under its
 own version (stage_*.pt), so a change to one stage retrains only that stage.
 
 Cache: $PARA_QUALITY_CACHE or ~/.cache/comfyui-para/quality (never in git).
