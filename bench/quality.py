@@ -200,7 +200,7 @@ class Comfy:
         fwd = LoraForward(modules, adapters, tr, layer_op)
         settings = tr.TrainSettings(steps=steps or s.steps, learning_rate=lr or s.lr_lora, optimizer="AdamW",
                                     batch_size=s.batch_size, seed=seed, dtype="fp32", gradient_checkpointing=False)
-        run = tr.TrainingRun(self.model, self.encode_images(images).get("samples").float(),
+        run = tr.TrainingRun(self.model, self.encode_images(images).get("samples").detach().float(),
                              [self.cond(c)[0] for c in captions], fwd, settings)
         losses = run.run()
         lora_sd = {}
