@@ -87,6 +87,21 @@ class PeakMemory:
             self.peak = max(self.peak, rss_mb())
 
 
+def sd15_patcher(dtype, device, label: str):
+    """A ModelPatcher around ComfyUI's SD1.5 model in the full UNet shape (SD15_UNET), seeded
+    weights; prints its size and build time (shared with bench/train.py)."""
+    import torch
+    import comfy.model_patcher
+    import comfy_env
+    t0 = time.perf_counter()
+    model = comfy_env._sd15_config(SD15_UNET, dtype).get_model({}, device=torch.device("cpu"))
+    comfy_env.init_weights_(model.diffusion_model, 0)
+    mp = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    n_params = sum(p.numel() for p in model.diffusion_model.parameters())
+    print(f"model: SD1.5 UNet shape, {n_params / 1e6:.1f}M params, {label}, built in {time.perf_counter() - t0:.1f}s")
+    return mp
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", type=int, default=4)
@@ -112,13 +127,7 @@ def main(argv=None):
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
-    config = comfy_env._sd15_config(SD15_UNET, dtype)
-    t0 = time.perf_counter()
-    model = config.get_model({}, device=torch.device("cpu"))
-    comfy_env.init_weights_(model.diffusion_model, 0)
-    mp = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
-    n_params = sum(p.numel() for p in model.diffusion_model.parameters())
-    print(f"model: SD1.5 UNet shape, {n_params / 1e6:.1f}M params, {args.dtype}, built in {time.perf_counter() - t0:.1f}s")
+    mp = sd15_patcher(dtype, device, args.dtype)
 
     shapes = patching.layer_shapes(mp)
     layers = core.select_layers(shapes, args.preset, "SD15")

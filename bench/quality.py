@@ -197,7 +197,7 @@ class Comfy:
                 w = patching.original_weight(self.model, n).float()
                 torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
                 adapters[n] = adapter_maps["LoRA"].create_train(w, rank=rank, alpha=1.0)
-        fwd = LoraForward(modules, adapters, tr, layer_op)
+        fwd = lora_forward(tr, layer_op, modules, adapters)
         settings = tr.TrainSettings(steps=steps or s.steps, learning_rate=lr or s.lr_lora, optimizer="AdamW",
                                     batch_size=s.batch_size, seed=seed, dtype="fp32", gradient_checkpointing=False)
         run = tr.TrainingRun(self.model, self.encode_images(images).get("samples").detach().float(),
@@ -227,47 +227,29 @@ class Comfy:
         return self.pn.PaRaApply.execute(model=self.model, para=para, strength=strength).args[0]
 
 
-class LoraForward:
-    """The same hook as the PaRa trainer's ParaForward, with ComfyUI's LoraDiff in place of the
-    reduction: each layer runs with W0 + (alpha/r) up @ down (and its own bias)."""
+def lora_forward(training, layer_op, modules, adapters):
+    """The PaRa trainer's layer hook (training.LayerForwards) with ComfyUI's LoraDiff in place of
+    the reduction: each layer runs with W0 + (alpha/r) up @ down (and its own bias)."""
 
-    def __init__(self, modules, adapters, training, layer_op):
-        self.modules, self.adapters, self.tr, self.layer_op = modules, adapters, training, layer_op
-        self._saved = {}
+    class LoraForward(training.LayerForwards):
+        def parameters(self):
+            return [p for a in adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
 
-    def parameters(self):
-        return [p for a in self.adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
+        def _forward_for(self, name, module):
+            op, adapter = layer_op(module), adapters[name]
+            cdim = -1 if module.weight.dim() == 2 else 1
 
-    def prepare_step(self):
-        pass
+            def forward(x, *args, **kwargs):
+                W0, b = training._weight_and_bias(module, x)
+                y = op(x, adapter(W0.float()).to(x.dtype))
+                if b is not None:
+                    shape = [1] * y.dim()
+                    shape[cdim] = -1
+                    y = y + b.reshape(shape)
+                return y
+            return forward
 
-    def install(self):
-        for name, module in self.modules.items():
-            self._saved[name] = module.__dict__.get("forward")
-            module.forward = self._forward_for(module, self.adapters[name])
-
-    def _forward_for(self, module, adapter):
-        op = self.layer_op(module)
-        cdim = -1 if module.weight.dim() == 2 else 1
-
-        def forward(x, *args, **kwargs):
-            W0, b = self.tr._weight_and_bias(module, x)
-            y = op(x, adapter(W0.float()).to(x.dtype))
-            if b is not None:
-                shape = [1] * y.dim()
-                shape[cdim] = -1
-                y = y + b.reshape(shape)
-            return y
-        return forward
-
-    def remove(self):
-        for name, module in self.modules.items():
-            prev = self._saved.pop(name, None)
-            if prev is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = prev
-
+    return LoraForward(modules)
 
 # --------------------------------------------------------------------------------------------
 # Measures

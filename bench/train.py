@@ -21,14 +21,13 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from apply import SD15_UNET, PeakMemory, release_memory  # noqa: E402  (shared with the apply benchmark)
+from apply import PeakMemory, release_memory, sd15_patcher  # noqa: E402  (shared with the apply benchmark)
 
 
 class LoraWrappers:
@@ -75,7 +74,6 @@ def main(argv=None):
     comfy_env.setup_comfy()
     import torch
     import comfy.model_management as mm
-    import comfy.model_patcher
     from comfy.weight_adapter import adapter_maps
     pack = comfy_env.import_pack()
     import importlib
@@ -89,13 +87,7 @@ def main(argv=None):
     device = mm.get_torch_device()
     args.dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
     dtype = training.TRAINING_DTYPES[args.dtype]
-    t0 = time.perf_counter()
-    config = comfy_env._sd15_config(SD15_UNET, dtype)
-    base = config.get_model({}, device=torch.device("cpu"))
-    comfy_env.init_weights_(base.diffusion_model, 0)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
-    n_model = sum(p.numel() for p in base.diffusion_model.parameters())
-    print(f"model: SD1.5 UNet shape, {n_model / 1e6:.1f}M params in {args.dtype}, built in {time.perf_counter() - t0:.1f}s")
+    model = sd15_patcher(dtype, device, args.dtype)
 
     shapes = patching.layer_shapes(model)
     names = trainer.choose_layers(shapes, args.preset, "layers", "SD15")

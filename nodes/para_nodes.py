@@ -3,7 +3,6 @@
 Thin wrappers: the math and the file format live in para_core."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Dict, Tuple

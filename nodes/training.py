@@ -143,23 +143,19 @@ def _output_positions(module, x, channel_dim) -> int:
 _MISSING = object()
 
 
-class ParaForward:
-    """The trainable B of every adapted layer and the forward override that uses them."""
+class LayerForwards:
+    """Forward overrides of the adapted layers, put in place by install() and taken out exactly by
+    remove() (what TrainingRun drives). Subclasses give parameters() and _forward_for(name, module)."""
 
-    def __init__(self, modules: Dict[str, torch.nn.Module], B: Dict[str, torch.nn.Parameter], side: str = "auto"):
+    def __init__(self, modules: Dict[str, torch.nn.Module]):
         self.modules = modules
-        self.B = B
-        self.side = side  # "auto", or "activation"/"weight" to force one (bench/train.py compares them)
-        self.Q: Dict[str, torch.Tensor] = {}
-        self.sides: Dict[str, str] = {}
         self._saved: Dict[str, object] = {}
 
     def parameters(self) -> List[torch.nn.Parameter]:
-        return list(self.B.values())
+        raise NotImplementedError
 
     def prepare_step(self) -> None:
-        # One batched QR per distinct B shape instead of one per layer.
-        self.Q = basis_batched(self.B)
+        pass
 
     def install(self) -> None:
         for name, module in self.modules.items():
@@ -173,6 +169,30 @@ class ParaForward:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = prev
+
+    def _forward_for(self, name: str, module: torch.nn.Module):
+        raise NotImplementedError
+
+
+class ParaForward(LayerForwards):
+    """The trainable B of every adapted layer and the forward override that uses them."""
+
+    def __init__(self, modules: Dict[str, torch.nn.Module], B: Dict[str, torch.nn.Parameter], side: str = "auto"):
+        super().__init__(modules)
+        self.B = B
+        self.side = side  # "auto", or "activation"/"weight" to force one (bench/train.py compares them)
+        self.Q: Dict[str, torch.Tensor] = {}
+        self.sides: Dict[str, str] = {}
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        return list(self.B.values())
+
+    def prepare_step(self) -> None:
+        # One batched QR per distinct B shape instead of one per layer.
+        self.Q = basis_batched(self.B)
+
+    def remove(self) -> None:
+        super().remove()
         self.Q = {}
 
     def _forward_for(self, name, module):
@@ -286,7 +306,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
 
 
 class TrainingRun:
-    """One training run of the parameters of ``adapter`` (ParaForward or anything with
+    """One training run of the parameters of ``adapter`` (a LayerForwards such as ParaForward, or anything with
     parameters/prepare_step/install/remove) on ``model`` from ``start_step`` to ``settings.steps``.
 
     ``on_checkpoint(run, reason)`` is called at every ``save_every`` step, at the end (when
