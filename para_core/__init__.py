@@ -1,14 +1,39 @@
 """PaRa core: parameter rank reduction for diffusion models, in plain torch.
 
 No ComfyUI imports here (tests and the CLI run without ComfyUI).
+
+The public names are imported on first use (PEP 562), so that `python -m para_core` answers
+a usage error or a wrong path without importing torch (about 4 s). A new public name goes
+into _EXPORTS.
 """
-from .reduction import (RankCap, basis, basis_batched, effective_rank, reduce_activation, reduce_weight,
-                        reduce_weight_general, reduction_delta)
-from .merge import MERGE_MODES, merge_factors, merge_sequential, merge_states, merge_sum, merge_union
-from .presets import DEFAULT_PRESET, PRESET_NAMES, PRESETS, PresetError, select_layers
-from .fileformat import (FORMAT_VERSION, FingerprintWarning, ParaError, ParaState, atomic_save_safetensors,
-                         build_metadata, check_fingerprint, check_fits, fingerprint, kohya_name, load_para,
-                         resolve_layers, save_para)
-from .export import export_lora, lora_keys
+import importlib
+
+_EXPORTS = {
+    "reduction": ("RankCap", "basis", "basis_batched", "effective_rank", "reduce_activation", "reduce_weight",
+                  "reduce_weight_general", "reduction_delta"),
+    "merge": ("MERGE_MODES", "merge_factors", "merge_sequential", "merge_states", "merge_sum", "merge_union"),
+    "presets": ("DEFAULT_PRESET", "PRESET_NAMES", "PRESETS", "PresetError", "select_layers"),
+    "fileformat": ("FORMAT_VERSION", "FingerprintWarning", "ParaError", "ParaState",
+                   "atomic_save_safetensors", "build_metadata", "check_fingerprint", "check_fits",
+                   "fingerprint", "kohya_name", "load_para", "resolve_layers", "save_para"),
+    "export": ("export_lora", "lora_keys"),
+    "reference": ("DEFAULT_PARAMETRIZATION", "PARAMETRIZATIONS", "init_reference", "reduce_weight_reference",
+                  "reference_delta", "reference_lora", "reference_state"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_MODULE_OF))

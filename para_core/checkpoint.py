@@ -23,6 +23,7 @@ from .fileformat import (PREFIX, SUFFIXES, _LORA_MARKERS, ParaError, ParaState, 
                          atomic_save_safetensors, check_fingerprint, check_fits, fingerprint)
 from .merge import MERGE_MODES, merge_states
 from .reduction import reduce_weight_general
+from .reference import reduce_weight_reference
 
 __all__ = ["Checkpoint", "bake", "fit_states", "combined_factors", "LAYOUTS"]
 
@@ -232,14 +233,20 @@ def bake(ckpt, items: Sequence[Tuple[ParaState, float]], mode: str = "sum", out_
     ckpt = Checkpoint(ckpt) if own else ckpt
     try:
         states, messages = fit_states(ckpt, [st for st, _ in items])
-        factors = combined_factors(states, [s for _, s in items], mode)
-        adapted = {ckpt.key(l): (U, V) for l, (U, V) in factors.items() if U.shape[1] > 0}
+        if any(st.kind == "reference" for st in states):
+            # W0 - sum_i s_i U_i D_i (reference parametrization, only 'sum' combines them)
+            strengths = [_check_strength(s, st.name) for st, (_, s) in zip(states, items)]
+            ref = merge_states(list(states), strengths, mode if len(states) > 1 else "sum")
+            adapted = {ckpt.key(l): ("reference", ref.U[l], ref.D[l]) for l in ref.layers if ref.U[l].shape[1] > 0}
+        else:
+            factors = combined_factors(states, [s for _, s in items], mode)
+            adapted = {ckpt.key(l): ("general", U, V) for l, (U, V) in factors.items() if U.shape[1] > 0}
         tensors: Dict[str, torch.Tensor] = {}
         for key in ckpt.keys:
             t = ckpt.tensor(key)
             if key in adapted:
-                U, V = adapted[key]
-                t = reduce_weight_general(t, U, V, 1.0)
+                form, U, V = adapted[key]
+                t = (reduce_weight_reference if form == "reference" else reduce_weight_general)(t, U, V, 1.0)
             tensors[key] = t
         layers = sorted({l for st in states for l in st.layers})
         info = {

@@ -3,6 +3,7 @@
 W' - W0 = -s U (V^T W0) has rank k, so it *is* a LoRA:
     lora_up = -s U (out, k),   lora_down = V^T W0 (k, in*kh*kw),   alpha = k (scale alpha/k = 1).
 Conv layers get lora_up (out, k, 1, 1) and lora_down (k, in, kh, kw), as LoCon does.
+A ``reference`` adapter (W' = W0 - s U D) exports as lora_up = -s U, lora_down = D.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable, Dict, Mapping, Tuple
 import torch
 
 from .fileformat import ParaState, kohya_name
+from .reference import reference_lora
 
 __all__ = ["export_lora", "lora_keys"]
 
@@ -30,6 +32,19 @@ def export_lora(
     """The LoRA tensors reproducing ``state`` at ``strength`` on the base whose weights
     ``base_weight(layer)`` returns (the original, unpatched W0)."""
     out: Dict[str, torch.Tensor] = {}
+    if state.kind == "reference":
+        # W' - W0 = -s U D needs no W0 (only its shape, for convs): lora_up = -s U, lora_down = D.
+        for layer in state.layers:
+            U, D = state.U[layer], state.D[layer]
+            k = U.shape[1]
+            if k == 0:
+                continue
+            up, down = reference_lora(U, D, tuple(base_weight(layer).shape), strength)
+            ku, kd, ka = lora_keys(layer)
+            out[ku] = up.to(dtype).cpu()
+            out[kd] = down.to(dtype).cpu()
+            out[ka] = torch.tensor(float(k), dtype=dtype)
+        return out
     for layer, (U, V) in state.factors().items():
         k = U.shape[1]
         if k == 0:

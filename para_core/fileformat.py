@@ -1,5 +1,6 @@
-"""The PaRa file (spec section 2): safetensors with ``<layer>.para_B`` (subject) or
-``<layer>.para_U`` + ``<layer>.para_V`` (merged), ``para.*`` and ``modelspec.*`` metadata.
+"""The PaRa file (spec section 2): safetensors with ``<layer>.para_B`` (subject),
+``<layer>.para_U`` + ``<layer>.para_V`` (merged) or ``<layer>.para_U`` + ``<layer>.para_D``
+(reference, spec section 1b), ``para.*`` and ``modelspec.*`` metadata.
 
 ``ParaState`` is the in-memory form shared by the CLI and the nodes (the ``PARA`` socket).
 Layer names are ComfyUI module paths with the ``diffusion_model.`` prefix.
@@ -39,7 +40,7 @@ __all__ = [
 FORMAT_VERSION = "1"
 PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
-SUFFIXES = (".para_B", ".para_U", ".para_V")
+SUFFIXES = (".para_B", ".para_U", ".para_V", ".para_D")
 _LORA_MARKERS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", "_lora.up.", ".hada_w1_a", ".lokr_w1", ".oft_blocks", ".lora_B", ".lora_A")
 
 ARCHITECTURES = {
@@ -67,6 +68,8 @@ class ParaState:
 
     ``kind == "subject"``: ``B[layer]`` of shape (out, r), Q = QR(B).
     ``kind == "merged"``: ``U[layer]``, ``V[layer]`` of shape (out, k), W' = W0 - U V^T W0.
+    ``kind == "reference"``: ``U[layer]`` (out, r) and ``D[layer]`` (r, in*kh*kw), W' = W0 - U D
+    (the reference code's parametrization, reference.py); it has no (U, V) form without W0.
     """
 
     kind: str = "subject"
@@ -75,6 +78,7 @@ class ParaState:
     V: Dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: Dict[str, str] = field(default_factory=dict)
     source: Optional[str] = None
+    D: Dict[str, torch.Tensor] = field(default_factory=dict)
     _factors: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = field(default=None, repr=False, compare=False)
 
     @property
@@ -95,6 +99,8 @@ class ParaState:
     def num_params(self) -> int:
         if self.kind == "subject":
             return sum(t.numel() for t in self.B.values())
+        if self.kind == "reference":
+            return sum(t.numel() for t in self.U.values()) + sum(t.numel() for t in self.D.values())
         return sum(t.numel() for t in self.U.values()) + sum(t.numel() for t in self.V.values())
 
     def out_dim(self, layer: str) -> int:
@@ -103,6 +109,9 @@ class ParaState:
 
     def factors(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """{layer: (U, V)} in float32; a subject gives (Q, Q) from one batched QR per shape."""
+        if self.kind == "reference":
+            raise ParaError(f"{self.name} is a reference-parametrization adapter (W0 - U D): it has no general "
+                            "(U, V) form; use para_core.reference for it.")
         if self._factors is None:
             if self.kind == "subject":
                 Q = basis_batched(self.B)
@@ -114,7 +123,8 @@ class ParaState:
     def renamed(self, mapping: Mapping[str, str]) -> "ParaState":
         """A copy with layers renamed (used to resolve kohya-style names)."""
         ren = lambda d: {mapping.get(k, k): v for k, v in d.items()}
-        return ParaState(self.kind, ren(self.B), ren(self.U), ren(self.V), dict(self.metadata), self.source)
+        return ParaState(self.kind, ren(self.B), ren(self.U), ren(self.V), dict(self.metadata), self.source,
+                         D=ren(self.D))
 
 
 # ---------------------------------------------------------------- writing
@@ -195,6 +205,10 @@ def save_para(state: ParaState, path: str, dtype: torch.dtype = torch.float32) -
         for l in state.U:
             tensors[f"{l}.para_U"] = state.U[l].detach().to(dtype)
             tensors[f"{l}.para_V"] = state.V[l].detach().to(dtype)
+    elif state.kind == "reference":
+        for l in state.U:
+            tensors[f"{l}.para_U"] = state.U[l].detach().to(dtype)
+            tensors[f"{l}.para_D"] = state.D[l].detach().to(dtype)
     else:
         raise ParaError(f"unknown PaRa kind {state.kind!r}")
     md = dict(state.metadata)
@@ -256,6 +270,7 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
     B: Dict[str, torch.Tensor] = {}
     U: Dict[str, torch.Tensor] = {}
     V: Dict[str, torch.Tensor] = {}
+    D: Dict[str, torch.Tensor] = {}
     try:
         with safe_open(path, framework="pt", device=device) as f:
             metadata = dict(f.metadata() or {})
@@ -264,17 +279,21 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
                 if layer is None:
                     continue
                 t = f.get_tensor(k)
-                {"para_B": B, "para_U": U, "para_V": V}[kind][layer] = t
+                {"para_B": B, "para_U": U, "para_V": V, "para_D": D}[kind][layer] = t
     except ParaError:
         raise
     except Exception as e:
         raise ParaError(f"{path}: could not read the safetensors file ({e}); it may be corrupt, re-save it.") from None
-    if not (B or U or V):
+    if not (B or U or V or D):
         if any(m in k for k in keys for m in _LORA_MARKERS):
             raise ParaError(f"{path}: this is a LoRA file, not a PaRa file (it has lora_up/lora_down-style tensors and no .para_B). Load it with ComfyUI's 'Load LoRA' node instead.")
-        raise ParaError(f"{path}: no PaRa tensors (*.para_B or *.para_U/*.para_V) in this file; it is not a PaRa adapter.")
-    if B and (U or V):
-        raise ParaError(f"{path}: mixes para_B with para_U/para_V; a file is either a subject or a merged adapter.")
+        raise ParaError(f"{path}: no PaRa tensors (*.para_B, *.para_U/*.para_V or *.para_U/*.para_D) in this file; it is not a PaRa adapter.")
+    if B and (U or V or D):
+        raise ParaError(f"{path}: mixes para_B with para_U/para_V/para_D; a file is either a subject or a merged "
+                        "adapter (or a reference one, para_U/para_D), never a mix.")
+    if D or (metadata.get("para.kind") == "reference" and not V):
+        _check_reference(path, U, V, D)
+        return ParaState(kind="reference", U=U, D=D, metadata=metadata, source=path)
     for layer in U:
         if layer not in V:
             raise ParaError(f"{path}: layer {layer} has para_U but no para_V; merged files need both.")
@@ -292,6 +311,31 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
             raise ParaError(f"{path}: layer {layer}: para_U {tuple(U[layer].shape)} and para_V {tuple(V[layer].shape)} differ in shape.")
     kind = "subject" if B else "merged"
     return ParaState(kind=kind, B=B, U=U, V=V, metadata=metadata, source=path)
+
+
+def _check_reference(path, U, V, D) -> None:
+    """A reference file (spec section 1b): para_U (out, r) + para_D (r, in*kh*kw) per layer, finite."""
+    if V:
+        raise ParaError(f"{path}: mixes para_D with para_V; a file is either a merged (para_U/para_V) or a reference "
+                        "(para_U/para_D) adapter.")
+    for layer in U:
+        if layer not in D:
+            raise ParaError(f"{path}: layer {layer} has para_U but no para_D; reference files need both.")
+    for layer in D:
+        if layer not in U:
+            raise ParaError(f"{path}: layer {layer} has para_D but no para_U; reference files need both.")
+    for name, d in (("para_U", U), ("para_D", D)):
+        for layer, t in d.items():
+            if t.dim() != 2:
+                want = "(out, rank)" if name == "para_U" else "(rank, in*kh*kw)"
+                raise ParaError(f"{path}: {layer}.{name} has shape {tuple(t.shape)}, expected {want}.")
+            if not torch.isfinite(t).all():
+                raise ParaError(f"{path}: {layer}.{name} contains NaN or Inf values; the adapter is broken (retrain, "
+                                "or use an earlier checkpoint).")
+    for layer in U:
+        if U[layer].shape[1] != D[layer].shape[0]:
+            raise ParaError(f"{path}: layer {layer}: para_U {tuple(U[layer].shape)} and para_D {tuple(D[layer].shape)} "
+                            "disagree on the rank (U is (out, r), D is (r, in*kh*kw)).")
 
 
 # ---------------------------------------------------------------- fitting a model
@@ -384,6 +428,11 @@ def check_fits(state: ParaState, shapes: Mapping[str, Sequence[int]], family: st
             inner *= int(d)
         if state.kind == "subject" and r > min(shape[0], inner):
             raise ParaError(f"{where}: layer {layer} has rank {r}, more than the layer allows ({min(shape[0], inner)}).")
+        if state.kind == "reference" and state.D[layer].shape[1] != inner:
+            raise ParaError(
+                f"{where}: layer {layer}: para_D has {state.D[layer].shape[1]} input columns but the weight in {family} "
+                f"has shape {shape} ({inner} = in*kh*kw). This adapter was made for another model "
+                f"(its base: {state.metadata.get('para.base_arch') or 'unknown'}); pick the checkpoint it was trained on.")
     return state
 
 

@@ -101,6 +101,9 @@ def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
     for i, s in enumerate(strengths):
         if not (s == s) or s in (float("inf"), float("-inf")):
             raise ParaError(f"strength of input {i + 1} ({states[i].name}) is {s}; give a finite number")
+    kinds = {st.kind for st in states}
+    if "reference" in kinds:
+        _check_reference_merge(states, kinds, mode)
     archs = {st.metadata.get("para.base_arch") for st in states} - {None, ""}
     if len(archs) > 1:
         names = ", ".join(f"{st.name} ({st.metadata.get('para.base_arch')})" for st in states)
@@ -110,6 +113,8 @@ def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
         for l in st.layers:
             if l not in order:
                 order.append(l)
+    if "reference" in kinds:
+        return _merge_reference_states(states, strengths, order)
     U, V = {}, {}
     for layer in order:
         items = []
@@ -142,3 +147,55 @@ def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
         extra={"para.merge_inputs": __import__("json").dumps([[st.name, float(s)] for st, s in zip(states, strengths)])},
     )
     return ParaState(kind="merged", U=U, V=V, metadata=md)
+
+
+def _check_reference_merge(states, kinds, mode: str) -> None:
+    from .fileformat import ParaError
+
+    names = ", ".join(f"{st.name} ({st.kind})" for st in states)
+    if kinds != {"reference"}:
+        raise ParaError(
+            f"cannot merge reference-parametrization adapters (W0 - U D) with paper ones (W0 - Q Q^T W0): {names}. "
+            "The sum would need the base weights W0 to write the paper's terms as U D. Export each to a LoRA "
+            "(PaRa Export LoRA / python -m para_core export-lora) and stack the LoRAs, or apply them one after "
+            "the other (PaRa Apply twice).")
+    if mode != "sum":
+        raise ParaError(
+            f"merge mode {mode!r} is not defined for reference-parametrization adapters (W0 - U D, no subspace to "
+            f"project onto without W0): {names}. Use mode 'sum'.")
+
+
+def _merge_reference_states(states, strengths, order):
+    """sum of reference adapters: W0 - sum_i s_i U_i D_i, the terms concatenated (a reference adapter)."""
+    import json
+
+    from .fileformat import ParaError
+    from .reference import merge_reference_sum, reference_state
+
+    U, D = {}, {}
+    for layer in order:
+        items = []
+        for st, s in zip(states, strengths):
+            if layer not in st.layers:
+                continue
+            u, d = st.U[layer], st.D[layer]
+            if items and (u.shape[0] != items[0][0].shape[0] or d.shape[1] != items[0][1].shape[1]):
+                raise ParaError(
+                    f"cannot merge: layer {layer} has shape U {tuple(items[0][0].shape)}, D {tuple(items[0][1].shape)} "
+                    f"in one adapter and U {tuple(u.shape)}, D {tuple(d.shape)} in {st.name}; they were made for "
+                    "different models")
+            items.append((u, d, float(s)))
+        U[layer], D[layer] = merge_reference_sum(items)
+    base = states[0].metadata
+    fps = {st.metadata.get("para.base_fingerprint", "") for st in states}
+    same_layers = all(set(st.layers) == set(states[0].layers) for st in states)
+    return reference_state(
+        U, D,
+        ranks={l: int(U[l].shape[1]) for l in U},
+        layers=base.get("para.layers", ""),
+        base_arch=base.get("para.base_arch", ""),
+        base_fingerprint=fps.pop() if len(fps) == 1 and same_layers else "",
+        merge_mode="sum",
+        title="merge(" + ", ".join(f"{st.name}:{s:g}" for st, s in zip(states, strengths)) + ", sum)",
+        extra={"para.merge_inputs": json.dumps([[st.name, float(s)] for st, s in zip(states, strengths)])},
+    )

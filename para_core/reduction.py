@@ -25,28 +25,40 @@ __all__ = [
 class RankCap:
     """How the requested rank is capped per layer.
 
-    ``reference`` (default) is the paper's code: a layer whose output width is below 40*r gets
-    r = out // 40, here floored at 1 so narrow layers stay adapted (the reference code would
-    give them rank 0, i.e. drop them). ``none`` only caps at what the matrix allows,
-    min(out, in*k*k).
+    ``reference`` (default; the pack's reading of the paper's code): every layer (Linear and
+    conv) whose output width is below ratio*r gets r = out // ratio, floored at 1 so narrow layers
+    stay adapted. ``reference-code``: exactly what the authors' code does
+    (``LoRA_Left_Column_learn_Q_Module``, ``--loraRatio``): Linear layers (2-D weights) are never
+    capped; convs get min(r, out // ratio, in, out) when out < ratio*r, else min(r, in, out)
+    (``in`` = the conv's input channels), also floored at 1 where the code would build a
+    rank-0 conv. ``none`` only caps at what the matrix allows, min(out, in*k*k); every rule
+    stays within that. ratio defaults to 40 (the code's default).
     """
 
     REFERENCE = "reference"
+    REFERENCE_CODE = "reference-code"
     NONE = "none"
-    MODES = (REFERENCE, NONE)
+    MODES = (REFERENCE, REFERENCE_CODE, NONE)
+    DEFAULT_RATIO = 40
 
 
-def effective_rank(rank: int, weight_shape: Tuple[int, ...] | torch.Size, cap: str = RankCap.REFERENCE) -> int:
+def effective_rank(rank: int, weight_shape: Tuple[int, ...] | torch.Size, cap: str = RankCap.REFERENCE,
+                   ratio: int = RankCap.DEFAULT_RATIO) -> int:
     """The rank a layer of ``weight_shape`` actually gets for a requested ``rank``."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if cap not in RankCap.MODES:
         raise ValueError(f"unknown rank cap {cap!r}; use one of {', '.join(RankCap.MODES)}")
+    if ratio < 1:
+        raise ValueError(f"rank ratio must be >= 1, got {ratio}")
     out = int(weight_shape[0])
     inner = int(math.prod(weight_shape[1:]))
     r = min(rank, out, inner)
-    if cap == RankCap.REFERENCE and out < 40 * rank:
-        r = min(r, max(1, out // 40))
+    if cap == RankCap.REFERENCE and out < ratio * rank:
+        r = min(r, max(1, out // ratio))
+    elif cap == RankCap.REFERENCE_CODE and len(weight_shape) > 2:
+        code = rank if out >= ratio * rank else out // ratio
+        r = min(r, max(1, min(code, int(weight_shape[1]), out)))
     return r
 
 

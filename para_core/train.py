@@ -28,7 +28,7 @@ from .reduction import basis, effective_rank, reduce_activation, RankCap
 __all__ = ["INIT_METHODS", "DEFAULT_INIT", "init_B", "cheaper_side", "forward_weight_side",
            "forward_activation_side", "ParaLayer", "layer_op"]
 
-INIT_METHODS = ("kaiming", "orthogonal", "top-singular", "bottom-singular")
+INIT_METHODS = ("kaiming", "orthogonal", "top-singular", "bottom-singular", "reference")
 # Measured (tiny SD1.5-shaped UNet, 2 images, rank 4, AdamW, 60 steps, 3 seeds; loss on fixed
 # noise/timesteps, base model 1.359): lr 1e-2 -> kaiming 0.941, orthogonal 0.890,
 # bottom-singular 0.900, top-singular 0.861; lr 1e-3 -> 1.262, 1.225, 1.238, 1.204.
@@ -43,13 +43,17 @@ DEFAULT_INIT = "orthogonal"
 def init_B(weight: torch.Tensor, rank: int, method: str = DEFAULT_INIT, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Initial B (out, rank) in float32 on ``weight``'s device.
 
-    - ``kaiming``: kaiming-uniform random columns (the reference code's init for its factors);
-      a random r-dim subspace is removed at step 0.
+    - ``kaiming``: kaiming-uniform random columns (kohya/LoRA's init for a down factor; not
+      what the reference code starts from, see ``reference``); a random r-dim subspace is removed
+      at step 0.
     - ``orthogonal``: random orthonormal columns (same subspace law, better conditioned QR).
     - ``top-singular``: the top-r left singular vectors of W0 (removes the most energy at once;
       aggressive).
     - ``bottom-singular``: the r weakest output directions of W0 (starts closest to the base
       model; the reduction then grows where the data asks).
+    - ``reference``: what the authors' code starts from: B0 = 0, whose QR is the first r columns
+      of the identity; here B0 = those columns (QR of 0 has no gradient), so Q0 is the same:
+      the layer's first r output channels are removed at step 0.
     """
     out = weight.shape[0]
     if method == "kaiming":
@@ -59,6 +63,8 @@ def init_B(weight: torch.Tensor, rank: int, method: str = DEFAULT_INIT, generato
     elif method == "orthogonal":
         G = torch.randn(out, rank, generator=generator)
         B = torch.linalg.qr(G, mode="reduced")[0]
+    elif method == "reference":
+        B = torch.eye(out, rank)
     elif method in ("top-singular", "bottom-singular"):
         W = weight.detach().reshape(out, -1).float().cpu()
         Uw, _, _ = torch.linalg.svd(W, full_matrices=False)
