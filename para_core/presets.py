@@ -7,9 +7,10 @@ selected (norms and biases are never adapted).
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+
+from .patterns import PatternError, compile_glob, compile_regex
 
 __all__ = ["PRESETS", "PRESET_NAMES", "DEFAULT_PRESET", "select_layers", "strip_prefix", "PresetError"]
 
@@ -62,9 +63,9 @@ def strip_prefix(path: str) -> str:
     return path[len(PREFIX):] if path.startswith(PREFIX) else path
 
 
-def _compile_custom(spec: str) -> Tuple[List[re.Pattern], List[re.Pattern]]:
+def _compile_custom(spec: str) -> Tuple[list, list]:
     """Custom patterns: comma/newline separated; ``re:`` marks a regex, anything else is a glob
-    (``*`` matches across dots); a leading ``!`` excludes."""
+    (``*`` matches across dots); a leading ``!`` excludes. Matched by patterns.LinearPattern."""
     include, exclude = [], []
     for raw in re.split(r"[,\n]", spec):
         item = raw.strip()
@@ -72,14 +73,14 @@ def _compile_custom(spec: str) -> Tuple[List[re.Pattern], List[re.Pattern]]:
             continue
         target = exclude if item.startswith("!") else include
         item = item.lstrip("!").strip()
-        if item.startswith("re:"):
-            pattern = item[3:]
-        else:
-            pattern = fnmatch.translate(strip_prefix(item))
+        # Linear-time matching (patterns.py): a user's pattern must never stall the server.
         try:
-            target.append(re.compile(pattern))
-        except re.error as e:
-            raise PresetError(f"layer pattern {item!r} is not a valid regular expression: {e}") from None
+            if item.startswith("re:"):
+                target.append(compile_regex(item[3:]))
+            else:
+                target.append(compile_glob(strip_prefix(item)))
+        except PatternError as e:
+            raise PresetError(str(e)) from None
     if not include:
         raise PresetError(f"layer patterns {spec!r} include nothing; give a preset name ({', '.join(PRESET_NAMES)}) or patterns")
     return include, exclude
