@@ -331,3 +331,31 @@ def test_usage_errors_exit_2_with_one_line(argv, capsys):
         main(argv)
     assert e.value.code == 2
     _one_error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------- start-up cost (issue 13.14)
+
+@pytest.mark.parametrize("argv", [
+    ["inspect", "{tmp}/missing.safetensors"],
+    ["merge", "--mode", "sum", "{a}", "{tmp}/missing.safetensors:0.5", "-o", "{out}/m.safetensors"],
+    ["export-lora", "--base", "{tmp}/missing.safetensors", "--para", "{a}", "-o", "{out}/l.safetensors"],
+    ["bake", "--base", "{ckpt}", "--para", "{tmp}/missing.safetensors", "-o", "{out}/b.safetensors"],
+], ids=["inspect", "merge", "export-lora", "bake"])
+def test_a_wrong_path_fails_at_once_without_importing_torch(files, argv):
+    argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
+    code = f"import sys; from para_core.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["1", "False"], r.stdout + r.stderr
+    line = _one_error_line(r.stderr)
+    assert f"{files['tmp']}/missing.safetensors: no such file" in line
+    assert "models/para" not in line, "an explicit path gets no advice about ComfyUI's folders"
+
+
+def test_a_folder_given_as_a_file_is_named(files, capsys):
+    assert main(["inspect", str(files["out"])]) == 1
+    assert f"{files['out']}: is a folder" in _one_error_line(capsys.readouterr().err)
+
+
+def test_the_merge_mode_choices_are_the_merge_modes():
+    from para_core import cli, merge
+    assert cli.MERGE_MODES == merge.MERGE_MODES
