@@ -31,7 +31,8 @@ from pathlib import Path
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "ComfyUI-PaRa"
 
-COMFYUI_MISSING = "ComfyUI not found: set COMFYUI_PATH or clone it to ~/ComfyUI; see README"
+COMFYUI_MISSING = ("ComfyUI not found: set COMFYUI_PATH (one checkout) or COMFYUI_PATHS (several), or clone it "
+                   "to ~/ComfyUI; see README")
 
 # Bump when build_sd15_checkpoint changes what it writes: cached files with another version
 # are rebuilt.
@@ -48,8 +49,13 @@ def is_comfyui_root(path) -> bool:
     return (path / "main.py").is_file() and (path / "comfy").is_dir()
 
 
+DEFAULT_COMFYUI_PATHS = ("~/ComfyUI", "~/ComfyUI-0.33")
+
+
 def comfyui_candidates() -> list[tuple[str, Path]]:
-    """Where ComfyUI is looked for, in order, as (reason, path)."""
+    """Where ComfyUI is looked for, in order, as (reason, path): $COMFYUI_PATH; the ComfyUI
+    that holds this pack in custom_nodes; then each entry of $COMFYUI_PATHS (os.pathsep
+    separated), or, when that is unset, ~/ComfyUI and ~/ComfyUI-0.33."""
     out = []
     env = os.environ.get("COMFYUI_PATH")
     if env:
@@ -59,20 +65,50 @@ def comfyui_candidates() -> list[tuple[str, Path]]:
     for pack in (Path(os.path.abspath(__file__)).parent.parent, PACK_ROOT):
         if pack.parent.name == "custom_nodes":
             out.append(("custom_nodes parent", pack.parent.parent))
-    out.append(("~/ComfyUI", Path.home() / "ComfyUI"))
+    paths = os.environ.get("COMFYUI_PATHS")
+    if paths is not None:
+        out += [("COMFYUI_PATHS", Path(p).expanduser()) for p in paths.split(os.pathsep) if p.strip()]
+    else:
+        out += [(p, Path(p).expanduser()) for p in DEFAULT_COMFYUI_PATHS]
     return out
 
 
-def find_comfyui() -> Path | None:
-    """The ComfyUI root to test against, or None.
-
-    Order: $COMFYUI_PATH; the ComfyUI root two levels up when this pack lives in
-    ComfyUI/custom_nodes/<pack>; ~/ComfyUI. A candidate counts only if it has main.py and comfy/.
-    """
+def find_all_comfyui() -> list[Path]:
+    """Every distinct ComfyUI root among comfyui_candidates(), in that order (each counts only if
+    it has main.py and comfy/). The test suite runs once per root (.ci/run)."""
+    roots: list[Path] = []
     for _, path in comfyui_candidates():
-        if is_comfyui_root(path):
-            return path.resolve()
-    return None
+        if is_comfyui_root(path) and path.resolve() not in roots:
+            roots.append(path.resolve())
+    return roots
+
+
+def find_comfyui() -> Path | None:
+    """The ComfyUI root to test against in this process, or None: the first of
+    find_all_comfyui() ($COMFYUI_PATH first when it is a ComfyUI checkout)."""
+    roots = find_all_comfyui()
+    return roots[0] if roots else None
+
+
+def comfyui_version(root) -> str:
+    """The version a ComfyUI checkout says it is (comfyui_version.py, else pyproject.toml),
+    read from the files without importing anything; "unknown" when neither says."""
+    import re
+    root = Path(root)
+    for name, pattern in (("comfyui_version.py", r"__version__\s*=\s*[\"']([^\"']+)[\"']"),
+                          ("pyproject.toml", r"(?m)^version\s*=\s*[\"']([^\"']+)[\"']")):
+        try:
+            m = re.search(pattern, (root / name).read_text(errors="replace"))
+        except OSError:
+            continue
+        if m:
+            return m.group(1)
+    return "unknown"
+
+
+def version_tuple(version: str) -> tuple:
+    """"0.3.64" -> (0, 3, 64); parts that are not numbers count as 0."""
+    return tuple(int(p) if p.isdigit() else 0 for p in str(version).split("."))
 
 
 _configured: dict = {}

@@ -20,11 +20,11 @@ import pytest
 import comfy_env
 
 # Fixtures that need a ComfyUI checkout; tests using them get the `comfyui` marker.
-COMFY_FIXTURES = {"comfyui_path", "comfy_in_process", "comfy_base_dir", "tiny_model",
+COMFY_FIXTURES = {"comfyui_path", "comfyui_version", "comfy_in_process", "comfy_base_dir", "tiny_model",
                   "tiny_model_factory", "sd15_checkpoint", "comfy_server", "para_pack"}
 SERVER_FIXTURES = {"comfy_server"}
 
-_state = {"root": None, "base_dir": None}
+_state = {"root": None, "base_dir": None, "version": None}
 
 
 def pytest_configure(config):
@@ -37,7 +37,7 @@ def pytest_configure(config):
         for sub in ("models/checkpoints", "models/para", "models/loras", "input", "output", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         comfy_env.configure_comfy(root, base_directory=base)
-        _state.update(root=root, base_dir=base)
+        _state.update(root=root, base_dir=base, version=comfy_env.comfyui_version(root))
 
 
 def pytest_unconfigure(config):
@@ -47,9 +47,28 @@ def pytest_unconfigure(config):
 
 def pytest_report_header(config):
     root = _state["root"]
-    return f"ComfyUI: {root}" if root else f"ComfyUI: absent ({comfy_env.COMFYUI_MISSING})"
+    others = [str(r) for r in comfy_env.find_all_comfyui()[1:]]
+    also = f" (also found, not tested in this run: {', '.join(others)}; .ci/run tests each)" if others else ""
+    return (f"ComfyUI {_state['version']}: {root}{also}" if root
+            else f"ComfyUI: absent ({comfy_env.COMFYUI_MISSING})")
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line that says which ComfyUI this run covered and how its ComfyUI tests went
+    (.ci/run collects these lines, one per ComfyUI version)."""
+    counts = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        reports = terminalreporter.stats.get(outcome, [])
+        counts[outcome] = sum(1 for r in reports if getattr(r, "when", "call") in ("call", "setup")
+                              and "comfyui" in getattr(r, "keywords", {}))
+    total = sum(1 for r in terminalreporter.stats.get("passed", []) if getattr(r, "when", "") == "call")
+    what = f"ComfyUI {_state['version']} at {_state['root']}" if _state["root"] else "no ComfyUI"
+    terminalreporter.write_line(
+        f"PARA-COVERED: {what}: ComfyUI tests {counts['passed']} passed, {counts['failed']} failed, "
+        f"{counts['error']} errors, {counts['skipped']} skipped; {total} passed in all")
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=comfy_env.COMFYUI_MISSING)
     for item in items:
@@ -68,6 +87,13 @@ def comfyui_path() -> Path:
     if _state["root"] is None:
         pytest.skip(comfy_env.COMFYUI_MISSING)
     return _state["root"]
+
+
+@pytest.fixture(scope="session")
+def comfyui_version(comfyui_path) -> str:
+    """The version of the ComfyUI under test, e.g. "0.3.64" or "0.33.0" (compare with
+    comfy_env.version_tuple)."""
+    return _state["version"]
 
 
 @pytest.fixture(scope="session")

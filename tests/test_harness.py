@@ -22,6 +22,51 @@ def test_find_comfyui_ignores_a_folder_without_main_py(tmp_path, monkeypatch):
     assert comfy_env.find_comfyui() != tmp_path.resolve()
 
 
+def fake_comfyui(folder: Path, version: str | None = None) -> Path:
+    (folder / "comfy").mkdir(parents=True)
+    (folder / "main.py").write_text("")
+    if version:
+        (folder / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+    return folder
+
+
+def test_comfyui_paths_lists_every_checkout_once_in_order(tmp_path, monkeypatch):
+    a, b = fake_comfyui(tmp_path / "a", "0.3.64"), fake_comfyui(tmp_path / "b", "0.33.0")
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv("COMFYUI_PATHS", os.pathsep.join([str(b), str(tmp_path / "missing"), str(a), str(b)]))
+    roots = comfy_env.find_all_comfyui()
+    assert roots[-2:] == [b.resolve(), a.resolve()] and len(set(roots)) == len(roots)
+    assert [comfy_env.comfyui_version(r) for r in roots[-2:]] == ["0.33.0", "0.3.64"]
+
+
+def test_comfyui_path_comes_before_comfyui_paths(tmp_path, monkeypatch):
+    a, b = fake_comfyui(tmp_path / "a"), fake_comfyui(tmp_path / "b")
+    monkeypatch.setenv("COMFYUI_PATH", str(b))
+    monkeypatch.setenv("COMFYUI_PATHS", os.pathsep.join([str(a), str(b)]))
+    assert comfy_env.find_comfyui() == b.resolve()
+    assert comfy_env.find_all_comfyui()[-2:] == [b.resolve(), a.resolve()]
+
+
+def test_default_paths_are_both_comfyui_versions(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("COMFYUI_PATHS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    old, new = fake_comfyui(tmp_path / "ComfyUI", "0.3.64"), fake_comfyui(tmp_path / "ComfyUI-0.33", "0.33.0")
+    assert comfy_env.find_all_comfyui()[-2:] == [old.resolve(), new.resolve()]
+
+
+def test_comfyui_version_reads_the_checkout_without_importing_it(tmp_path):
+    assert comfy_env.comfyui_version(fake_comfyui(tmp_path / "v", "0.33.0")) == "0.33.0"
+    assert comfy_env.comfyui_version(fake_comfyui(tmp_path / "none")) == "unknown"
+    assert comfy_env.version_tuple("0.33.0") > comfy_env.version_tuple("0.3.64")
+
+
+def test_the_comfyui_under_test_is_the_one_imported(comfyui_path, comfyui_version, comfy_in_process):
+    import comfyui_version as imported
+    assert Path(imported.__file__).resolve().parent == comfyui_path
+    assert imported.__version__ == comfyui_version
+
+
 def test_tiny_model_samples_deterministically(tiny_model, tiny_model_factory):
     import torch
     pos, neg = comfy_env.random_conditioning(1), comfy_env.random_conditioning(2)
