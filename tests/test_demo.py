@@ -1,9 +1,14 @@
 """The one-command demo (workflows/demo.py) end to end at --quick, and its message when ComfyUI
-is missing."""
+is missing; the client's own /ws reader (the demo's progress needs no websocket-client)."""
+import base64
+import hashlib
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -89,3 +94,94 @@ def test_a_user_checkpoint_runs_the_shipped_workflows_at_the_paper_settings(tmp_
     assert demo.user_checkpoint("my_model.safetensors", tmp_path).name == "my_model.safetensors"
     with pytest.raises(SystemExit, match="found: my_model.safetensors"):
         demo.user_checkpoint("other.safetensors", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# Live progress without websocket-client (issue 13.11: ComfyUI 0.3.64 does not install it)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.server
+def test_progress_comes_from_ws_without_websocket_client(comfy_server, monkeypatch):
+    import comfy_client
+    monkeypatch.setitem(sys.modules, "websocket", None)  # `import websocket` raises ImportError
+    c = comfy_client.Client(comfy_server.url)
+    events = []
+    res = c.run(comfy_env.txt2img_graph(steps=3, seed=11, prefix="ws_check"), timeout=300, on_event=events.append)
+    c.close()
+    assert res.ok, res.error
+    assert c.ws_error is None
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [e["value"] for e in progress][-1] == 3 and {e["max"] for e in progress} == {3}
+    assert any(e["type"] == "executing" and e.get("node") == "sampler" for e in events)
+
+
+def _frame(opcode, payload, fin=True):
+    n = len(payload)
+    size = bytes([n]) if n < 126 else bytes([126]) + struct.pack(">H", n) if n < 65536 else \
+        bytes([127]) + struct.pack(">Q", n)
+    return bytes([(0x80 if fin else 0) | opcode]) + size + payload
+
+
+def _unmask(sock):
+    head = sock.recv(2)
+    n = head[1] & 0x7F
+    mask = sock.recv(4)
+    data = b""
+    while len(data) < n:
+        data += sock.recv(n - len(data))
+    return head[0] & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(data))
+
+
+def test_the_ws_reader_reassembles_fragments_answers_pings_and_sees_the_close():
+    import comfy_client
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    seen = {}
+
+    def serve():
+        conn, _ = srv.accept()
+        req = b""
+        while b"\r\n\r\n" not in req:
+            req += conn.recv(4096)
+        key = [ln.split(b":", 1)[1].strip() for ln in req.split(b"\r\n") if ln.lower().startswith(b"sec-websocket-key")][0]
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        big = b"x" * 70000
+        frames = _frame(0x1, b'{"type": "st', fin=False) + _frame(0x9, b"hi") + _frame(0x0, b'atus"}') + _frame(0x2, big) + _frame(0x1, b"y" * 300)
+        for i in range(0, len(frames), 7):  # in small pieces: frames split across reads
+            conn.sendall(frames[i:i + 7])
+        seen["pong"] = _unmask(conn)
+        conn.sendall(_frame(0x8, struct.pack(">H", 1000)))
+        seen["close"] = _unmask(conn)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    ws = comfy_client.WebSocket(f"ws://127.0.0.1:{srv.getsockname()[1]}/ws?clientId=abc")
+    assert ws.recv() == '{"type": "status"}'
+    assert ws.recv() == b"x" * 70000
+    assert ws.recv() == "y" * 300
+    assert ws.recv() is None
+    t.join(5)
+    srv.close()
+    assert seen["pong"] == (0xA, b"hi") and seen["close"][0] == 0x8
+
+
+def test_a_server_that_refuses_the_upgrade_is_a_clear_error():
+    import comfy_client
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(comfy_client.WebSocketError, match="404 Not Found"):
+        comfy_client.WebSocket(f"ws://127.0.0.1:{srv.getsockname()[1]}/ws")
+    srv.close()

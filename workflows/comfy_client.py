@@ -1,13 +1,20 @@
 """A small client for a running ComfyUI server: queue API-format graphs (POST /prompt), follow
 their progress (/ws), wait for them (/history), download what they wrote (/view).
 
-Standard library only, plus websocket-client for live progress (ComfyUI installs it; without
-it progress falls back to polling). Used by demo.py and batch.py.
+Standard library only, so it runs in any ComfyUI's Python: ComfyUI 0.3.64 does not install
+websocket-client, so /ws is read by the small RFC 6455 client below (WebSocket) rather than
+depend on it; should /ws not answer, waiting falls back to polling /history (without the live
+progress). Used by demo.py and batch.py.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import queue
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -79,6 +86,7 @@ class Client:
         self.timeout = timeout
         self.client_id = uuid.uuid4().hex
         self._ws = None
+        self.ws_error: str | None = None
 
     # ---- HTTP -------------------------------------------------------------------------------
 
@@ -140,7 +148,7 @@ class Client:
 
     def wait(self, prompt_id: str, timeout: float | None = None, poll: float = 0.25, on_event=None) -> Result:
         """Wait for a prompt to finish. on_event(event) gets the /ws progress of this prompt
-        (see Events) when websocket-client is installed."""
+        (see Events) while /ws answers."""
         events = self.events() if on_event else None
 
         def deliver():
@@ -181,14 +189,14 @@ class Client:
     # ---- progress ---------------------------------------------------------------------------
 
     def events(self) -> "Events | None":
-        """The /ws listener of this client (started on first use); None without websocket-client."""
+        """The /ws listener of this client (started on first use); None when /ws does not answer
+        (then wait() polls /history and gets no progress; ws_error says why)."""
         if self._ws is None:
             try:
                 self._ws = Events(self.url, self.client_id)
-            except ImportError:
+            except (OSError, WebSocketError) as e:
                 self._ws = False
-            except OSError:
-                self._ws = False
+                self.ws_error = f"{type(e).__name__}: {e}"
         return self._ws or None
 
     def close(self):
@@ -203,9 +211,8 @@ class Events:
     and progress_text {node, text} (the binary text frames, e.g. PaRa Trainer's loss line)."""
 
     def __init__(self, url: str, client_id: str):
-        import websocket  # websocket-client; ImportError handled by Client.events
         ws_url = url.replace("http://", "ws://").replace("https://", "wss://") + f"/ws?clientId={client_id}"
-        self._ws = websocket.create_connection(ws_url, timeout=10)
+        self._ws = WebSocket(ws_url, timeout=10)
         self._ws.settimeout(0.5)
         self._q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -213,13 +220,14 @@ class Events:
         self._thread.start()
 
     def _loop(self):
-        import websocket
         while not self._stop.is_set():
             try:
                 msg = self._ws.recv()
-            except websocket.WebSocketTimeoutException:
+            except socket.timeout:
                 continue
             except Exception:
+                break
+            if msg is None:  # the server closed the connection
                 break
             ev = self._decode(msg)
             if ev is not None:
@@ -253,4 +261,136 @@ class Events:
         try:
             self._ws.close()
         except Exception:
+            pass
+
+
+# ------------------------------------------------------------------------------------------
+# A minimal WebSocket client (RFC 6455): what reading ComfyUI's /ws needs, nothing more
+# ------------------------------------------------------------------------------------------
+
+class WebSocketError(Exception):
+    """The server did not accept the WebSocket handshake, or sent a malformed frame."""
+
+
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+
+
+class WebSocket:
+    """Connects (ws:// or wss://), receives text and binary messages (reassembling fragments,
+    answering pings), and closes. recv() returns str, bytes, or None once the server has closed;
+    a socket timeout (settimeout) raises socket.timeout and loses nothing already received."""
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("ws", "wss") or not u.hostname:
+            raise WebSocketError(f"{url!r} is not a ws:// or wss:// URL")
+        port = u.port or (443 if u.scheme == "wss" else 80)
+        sock = socket.create_connection((u.hostname, port), timeout=timeout)
+        if u.scheme == "wss":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=u.hostname)
+        self._sock = sock
+        self._buf = b""
+        self._parts: list[bytes] = []
+        self._opcode = 0
+        self._lock = threading.Lock()  # sends (pong, close) may come from two threads
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {u.netloc}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self._buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise WebSocketError(f"{url}: the server closed the connection during the handshake")
+            self._buf += chunk
+            if len(self._buf) > 65536:
+                raise WebSocketError(f"{url}: no end of the handshake answer in 64 kB")
+        head, _, self._buf = self._buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        if len(lines[0].split()) < 2 or lines[0].split()[1] != "101":
+            sock.close()
+            raise WebSocketError(f"{url}: the server answered {lines[0]!r}, not 101 Switching Protocols")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        expect = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
+        if headers.get("sec-websocket-accept") != expect:
+            sock.close()
+            raise WebSocketError(f"{url}: wrong Sec-WebSocket-Accept in the handshake answer")
+
+    def settimeout(self, seconds: float | None):
+        self._sock.settimeout(seconds)
+
+    def _parse(self):
+        """(fin, opcode, payload) of the first frame in the buffer, or None while it is incomplete."""
+        b = self._buf
+        if len(b) < 2:
+            return None
+        n, pos = b[1] & 0x7F, 2
+        if n >= 126:
+            size = 2 if n == 126 else 8
+            if len(b) < 2 + size:
+                return None
+            n, pos = int.from_bytes(b[2:2 + size], "big"), 2 + size
+        mask = b""
+        if b[1] & 0x80:  # servers do not mask, but a masked frame is still readable
+            mask, pos = b[pos:pos + 4], pos + 4
+        if len(b) < pos + n or len(mask) not in (0, 4):
+            return None
+        payload = b[pos:pos + n]
+        if mask:
+            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+        self._buf = b[pos + n:]
+        return bool(b[0] & 0x80), b[0] & 0x0F, payload
+
+    def _frame(self):
+        """The next frame, reading until it is complete (socket.timeout leaves the buffer intact)."""
+        while True:
+            frame = self._parse()
+            if frame is not None:
+                return frame
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the WebSocket connection was closed without a close frame")
+            self._buf += chunk
+
+    def _send(self, opcode: int, payload: bytes = b""):
+        # a client masks every frame (RFC 6455 section 5.3)
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([0x80 | opcode]) + (bytes([0x80 | n]) if n < 126 else
+                                         bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else
+                                         bytes([0x80 | 127]) + struct.pack(">Q", n))
+        with self._lock:
+            self._sock.sendall(head + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload)))
+
+    def recv(self):
+        while True:
+            fin, opcode, payload = self._frame()
+            if opcode == 0x8:  # close: answer it
+                try:
+                    self._send(0x8, payload[:2])
+                except OSError:
+                    pass
+                return None
+            if opcode == 0x9:
+                self._send(0xA, payload)
+                continue
+            if opcode == 0xA:
+                continue
+            if opcode in (0x1, 0x2):
+                self._opcode, self._parts = opcode, [payload]
+            elif opcode == 0x0:
+                self._parts.append(payload)
+            else:
+                raise WebSocketError(f"unknown WebSocket opcode {opcode}")
+            if fin:
+                data, self._parts = b"".join(self._parts), []
+                return data.decode("utf-8", errors="replace") if self._opcode == 0x1 else data
+
+    def close(self):
+        try:
+            self._send(0x8, struct.pack(">H", 1000))
+        except OSError:
+            pass
+        try:
+            self._sock.close()
+        except OSError:
             pass
