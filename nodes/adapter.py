@@ -14,12 +14,18 @@ import torch
 
 from comfy.weight_adapter.base import WeightAdapterBase
 
+from ..para_core.fileformat import ParaError
 from ..para_core.reduction import basis
+from .bypass import OutputSideBypass
 
 log = logging.getLogger("ComfyUI-PaRa")
+# The name TrainLoraNode's 'algorithm' input shows (the map's other keys: LoRA, LoHa, LoKr, OFT).
+TRAIN_ALGORITHM = "PaRa"
 
 
-class ParaAdapter(WeightAdapterBase):
+class ParaAdapter(OutputSideBypass, WeightAdapterBase):
+    """A PaRa file's layer. Weight patching: ``calculate_weight``. Bypass loading (0.33+):
+    ``bypass_forward`` (nodes/bypass.py). ComfyUI's trainer: ``create_train``/``to_train``."""
     name = "para"
 
     def __init__(self, loaded_keys, weights):
@@ -53,6 +59,30 @@ class ParaAdapter(WeightAdapterBase):
         _, U, V = self.weights
         return U.to(device, torch.float32), V.to(device, torch.float32)
 
+    def bypass_factors(self, device) -> tuple:
+        # Bypass runs every forward: compute Q once per (tensors, device), not per call. ComfyUI's
+        # bypass hook replaces self.weights with copies on the compute device, which resets this.
+        cached = getattr(self, "_bypass_cache", None)
+        if cached is not None and cached[0] is self.weights and cached[1] == device:
+            return cached[2]
+        factors = self.factors(device)
+        self._bypass_cache = (self.weights, device, factors)
+        return factors
+
+    @classmethod
+    def create_train(cls, weight, rank=1, alpha=1.0):
+        """A new trainable PaRa layer for ComfyUI's TrainLoraNode (algorithm "PaRa")."""
+        from .train_adapter import ParaTrainDiff
+        return ParaTrainDiff.create(weight, rank)
+
+    def to_train(self):
+        """Continue training this file's B in TrainLoraNode (its existing_lora input)."""
+        from .train_adapter import ParaTrainDiff
+        if self.weights[0] != "B":
+            raise ParaError("this PaRa file is a merged adapter (para_U/para_V): it has no B to train further. "
+                            "Pick a trained subject file (para_B) as existing_lora, or none.")
+        return ParaTrainDiff(self.weights[1].float())
+
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         U, V = self.factors(weight.device)
@@ -78,4 +108,8 @@ def register() -> bool:
         return False
     if not any(getattr(a, "name", None) == "para" for a in adapters):
         adapters.append(ParaAdapter)
+    # ComfyUI's own trainer (TrainLoraNode) offers the algorithms of this map.
+    maps = getattr(wa, "adapter_maps", None)
+    if isinstance(maps, dict) and TRAIN_ALGORITHM not in maps:
+        maps[TRAIN_ALGORITHM] = ParaAdapter
     return True
