@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..para_core.bypass import reduce_output
+from ..para_core.bypass import reduce_output, reference_output_delta
 
 
 def _module_of(org_forward) -> Optional[torch.nn.Module]:
@@ -99,3 +99,21 @@ class OutputSideBypass:
         b = layer_bias(org_forward, x, y, conv_dim, kernel_size, dilation, args, kwargs)
         U, V = self.bypass_factors(y.device)
         return reduce_output(y, b, U, V, channel_dim, float(getattr(self, "multiplier", 1.0)))
+
+
+class ReferenceBypass:
+    """Mixin for the ``reference`` kind's adapter (W' = W0 - s U D, a LoRA): its bypass form
+    y - s U (D x) needs only the input, so the plain ``h`` serves it. Subclasses give
+    ``factors(device) -> (U, D)``. Layer geometry comes from ComfyUI's bypass hook."""
+
+    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if "is_conv" not in getattr(self, "__dict__", {}):
+            raise NotImplementedError(
+                "PaRa reference bypass: h() was called without the layer geometry ComfyUI's bypass hook sets "
+                "(is_conv, conv_dim, kernel_size, in_channels, kw_dict); apply the file with weight patching "
+                "(PaRa Loader or Load LoRA) instead.")
+        U, D = self.factors(x.device)
+        conv_dim = int(self.conv_dim) if self.is_conv else 0
+        return reference_output_delta(x, U, D, conv_dim, tuple(getattr(self, "kernel_size", ())),
+                                      getattr(self, "in_channels", None), dict(getattr(self, "kw_dict", None) or {}),
+                                      float(getattr(self, "multiplier", 1.0))).to(base_out.dtype)

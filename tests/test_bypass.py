@@ -77,6 +77,28 @@ def test_bypass_loading_equals_weight_patching_at_every_strength(tiny_model_fact
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=lambda m: f"strength {s}: {m}")
 
 
+def test_reference_kind_bypass_equals_weight_patching(tiny_model_factory, mod, bypass_api):
+    adapter_mod = mod("nodes.adapter")
+    if not hasattr(adapter_mod, "ReferenceAdapter"):
+        pytest.skip("no reference-kind adapter in this tree yet")
+    model = with_random_biases(tiny_model_factory(seed=0))
+    shapes = mod("nodes.patching").layer_shapes(model)
+    layers = mod("para_core").select_layers(shapes, "full")
+    g = torch.Generator().manual_seed(6)
+    lora = {}
+    for l in layers:
+        out, inner = shapes[l][0], int(torch.tensor(shapes[l][1:]).prod())
+        lora[f"{l}.para_U"] = torch.randn(out, 2, generator=g) * 0.3
+        lora[f"{l}.para_D"] = torch.randn(2, inner, generator=g) / inner ** 0.5
+    base = sample(model)
+    for s in (1.0, 0.5, 2.0):
+        patched, _ = bypass_api.load_lora_for_models(model, None, lora, s, 0)
+        bypassed, _ = bypass_api.load_bypass_lora_for_models(model, None, lora, s, 0)
+        want, got = sample(patched), sample(bypassed)
+        assert (want - base).abs().max() > 1e-2
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=lambda m: f"strength {s}: {m}")
+
+
 def test_bypass_form_keeps_the_bias_per_layer(mod, comfy_in_process):
     """Linear and strided/dilated/padded convs, with and without bias, the bias read from the
     module and from the forward itself (what offloaded / quantized layers need)."""
