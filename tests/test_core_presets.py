@@ -51,10 +51,12 @@ TWO_D = [n for n, s in SD15.items() if len(s) == 2]
 
 EXPECTED = {
     "noxattn": SELF + RESNET + RESAMPLE,
-    "innoxattn": CROSS + RESNET + RESAMPLE,
+    # the reference code filters out attn2 only (its comment says otherwise): as noxattn
+    "innoxattn": SELF + RESNET + RESAMPLE,
     "selfattn": SELF,
     "xattn": CROSS,
-    "xattn-strict": [f"{ATTN}.attn2.to_q", f"{ATTN}.attn2.to_k", f"{MID_ATTN}.attn2.to_k"],
+    # the reference code drops the children named "out": q, k and v stay
+    "xattn-strict": [f"{ATTN}.attn2.to_q", f"{ATTN}.attn2.to_k", f"{ATTN}.attn2.to_v", f"{MID_ATTN}.attn2.to_k"],
     "full": SELF + CROSS + RESNET + RESAMPLE,
     "noxattn-hspace": [n for n in SELF + RESNET if n.startswith("middle_block.")],
     "noxattn-hspace-last": ["middle_block.2.out_layers.3"],
@@ -92,8 +94,8 @@ def test_default_preset_is_noxattn():
 
 def test_preset_selecting_nothing_names_preset_and_family():
     flux = {"double_blocks.0.img_attn.qkv": (9216, 3072), "double_blocks.0.img_mlp.0": (12288, 3072)}
-    with pytest.raises(PresetError, match=r"'noxattn'.*Flux"):
-        select_layers(flux, "noxattn", "Flux")
+    with pytest.raises(PresetError, match=r"'xattn'.*Flux"):
+        select_layers(flux, "xattn", "Flux")
 
 
 def test_custom_glob_matches_across_dots():
@@ -101,7 +103,7 @@ def test_custom_glob_matches_across_dots():
 
 
 def test_custom_regex():
-    assert sorted(select_layers(SD15, r"re:.*attn2\.to_[qk]")) == sorted(EXPECTED["xattn-strict"])
+    assert sorted(select_layers(SD15, r"re:.*attn2\.to_[qkv]")) == sorted(EXPECTED["xattn-strict"])
 
 
 def test_custom_exclusion_and_prefixed_glob():
