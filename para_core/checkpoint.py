@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .fileformat import (PREFIX, SUFFIXES, _LORA_MARKERS, ParaError, ParaState, _read_header,
-                         atomic_save_safetensors, check_fingerprint, check_fits, fingerprint)
+                         atomic_save_safetensors, check_fingerprint, check_finite_result, check_fits, fingerprint)
 from .merge import MERGE_MODES, merge_states
 from .reduction import reduce_weight_general
 from .reference import reduce_weight_reference
@@ -247,6 +247,7 @@ def bake(ckpt, items: Sequence[Tuple[ParaState, float]], mode: str = "sum", out_
             if key in adapted:
                 form, U, V = adapted[key]
                 t = (reduce_weight_reference if form == "reference" else reduce_weight_general)(t, U, V, 1.0)
+                check_finite_result(t, ", ".join(st.source or st.name for st in states), f"the baked weight {key} of {ckpt.name}")
             tensors[key] = t
         layers = sorted({l for st in states for l in st.layers})
         info = {

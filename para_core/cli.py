@@ -132,8 +132,9 @@ def _decoded_metadata(md: Dict[str, str]) -> Dict[str, object]:
         if k in ("para.train", "para.ranks", "para.merge_inputs", "para.baked"):
             try:
                 v = json.loads(v)
-            except ValueError:
-                pass
+                json.dumps({"metadata": {k: v}}, indent=2)  # printable too (the indenting encoder recurses in Python)
+            except (ValueError, RecursionError):
+                v = md[k]  # shown as stored (e.g. nested too deeply to decode)
         out[k] = v
     return out
 

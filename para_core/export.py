@@ -11,7 +11,7 @@ from typing import Callable, Dict, Mapping, Tuple
 
 import torch
 
-from .fileformat import ParaState, kohya_name
+from .fileformat import ParaState, check_finite_result, kohya_name
 from .reference import reference_lora
 
 __all__ = ["export_lora", "lora_keys"]
@@ -44,7 +44,7 @@ def export_lora(
             out[ku] = up.to(dtype).cpu()
             out[kd] = down.to(dtype).cpu()
             out[ka] = torch.tensor(float(k), dtype=dtype)
-        return out
+        return _checked(out, state)
     for layer, (U, V) in state.factors().items():
         k = U.shape[1]
         if k == 0:
@@ -60,4 +60,11 @@ def export_lora(
         out[ku] = up.to(dtype).cpu()
         out[kd] = down.to(dtype).cpu()
         out[ka] = torch.tensor(float(k), dtype=dtype)
+    return _checked(out, state)
+
+
+def _checked(out: Dict[str, torch.Tensor], state: ParaState) -> Dict[str, torch.Tensor]:
+    """No LoRA with a non-finite entry is ever written (huge factors overflow in V^T W0 or the cast)."""
+    for key, t in out.items():
+        check_finite_result(t, state.source or state.name, f"the exported LoRA tensor {key} ({str(t.dtype).replace('torch.', '')})")
     return out

@@ -11,8 +11,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
+import secrets
+import stat
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -129,16 +131,45 @@ class ParaState:
 
 # ---------------------------------------------------------------- writing
 
-def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> str:
+# Temporary files end in ".para-tmp" and start with a dot: ComfyUI's model lists filter by
+# extension (folder_paths.filter_files_extensions), so a leftover of a crash is never listed, and
+# remove_stale_temp_files() finds exactly ours. The writer's pid is in the name so that a cleanup
+# never removes a file another live process is still writing.
+TEMP_SUFFIX = ".para-tmp"
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
+# What earlier versions of this pack left behind (tempfile.mkstemp names, listed by ComfyUI).
+_OLD_TEMP_NAME = re.compile(r"^\.tmp-[a-z0-9_]{8}(?:\.safetensors|\.trainer\.pt)$")
+
+
+def temp_path_for(path: str) -> str:
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> str:
     """Call ``write(tmp)`` on a temporary file in the same folder, then rename it to ``path``:
-    a crash or an error never leaves a half-written file (the old one, if any, stays)."""
+    a crash or an error never leaves a half-written file (the old one, if any, stays), and the
+    temporary name is never listed by ComfyUI. The file gets the permissions any other writer
+    would give it (0666 minus the umask, or those of the file it replaces), not mkstemp's 0600.
+    ``suffix`` is accepted for older callers and ignored."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
+    tmp = temp_path_for(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        if mode is None:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 minus the umask, read without changing it
+    finally:
+        os.close(fd)
     try:
         write(tmp)
+        # safetensors' save_file (0.8) recreates the file as 0600 itself: set the mode afterwards.
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -147,6 +178,55 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") 
             pass
         raise
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # no cheap safe check (os.kill would terminate it on Windows): the age decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temp_files(folders: Iterable[str], max_age_s: float = 24 * 3600) -> List[str]:
+    """Delete the temporary files a crashed write left in ``folders`` (recursively): ours whose
+    writer process is gone (or older than ``max_age_s``), earlier versions' ``.tmp-*`` files, and a
+    trainer checkpoint's ``*_stepNNNNNN.trainer.pt`` whose PaRa file was never written. Returns
+    the removed paths. Called when the pack starts (nodes/__init__.py)."""
+    import time as _time
+    removed: List[str] = []
+    now = _time.time()
+    for top in folders:
+        if not os.path.isdir(top):
+            continue
+        for root, _dirs, files in os.walk(top):
+            names = set(files)
+            for name in files:
+                full = os.path.join(root, name)
+                m = _TEMP_NAME.match(name)
+                stale = False
+                try:
+                    if m:
+                        stale = not _pid_alive(int(m.group(1))) or now - os.path.getmtime(full) > max_age_s
+                    elif _OLD_TEMP_NAME.match(name):
+                        stale = True
+                    elif _ORPHAN_STATE.match(name):
+                        stale = name[: -len(".trainer.pt")] + ".safetensors" not in names
+                    if stale:
+                        os.unlink(full)
+                        removed.append(full)
+                except OSError:
+                    pass
+    return removed
+
+
+_ORPHAN_STATE = re.compile(r"^.+_step\d{6}\.trainer\.pt$")
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Optional[Mapping[str, str]] = None) -> None:
@@ -211,6 +291,8 @@ def save_para(state: ParaState, path: str, dtype: torch.dtype = torch.float32) -
             tensors[f"{l}.para_D"] = state.D[l].detach().to(dtype)
     else:
         raise ParaError(f"unknown PaRa kind {state.kind!r}")
+    for key, t in tensors.items():
+        check_finite_result(t, os.fspath(path), f"{key} in {str(dtype).replace('torch.', '')}")
     md = dict(state.metadata)
     md.setdefault("para.format", FORMAT_VERSION)
     md["para.kind"] = state.kind
@@ -238,6 +320,8 @@ def _read_header(path: str, what: str = "PaRa file") -> dict:
         header = json.loads(raw)
     except ValueError:
         raise ParaError(f"{path}: not a safetensors file (its header is not JSON). Pick a .safetensors {what}.") from None
+    except RecursionError:
+        raise ParaError(f"{path}: not a valid safetensors file (its header nests JSON too deeply). Pick a .safetensors {what}.") from None
     if not isinstance(header, dict):
         raise ParaError(f"{path}: not a safetensors file (its header is not a JSON object). Pick a .safetensors {what}.")
     end = 0
@@ -258,6 +342,59 @@ def _layer_and_suffix(key: str) -> Tuple[Optional[str], Optional[str]]:
         if key.endswith(s):
             return key[: -len(s)], s[1:]
     return None, None
+
+
+def check_layer_tensors(where: str, layer: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The checks on one layer's tensors that need no model: pairs complete, 2-D, floating point,
+    finite. ``tensors``: {"para_B": B} or {"para_U": U, "para_V": V} (or "para_D"). ``where`` names
+    the file. The one place for them: load_para and the stock Load LoRA path (nodes/adapter.py)."""
+    if "para_U" in tensors and "para_V" not in tensors and "para_D" not in tensors:
+        raise ParaError(f"{where}: layer {layer} has para_U but no para_V; merged files need both.")
+    for name in ("para_V", "para_D"):
+        if name in tensors and "para_U" not in tensors:
+            raise ParaError(f"{where}: layer {layer} has {name} but no para_U; {'merged' if name == 'para_V' else 'reference'} "
+                            "files need both.")
+    for name, t in tensors.items():
+        want = "(rank, in*kh*kw)" if name == "para_D" else "(out, rank)"
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ParaError(f"{where}: {layer}.{name} has shape {shape}, expected {want}.")
+        if not t.is_floating_point():
+            raise ParaError(f"{where}: {layer}.{name} has dtype {t.dtype}; PaRa tensors are floating point. "
+                            "The file is not a valid PaRa adapter.")
+        if not torch.isfinite(t).all():
+            raise ParaError(f"{where}: {layer}.{name} contains NaN or Inf values; the adapter is broken (retrain, or use an earlier checkpoint).")
+    U, V = tensors.get("para_U"), tensors.get("para_V")
+    if U is not None and V is not None and U.shape != V.shape:
+        raise ParaError(f"{where}: layer {layer}: para_U {tuple(U.shape)} and para_V {tuple(V.shape)} differ in shape.")
+
+
+def check_layer_fits(where: str, layer: str, kind: str, out_dim: int, rank: int, weight_shape: Sequence[int],
+                     family: str = "this model", base_arch: str = "") -> None:
+    """One layer of an adapter against the model's weight: output size, and a subject's rank at
+    most what the layer allows. Shared by check_fits and the patch-time check (nodes/adapter.py)."""
+    shape = tuple(int(d) for d in weight_shape)
+    if len(shape) < 2 or shape[0] != out_dim:
+        raise ParaError(
+            f"{where}: layer {layer} has {out_dim} output channels in the file but the weight in {family} "
+            f"has shape {shape}. This adapter was made for another model "
+            f"(its base: {base_arch or 'unknown'}); pick the checkpoint it was trained on."
+        )
+    inner = 1
+    for d in shape[1:]:
+        inner *= d
+    if kind == "subject" and rank > min(shape[0], inner):
+        raise ParaError(f"{where}: layer {layer} has rank {rank}, more than the layer allows ({min(shape[0], inner)}).")
+
+
+def check_finite_result(t: torch.Tensor, where: str, what: str) -> torch.Tensor:
+    """Finite inputs can still give a non-finite result (entries near 3e38 overflow in U V^T W0, a
+    QR or an fp16 cast): every path that applies or writes a weight checks what it computed."""
+    if not bool(torch.isfinite(t).all()):
+        raise ParaError(f"{where}: {what} is not finite (NaN/Inf): the adapter's values are too large for this "
+                        "computation (e.g. a merge or strength with huge entries, or an fp16 overflow). Nothing was "
+                        "applied or written; use a sane adapter, a lower strength, or fp32.")
+    return t
 
 
 def load_para(path: str, device: str = "cpu") -> ParaState:
@@ -294,21 +431,9 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
     if D or (metadata.get("para.kind") == "reference" and not V):
         _check_reference(path, U, V, D)
         return ParaState(kind="reference", U=U, D=D, metadata=metadata, source=path)
-    for layer in U:
-        if layer not in V:
-            raise ParaError(f"{path}: layer {layer} has para_U but no para_V; merged files need both.")
-    for layer in V:
-        if layer not in U:
-            raise ParaError(f"{path}: layer {layer} has para_V but no para_U; merged files need both.")
-    for name, d in (("para_B", B), ("para_U", U), ("para_V", V)):
-        for layer, t in d.items():
-            if t.dim() != 2:
-                raise ParaError(f"{path}: {layer}.{name} has shape {tuple(t.shape)}, expected (out, rank).")
-            if not torch.isfinite(t).all():
-                raise ParaError(f"{path}: {layer}.{name} contains NaN or Inf values; the adapter is broken (retrain, or use an earlier checkpoint).")
-    for layer in U:
-        if U[layer].shape != V[layer].shape:
-            raise ParaError(f"{path}: layer {layer}: para_U {tuple(U[layer].shape)} and para_V {tuple(V[layer].shape)} differ in shape.")
+    for layer in list(B) + [l for l in dict.fromkeys(list(U) + list(V))]:
+        tensors = {n: d[layer] for n, d in (("para_B", B), ("para_U", U), ("para_V", V)) if layer in d}
+        check_layer_tensors(path, layer, tensors)
     kind = "subject" if B else "merged"
     return ParaState(kind=kind, B=B, U=U, V=V, metadata=metadata, source=path)
 
@@ -416,18 +541,11 @@ def check_fits(state: ParaState, shapes: Mapping[str, Sequence[int]], family: st
                 f"(its base: {state.metadata.get('para.base_arch') or 'unknown'}); pick the checkpoint it was trained on."
             )
         shape = tuple(shapes[layer])
-        if len(shape) < 2 or shape[0] != state.out_dim(layer):
-            raise ParaError(
-                f"{where}: layer {layer} has {state.out_dim(layer)} output channels in the file but the weight in {family} "
-                f"has shape {shape}. This adapter was made for another model "
-                f"(its base: {state.metadata.get('para.base_arch') or 'unknown'}); pick the checkpoint it was trained on."
-            )
-        r = state.rank(layer)
+        check_layer_fits(where, layer, state.kind, state.out_dim(layer), state.rank(layer), shape, family,
+                         state.metadata.get("para.base_arch", ""))
         inner = 1
         for d in shape[1:]:
             inner *= int(d)
-        if state.kind == "subject" and r > min(shape[0], inner):
-            raise ParaError(f"{where}: layer {layer} has rank {r}, more than the layer allows ({min(shape[0], inner)}).")
         if state.kind == "reference" and state.D[layer].shape[1] != inner:
             raise ParaError(
                 f"{where}: layer {layer}: para_D has {state.D[layer].shape[1]} input columns but the weight in {family} "

@@ -90,7 +90,7 @@ def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
     Layers present in only some inputs are merged over those inputs. Inputs made for different
     model families (same layer, different size, or different ``para.base_arch``) are an error.
     """
-    from .fileformat import ParaError, ParaState, build_metadata
+    from .fileformat import ParaError, ParaState, build_metadata, check_finite_result
 
     if mode not in MERGE_MODES:
         raise ParaError(f"unknown merge mode {mode!r}; use one of {', '.join(MERGE_MODES)}")
@@ -129,7 +129,14 @@ def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
                     f"{st.name}; they were made for different models")
             out = u.shape[0]
             items.append((u, v, float(s)))
-        U[layer], V[layer] = merge_factors(items, mode)
+        names = ", ".join(st.name for st in states if layer in st.layers)
+        try:
+            U[layer], V[layer] = merge_factors(items, mode)
+        except (torch.linalg.LinAlgError, RuntimeError) as e:  # e.g. an SVD of overflowing values
+            raise ParaError(f"cannot merge layer {layer} of {names} in mode {mode}: the computation failed ({e}). "
+                            "The adapters' values are too large (not finite once combined); check the input files.") from None
+        for t, what in ((U[layer], "para_U"), (V[layer], "para_V")):
+            check_finite_result(t, f"merge of {names}", f"the merged {layer}.{what}")
     base = states[0].metadata
     # The fingerprint covers the adapted layers; it only carries over when every input has the
     # same one over the same layers (otherwise the merged file's layer set or base differs).

@@ -44,7 +44,49 @@ def load_trainer_state(path: str) -> Dict[str, Any]:
         raise ParaError(f"{path}: unreadable trainer state ({e}); delete it to warm-start from the PaRa file alone.") from None
     if not isinstance(state, dict) or "step" not in state or "layers" not in state:
         raise ParaError(f"{path}: not a PaRa trainer state (no step/layers); delete it to warm-start from the PaRa file alone.")
-    if int(state.get("version", 0)) > TRAINER_STATE_VERSION:
+    _check_fields(state, path)
+    if state["version"] > TRAINER_STATE_VERSION:
         raise ParaError(f"{path}: trainer state version {state.get('version')} is newer than this pack understands "
                         f"({TRAINER_STATE_VERSION}); update ComfyUI-PaRa.")
     return state
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# field: (check, what it must be); optional fields may be missing (older files) or None.
+_FIELDS = {
+    "step": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "layers": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v),
+               "a non-empty list of layer names"),
+    "version": (lambda v: _is_int(v), "a whole number"),
+}
+_OPTIONAL = {
+    "loss_history": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                                     for x in v), "a list of numbers"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state", {}), dict)
+                  and isinstance(v.get("param_groups", []), list), "an optimizer state_dict"),
+    "optimizer_name": (lambda v: isinstance(v, str), "a string"),
+    "scaler": (lambda v: isinstance(v, dict), "a GradScaler state_dict"),
+    "settings": (lambda v: isinstance(v, dict), "a dict"),
+    "data_fingerprint": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_fields(state: Dict[str, Any], path) -> None:
+    """Every field the trainer reads has the type it expects: a hand-edited or foreign file is a
+    clear error naming the field, not a TypeError deep inside the run."""
+    state.setdefault("version", 0)
+    for key, (ok, want) in _FIELDS.items():
+        if not ok(state.get(key)):
+            raise ParaError(f"{path}: field '{key}' is {state.get(key)!r:.80}, it must be {want}. The trainer state is "
+                            "damaged or not from this pack; delete it to warm-start from the PaRa file alone.")
+    for key, (ok, want) in _OPTIONAL.items():
+        if state.get(key) is not None and not ok(state[key]):
+            raise ParaError(f"{path}: field '{key}' is {state[key]!r:.80}, it must be {want}. The trainer state is "
+                            "damaged or not from this pack; delete it to warm-start from the PaRa file alone.")
+    history = state.get("loss_history")
+    if history is not None and len(history) > state["step"]:
+        raise ParaError(f"{path}: field 'loss_history' has {len(history)} entries but 'step' is {state['step']}; the "
+                        "trainer state is damaged. Delete it to warm-start from the PaRa file alone.")

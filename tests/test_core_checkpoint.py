@@ -167,7 +167,7 @@ def test_bake_of_a_misfitting_adapter_names_the_layer_and_writes_nothing(ckpt_pa
     out = tmp_path / "baked.safetensors"
     with pytest.raises(ParaError, match="middle_block.0.emb_layers.1 has 40 output channels"):
         bake(ckpt_path, [(state, 1.0)], "sum", str(out))
-    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-") or p.endswith(".para-tmp")]
 
 
 def test_bake_reports_a_fingerprint_mismatch(ckpt_path, tmp_path):

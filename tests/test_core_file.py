@@ -19,7 +19,7 @@ MODEL_SHAPES = {"diffusion_model." + k: v for k, v in CKPT_LAYERS.items()}
 
 
 def _tmp_files(folder):
-    return [p for p in os.listdir(folder) if p.startswith(".tmp-")]
+    return [p for p in os.listdir(folder) if p.startswith(".tmp-") or p.endswith(".para-tmp")]
 
 
 # ------------------------------------------------------------------------- round trip
