@@ -16,7 +16,8 @@ from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..para_core.fileformat import ParaError
 from ..para_core.reduction import basis
-from .bypass import OutputSideBypass
+from ..para_core.reference import reference_delta
+from .bypass import OutputSideBypass, ReferenceBypass
 
 log = logging.getLogger("ComfyUI-PaRa")
 # The name TrainLoraNode's 'algorithm' input shows (the map's other keys: LoRA, LoHa, LoKr, OFT).
@@ -97,6 +98,47 @@ class ParaAdapter(OutputSideBypass, WeightAdapterBase):
         return weight
 
 
+class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
+    """A ``reference``-kind file's layer (spec section 1b): W' = W0 - s U D, i.e. a LoRA with
+    up = -U, down = D; the math is para_core.reference's. Stock "Load LoRA" reads
+    ``*.para_U`` + ``*.para_D`` files through it."""
+    name = "para_reference"
+
+    def __init__(self, loaded_keys, weights):
+        self.loaded_keys = loaded_keys
+        self.weights = weights  # (U (out, r), D (r, in*kh*kw))
+
+    @classmethod
+    def from_factors(cls, U: torch.Tensor, D: torch.Tensor) -> "ReferenceAdapter":
+        return cls(set(), (U, D))
+
+    @classmethod
+    def load(cls, x: str, lora: dict, alpha: float = None, dora_scale: torch.Tensor = None,
+             loaded_keys: set = None) -> Optional["ReferenceAdapter"]:
+        if loaded_keys is None:
+            loaded_keys = set()
+        u_key, d_key = f"{x}.para_U", f"{x}.para_D"
+        if u_key in lora and d_key in lora and f"{x}.para_V" not in lora:
+            loaded_keys.update((u_key, d_key))
+            return cls(loaded_keys, (lora[u_key], lora[d_key]))
+        return None
+
+    def factors(self, device) -> tuple:
+        U, D = self.weights
+        return U.to(device, torch.float32), D.to(device, torch.float32)
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        U, D = self.factors(weight.device)
+        if U.shape[0] != weight.shape[0] or D.shape[1] != weight[0].numel():
+            log.error("PaRa: %s: reference adapter U %s / D %s does not fit a weight of shape %s; not patched",
+                      key, tuple(U.shape), tuple(D.shape), tuple(weight.shape))
+            return weight
+        # W' = W0 - s U D in float32 whatever the storage dtype.
+        weight += function(reference_delta(weight.shape, U, D, strength).to(weight.dtype))
+        return weight
+
+
 def register() -> bool:
     """Add ParaAdapter to ComfyUI's adapter list (what the stock LoRA loaders iterate)."""
     try:
@@ -108,6 +150,8 @@ def register() -> bool:
         return False
     if not any(getattr(a, "name", None) == "para" for a in adapters):
         adapters.append(ParaAdapter)
+    if not any(getattr(a, "name", None) == ReferenceAdapter.name for a in adapters):
+        adapters.append(ReferenceAdapter)
     # ComfyUI's own trainer (TrainLoraNode) offers the algorithms of this map.
     maps = getattr(wa, "adapter_maps", None)
     if isinstance(maps, dict) and TRAIN_ALGORITHM not in maps:

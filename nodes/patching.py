@@ -12,7 +12,7 @@ import comfy.model_patcher
 import comfy.utils
 
 from ..para_core import ParaError, ParaState, check_fingerprint, check_fits, fingerprint
-from .adapter import ParaAdapter
+from .adapter import ParaAdapter, ReferenceAdapter
 
 log = logging.getLogger("ComfyUI-PaRa")
 WEIGHT = ".weight"
@@ -76,7 +76,11 @@ def apply_para(model, state: ParaState, strength: float = 1.0):
     Nothing is patched when the file does not fit (the error names the first bad layer)."""
     strength = check_strength(strength)
     state = fit_to_model(state, model)
-    patches = {l + WEIGHT: ParaAdapter.from_factors(U, V) for l, (U, V) in state.factors().items()}
+    if state.kind == "reference":  # W0 - s U D (spec section 1b)
+        patches = {l + WEIGHT: ReferenceAdapter.from_factors(state.U[l], state.D[l]) for l in state.layers}
+    else:
+        patches = {l + WEIGHT: ParaAdapter.from_factors(U, V, state.source or state.name)
+                   for l, (U, V) in state.factors().items()}
     m = model.clone()
     if strength == 0:
         return m

@@ -37,7 +37,8 @@ class ParaTrainDiff(OutputSideBypass, WeightAdapterTrainBase):
         super().__init__()
         self.rank = int(B.shape[1])
         if self.rank > 0:
-            self.para_B = torch.nn.Parameter(B.detach().clone())
+            # contiguous: TrainLoraNode saves the parameter itself (safetensors refuses strided views)
+            self.para_B = torch.nn.Parameter(B.detach().clone(memory_format=torch.contiguous_format))
 
     @classmethod
     def create(cls, weight: torch.Tensor, rank: int = 1) -> "ParaTrainDiff":

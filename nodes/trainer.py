@@ -23,10 +23,12 @@ from ..para_core import (PRESET_NAMES, DEFAULT_PRESET, ParaError, ParaState, Pre
                          load_para, save_para, select_layers)
 from ..para_core.reduction import RankCap, effective_rank
 from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B
+from ..para_core.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
 from ..para_core.trainstate import load_trainer_state, save_trainer_state, trainer_state_path
 from .para_nodes import CATEGORY, para_files
 from .patching import apply_para, layer_shapes, model_family, model_fingerprint, original_weight
-from .training import OPTIMIZERS, TRAINING_DTYPES, ParaForward, TrainSettings, TrainingRun, generator_for
+from .training import (OPTIMIZERS, TRAINING_DTYPES, ParaForward, ReferenceForward, TrainSettings, TrainingRun,
+                       generator_for)
 from .types import PARA
 
 log = logging.getLogger("ComfyUI-PaRa")
@@ -58,8 +60,10 @@ class PaRaTrainer(io.ComfyNode):
                                        "resampling layers except cross-attention. Use all-linear or attention-only "
                                        "for transformer models (Flux, SD3)."),
                 io.Combo.Input("rank_cap", options=list(RankCap.MODES), default=RankCap.REFERENCE,
-                               tooltip="reference: like the paper's code, a layer with fewer than 40*rank outputs "
-                                       "gets rank out//40 (at least 1). none: only what the layer allows."),
+                               tooltip="reference: a layer with fewer than rank_ratio*rank outputs gets rank "
+                                       "out//rank_ratio (at least 1). reference-code: exactly the authors' code: "
+                                       "Linear layers uncapped, convs min(rank, out//rank_ratio, in, out) when "
+                                       "out < rank_ratio*rank. none: only what the layer allows."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000,
                              tooltip="Total optimizer steps (the paper trains 1000). When resuming, the total to reach."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
@@ -75,10 +79,12 @@ class PaRaTrainer(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
                 io.Combo.Input("init", options=list(INIT_METHODS), default=DEFAULT_INIT,
-                               tooltip="Initial B. kaiming: random subspace, the reference code's init. orthogonal: "
-                                       "random orthonormal columns. top-singular: removes the layer's strongest "
-                                       "output directions at once. bottom-singular: starts from the weakest, i.e. "
-                                       "closest to the base model."),
+                               tooltip="Initial B (U0 = QR(B0)). kaiming: random subspace (LoRA's init for a down "
+                                       "factor, not the reference code's). orthogonal: random orthonormal columns. "
+                                       "top-singular: removes the layer's strongest output directions at once. "
+                                       "bottom-singular: starts from the weakest, i.e. closest to the base model. "
+                                       "reference: the authors' code, B0 = 0, so U0 = the first rank unit vectors "
+                                       "(removes the layer's first output channels at step 0)."),
                 io.Int.Input("save_every", default=250, min=0, max=1_000_000,
                              tooltip="Write a checkpoint every N steps (and at the end); 0 = only when stopped early."),
                 io.String.Input("filename_prefix", default="PaRa",
@@ -92,6 +98,14 @@ class PaRaTrainer(io.ComfyNode):
                                         "paths (e.g. *attn1.to_q), 're:' for a regex, '!' to exclude."),
                 io.String.Input("trigger_words", default="", optional=True,
                                 tooltip="Stored in the file's metadata (para.train, modelspec.trigger_phrase)."),
+                io.Combo.Input("parametrization", options=list(PARAMETRIZATIONS), default=DEFAULT_PARAMETRIZATION,
+                               optional=True,
+                               tooltip="paper: train B, W' = W0 - Q(Q^T W0) with Q = QR(B) (the paper's equation, "
+                                       "r*out parameters per layer). reference: what the authors' code trains: U and "
+                                       "D free, W' = W0 - U D, starting at U0 = QR(B0), D0 = U0^T W0 "
+                                       "(r*(out + in*k*k) parameters; saved as a para_U/para_D file)."),
+                io.Int.Input("rank_ratio", default=RankCap.DEFAULT_RATIO, min=1, max=4096, optional=True,
+                             tooltip="The ratio of rank_cap's reference rules (the code's --loraRatio, default 40)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied (strength 1)."),
@@ -108,28 +122,44 @@ class PaRaTrainer(io.ComfyNode):
     @torch.inference_mode(False)
     def execute(cls, model, latents, positive, rank, layers, rank_cap, steps, learning_rate, optimizer, batch_size,
                 seed, training_dtype, gradient_checkpointing, init, save_every, filename_prefix, resume_from,
-                custom_layers="", trigger_words="") -> io.NodeOutput:
+                custom_layers="", trigger_words="", parametrization=DEFAULT_PARAMETRIZATION,
+                rank_ratio=RankCap.DEFAULT_RATIO) -> io.NodeOutput:
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
         custom = (custom_layers or "").strip()
         layers_input = "custom_layers" if custom else "layers"
         samples = check_latents(latents, model)
         positive = check_conditioning(positive, samples.shape[0])
-        check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap)
+        check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap,
+                       parametrization, rank_ratio)
         family = model_family(model)
         shapes = layer_shapes(model)
         resume = load_resume(resume_from, model, shapes, family)
+        if resume is not None and resume.parametrization != parametrization:
+            log.warning("PaRa: %s was trained with parametrization %s; continuing it as %s (input 'parametrization' "
+                        "is %s).", resume_from, resume.parametrization, resume.parametrization, parametrization)
+            parametrization = resume.parametrization
+        reference = parametrization == "reference"
         if resume is None:
             spec = custom or layers
             names = choose_layers(shapes, spec, layers_input, family)
-            ranks = choose_ranks(names, shapes, rank, rank_cap)
+            ranks = choose_ranks(names, shapes, rank, rank_cap, rank_ratio)
             gen = generator_for(seed, "init")
-            B0 = {l: init_B(original_weight(model, l), ranks[l], init, gen).float() for l in names}
+            if reference:  # U0 = QR(B0), D0 = U0^T W0 (spec section 1b)
+                UD0 = {l: init_reference(original_weight(model, l), ranks[l], init, gen) for l in names}
+                B0 = {l: UD0[l][0] for l in names}
+                D0 = {l: UD0[l][1] for l in names}
+            else:
+                B0 = {l: init_B(original_weight(model, l), ranks[l], init, gen).float() for l in names}
             start, trainer_state = 0, None
         else:
             spec = resume.para.metadata.get("para.layers", "") or "custom"
             names = resume.layers
-            B0 = {l: resume.para.B[l].float() for l in names}
+            if reference:
+                B0 = {l: resume.para.U[l].float() for l in names}
+                D0 = {l: resume.para.D[l].float() for l in names}
+            else:
+                B0 = {l: resume.para.B[l].float() for l in names}
             ranks = {l: int(B0[l].shape[1]) for l in names}
             trainer_state = resume.trainer
             start = int(trainer_state["step"]) if trainer_state else 0
@@ -139,12 +169,18 @@ class PaRaTrainer(io.ComfyNode):
         modules = layer_modules(model, names, layers_input)
 
         device = model.load_device
-        B = {l: torch.nn.Parameter(B0[l].detach().clone().to(device)) for l in names}
-        adapter = ParaForward(modules, B)
+        # float32 masters whatever the training dtype (the authors' code keeps them in bf16)
+        B = {l: torch.nn.Parameter(B0[l].detach().float().clone().to(device)) for l in names}
+        if reference:
+            D = {l: torch.nn.Parameter(D0[l].detach().float().clone().to(device)) for l in names}
+            adapter = ReferenceForward(modules, B, D)
+        else:
+            adapter = ParaForward(modules, B)
         settings = TrainSettings(steps=steps, learning_rate=float(learning_rate), optimizer=optimizer,
                                  batch_size=batch_size, seed=seed, dtype=training_dtype,
                                  gradient_checkpointing=bool(gradient_checkpointing), save_every=save_every)
         info = RunInfo(model=model, names=names, ranks=ranks, spec=spec, rank=rank, rank_cap=rank_cap,
+                       parametrization=parametrization, rank_ratio=rank_ratio,
                        init=init if resume is None else f"from {resume_from}",
                        samples=samples, n_captions=len(positive), trigger_words=(trigger_words or "").strip(),
                        settings=settings, family=family, resume_from=None if resume is None else resume_from,
@@ -159,7 +195,8 @@ class PaRaTrainer(io.ComfyNode):
                           loss_history=trainer_state.get("loss_history") if trainer_state else None,
                           on_checkpoint=checkpoints, on_step=progress)
         log.info("PaRa: training %d layers of this %s model (%s), ranks %s, %d trainable parameters, steps %d -> %d",
-                 len(names), family, spec, rank_summary(ranks), sum(b.numel() for b in B.values()), start, steps)
+                 len(names), family, spec, rank_summary(ranks), sum(p.numel() for p in adapter.parameters()), start,
+                 steps)
         run.run()
 
         state = info.state(run)
@@ -199,7 +236,8 @@ def check_conditioning(positive, n_images: int):
     return list(positive)
 
 
-def check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap):
+def check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap,
+                   parametrization=DEFAULT_PARAMETRIZATION, rank_ratio=RankCap.DEFAULT_RATIO):
     if steps is None or int(steps) < 1:
         raise ParaError(f"input 'steps' is {steps}; train at least 1 step.")
     if learning_rate is None or not math.isfinite(float(learning_rate)) or float(learning_rate) <= 0:
@@ -209,9 +247,12 @@ def check_settings(steps, learning_rate, batch_size, save_every, optimizer, trai
     if save_every is None or int(save_every) < 0:
         raise ParaError(f"input 'save_every' is {save_every}; use 0 (off) or a positive number of steps.")
     for name, value, options in (("optimizer", optimizer, OPTIMIZERS), ("training_dtype", training_dtype, TRAINING_DTYPES),
-                                 ("init", init, INIT_METHODS), ("rank_cap", rank_cap, RankCap.MODES)):
+                                 ("init", init, INIT_METHODS), ("rank_cap", rank_cap, RankCap.MODES),
+                                 ("parametrization", parametrization, PARAMETRIZATIONS)):
         if value not in options:
             raise ParaError(f"input '{name}' is {value!r}; use one of {', '.join(options)}.")
+    if rank_ratio is None or int(rank_ratio) < 1:
+        raise ParaError(f"input 'rank_ratio' is {rank_ratio}; use at least 1 (the reference code uses 40).")
 
 
 def choose_layers(shapes, spec: str, input_name: str, family: str) -> List[str]:
@@ -221,13 +262,13 @@ def choose_layers(shapes, spec: str, input_name: str, family: str) -> List[str]:
         raise ParaError(f"input '{input_name}': {e}") from None
 
 
-def choose_ranks(names, shapes, rank: int, cap: str) -> Dict[str, int]:
+def choose_ranks(names, shapes, rank: int, cap: str, ratio: int = RankCap.DEFAULT_RATIO) -> Dict[str, int]:
     if rank is None or int(rank) < 1:
         raise ParaError(f"input 'rank' is {rank}; use at least 1.")
     largest = max(min(shapes[l][0], math.prod(shapes[l][1:])) for l in names)
     if rank > largest:
         raise ParaError(f"input 'rank' is {rank} but the largest selected layer allows at most {largest}; lower the rank.")
-    return {l: effective_rank(int(rank), shapes[l], cap) for l in names}
+    return {l: effective_rank(int(rank), shapes[l], cap, int(ratio)) for l in names}
 
 
 def layer_modules(model, names, input_name: str) -> Dict[str, torch.nn.Module]:
@@ -256,6 +297,7 @@ class Resume:
     def __init__(self, para: ParaState, trainer: Optional[dict], name: str):
         self.para, self.trainer, self.name = para, trainer, name
         self.layers = list(trainer["layers"]) if trainer else para.layers
+        self.parametrization = "reference" if para.kind == "reference" else "paper"
 
     def warn_differences(self, info: "RunInfo") -> None:
         """An exact resume needs the same data and settings; say what differs (it still runs)."""
@@ -287,9 +329,9 @@ def load_resume(resume_from, model, shapes, family) -> Optional[Resume]:
     if path is None:
         raise ParaError(f"input 'resume_from': {resume_from!r} is not in models/para.")
     para = load_para(path)
-    if para.kind != "subject":
+    if para.kind not in ("subject", "reference"):
         raise ParaError(f"input 'resume_from': {resume_from} is a merged adapter (para_U/para_V); only a trained "
-                        "subject (para_B) can be trained further.")
+                        "subject (para_B) or reference adapter (para_U/para_D) can be trained further.")
     para = check_fits(para, shapes, family=f"this {family} model")
     trainer = None
     tpath = trainer_state_path(path)
@@ -317,8 +359,9 @@ class RunInfo:
     """Everything the PaRa file's metadata and the trainer state say about a run."""
 
     def __init__(self, model, names, ranks, spec, rank, rank_cap, init, samples, n_captions, trigger_words, settings,
-                 family, resume_from, exact):
+                 family, resume_from, exact, parametrization=DEFAULT_PARAMETRIZATION, rank_ratio=RankCap.DEFAULT_RATIO):
         self.names, self.ranks, self.spec, self.settings = names, ranks, spec, settings
+        self.parametrization = parametrization
         self.family = family
         self.fingerprint = model_fingerprint(model, names)
         self.data_fingerprint = data_fingerprint(samples)
@@ -328,7 +371,8 @@ class RunInfo:
             "optimizer": settings.optimizer, "batch_size": settings.batch_size, "seed": settings.seed,
             "resolution": f"{w * PIXELS_PER_LATENT}x{h * PIXELS_PER_LATENT}", "latent_shape": list(samples.shape[1:]),
             "dtype": settings.dtype, "gradient_checkpointing": settings.gradient_checkpointing, "init": init,
-            "rank_cap": rank_cap, "trigger_words": trigger_words, "images": int(samples.shape[0]),
+            "rank_cap": rank_cap, "rank_ratio": int(rank_ratio), "parametrization": parametrization,
+            "trigger_words": trigger_words, "images": int(samples.shape[0]),
             "captions": n_captions, "loss": "mse in the model's prediction space (eps / v / flow)",
         }
         if resume_from:
@@ -341,17 +385,21 @@ class RunInfo:
         if run.losses:
             tail = run.losses[-min(len(run.losses), 50):]
             train.update(final_loss=run.losses[-1], mean_loss_last_50=sum(tail) / len(tail))
-        md = build_metadata("subject", rank=max(self.ranks.values()), ranks=self.ranks, layers=self.spec,
-                            base_arch=self.family, base_fingerprint=self.fingerprint, train=train,
-                            title=f"PaRa {self.trigger_words or 'subject'} ({run.step} steps)",
-                            extra={"modelspec.trigger_phrase": self.trigger_words} if self.trigger_words else None)
+        fields = dict(rank=max(self.ranks.values()), ranks=self.ranks, layers=self.spec,
+                      base_arch=self.family, base_fingerprint=self.fingerprint, train=train,
+                      title=f"PaRa {self.trigger_words or 'subject'} ({run.step} steps)",
+                      extra={"modelspec.trigger_phrase": self.trigger_words} if self.trigger_words else None)
+        if self.parametrization == "reference":
+            return reference_state(run.adapter.U, run.adapter.D, **fields)
+        md = build_metadata("subject", **fields)
         B = {l: p.detach().float().cpu().clone() for l, p in run.adapter.B.items()}
         return ParaState(kind="subject", B=B, metadata=md)
 
     def trainer_state(self, run: TrainingRun, para_name: str, reason: str) -> dict:
         s = self.settings
         return {
-            "step": run.step, "layers": list(run.adapter.B), "optimizer_name": s.optimizer,
+            "step": run.step, "layers": list(self.names), "optimizer_name": s.optimizer,
+            "parametrization": self.parametrization,
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
             "loss_history": list(run.losses), "para_file": para_name, "reason": reason,
             "settings": {"lr": s.learning_rate, "batch_size": s.batch_size, "seed": s.seed, "dtype": s.dtype,

@@ -5,7 +5,8 @@ It reaches the model the way ComfyUI's own trainer does (comfy_extras/nodes_trai
 the loop instead of sampling. Noise, sigmas and the loss come from the model's own
 ``model_sampling``, so eps, v-prediction and flow models train the same way.
 
-Only B is trainable. Each adapted layer's ``forward`` is replaced for the run (and restored in a
+Only B is trainable (``ParaForward``; ``ReferenceForward`` trains U and D instead, the reference
+code's parametrization). Each adapted layer's ``forward`` is replaced for the run (and restored in a
 ``finally``) by para_core's activation-side forward on the layer's own weight: no copy of the
 base weights is made per step, and no full weight gradient is ever formed.
 Every step's randomness (images, noise, sigmas) is drawn from generators seeded by
@@ -33,6 +34,8 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic
 
 from ..para_core import ParaError, basis_batched
 from ..para_core.train import cheaper_side, forward_activation_side, forward_weight_side, layer_op
+from ..para_core.reference import (cheaper_side_reference, forward_reference_activation_side,
+                                   forward_reference_weight_side)
 
 log = logging.getLogger("ComfyUI-PaRa")
 
@@ -218,6 +221,47 @@ class ParaForward(LayerForwards):
             self.sides[name] = side
             fwd = forward_activation_side if side == "activation" else forward_weight_side
             return fwd(op, x, W0, b, self.Q[name], channel_dim)
+
+        return forward
+
+
+class ReferenceForward(LayerForwards):
+    """The reference code's parametrization (spec section 1b): trainable U (out, r) and
+    D (r, in*kh*kw) per layer, float32 masters, forward y = W0 x + b - U (D x)
+    (para_core.reference). ``side``: "auto", or "activation"/"weight" to force one."""
+
+    def __init__(self, modules: Dict[str, torch.nn.Module], U: Dict[str, torch.nn.Parameter],
+                 D: Dict[str, torch.nn.Parameter], side: str = "auto"):
+        super().__init__(modules)
+        missing = set(modules) ^ set(U) | set(modules) ^ set(D)
+        if missing:
+            raise ParaError(f"ReferenceForward: layer {sorted(missing)[0]} needs a module, a U and a D.")
+        self.U, self.D = U, D
+        self.side = side
+        self.sides: Dict[str, str] = {}
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        return [p for name in self.U for p in (self.U[name], self.D[name])]
+
+    def _forward_for(self, name, module):
+        op = layer_op(module)
+        channel_dim = -1 if isinstance(module, torch.nn.Linear) else 1
+        out, inner = module.weight.shape[0], module.weight[0].numel()
+        rank = self.U[name].shape[1]
+        grouped = getattr(module, "groups", 1) != 1
+
+        def forward(x, *args, **kwargs):
+            W0, b = _weight_and_bias(module, x)
+            if grouped:  # D x is no grouped conv; U D has W0's shape, so the weight side works
+                side = "weight"
+            elif self.side != "auto":
+                side = self.side
+            else:
+                side = cheaper_side_reference(_output_positions(module, x, channel_dim), out, inner, rank=rank,
+                                              backward=torch.is_grad_enabled())
+            self.sides[name] = side
+            fwd = forward_reference_activation_side if side == "activation" else forward_reference_weight_side
+            return fwd(op, x, W0, b, self.U[name], self.D[name], channel_dim)
 
         return forward
 

@@ -1,0 +1,172 @@
+"""PaRa in ComfyUI's own trainer (issue 12 item 6): TrainLoraNode with algorithm "PaRa" trains
+PaRa (weight-wrapper and bypass mode), and the stock loaders load what it saves."""
+import importlib
+import shutil
+
+import pytest
+import torch
+
+import comfy_env
+
+pytestmark = pytest.mark.comfyui
+ALGORITHM = "PaRa"
+
+
+@pytest.fixture(scope="module")
+def pack(para_pack):
+    importlib.import_module(para_pack.__name__ + ".nodes").setup()
+    return para_pack
+
+
+@pytest.fixture(scope="module")
+def ta(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.train_adapter")
+
+
+@pytest.fixture(scope="module")
+def adapter_mod(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.adapter")
+
+
+def test_para_is_offered_in_comfyuis_adapter_map(adapter_mod):
+    import comfy.weight_adapter as wa
+    assert wa.adapter_maps[ALGORITHM] is adapter_mod.ParaAdapter
+    assert adapter_mod.ParaAdapter in wa.adapters
+
+
+def test_create_train_follows_the_rank_rule_and_starts_as_paper_para(ta, adapter_mod):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(320, 64, generator=g)
+    t = adapter_mod.ParaAdapter.create_train(W, rank=8, alpha=1.0)
+    assert isinstance(t, ta.ParaTrainDiff) and tuple(t.para_B.shape) == (320, 8)
+    assert [n for n, _ in t.named_parameters()] == ["para_B"]  # saved as <layer>.para_B: a PaRa file
+    Q = torch.linalg.qr(t.para_B.detach().double())[0]
+    torch.testing.assert_close(t(W).double(), W.double() - Q @ (Q.t() @ W.double()), rtol=1e-5, atol=1e-5)
+    assert tuple(adapter_mod.ParaAdapter.create_train(torch.randn(160, 8, 3, 3), rank=8).para_B.shape) == (160, 4)
+    tiny = adapter_mod.ParaAdapter.create_train(torch.randn(4, 320, 3, 3), rank=8)  # e.g. the latent output conv
+    assert list(tiny.parameters()) == [] and torch.equal(tiny(W[:4]), W[:4])
+
+
+def test_to_train_continues_a_subject_and_refuses_a_merged_file(adapter_mod):
+    B = torch.randn(64, 3)
+    t = adapter_mod.ParaAdapter.load("l", {"l.para_B": B}).to_train()
+    torch.testing.assert_close(t.para_B.detach(), B)
+    merged = adapter_mod.ParaAdapter.load("l", {"l.para_U": B, "l.para_V": B})
+    with pytest.raises(Exception, match="merged"):
+        merged.to_train()
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_bypass_training_gives_the_weight_wrapper_gradients(ta, adapter_mod, conv):
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Conv2d(8, 80, 3, padding=1) if conv else torch.nn.Linear(8, 80)
+    with torch.no_grad():
+        layer.bias.normal_(generator=g)
+    x = torch.randn(2, 8, 5, 5, generator=g) if conv else torch.randn(3, 8, generator=g)
+    target = torch.randn_like(layer(x))
+    grads = []
+    for mode in ("wrapper", "bypass"):
+        t = adapter_mod.ParaAdapter.create_train(layer.weight, rank=2)
+        with torch.no_grad():
+            t.para_B.copy_(torch.randn(80, 2, generator=torch.Generator().manual_seed(2)))
+        if mode == "wrapper":
+            W = t(layer.weight)
+            y = layer._conv_forward(x, W, layer.bias) if conv else torch.nn.functional.linear(x, W, layer.bias)
+        else:
+            y = t.bypass_forward(layer.forward, x)
+        (y - target).square().mean().backward()
+        grads.append(t.para_B.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ through the server
+
+def train_graph(info, prefix, **overrides):
+    """Checkpoint -> TrainLoraNode(algorithm PaRa) -> SaveLoRA; any input this ComfyUI's
+    TrainLoraNode has and the test does not set takes its default."""
+    spec = info["TrainLoraNode"]["input"]
+    inputs = {"model": ["ckpt", 0], "latents": ["latent", 0], "positive": ["pos", 0]}
+    for name, entry in {**spec.get("required", {}), **spec.get("optional", {})}.items():
+        if name not in inputs and isinstance(entry, (list, tuple)) and len(entry) > 1 and "default" in entry[1]:
+            inputs[name] = entry[1]["default"]
+    inputs.update(steps=2, batch_size=1, learning_rate=1e-3, rank=4, seed=0, algorithm=ALGORITHM,
+                  training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
+    inputs.update(overrides)
+    inputs = {k: v for k, v in inputs.items() if k in {**spec.get("required", {}), **spec.get("optional", {})}}
+    lora_out = info["TrainLoraNode"]["output"].index("LORA_MODEL")
+    save_node = "SaveLoRA" if "SaveLoRA" in info else "SaveLoRANode"  # 0.3.64's id
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "train": {"class_type": "TrainLoraNode", "inputs": inputs},
+        "save": {"class_type": save_node, "inputs": {"lora": ["train", lora_out], "prefix": f"loras/{prefix}"}},
+    }
+
+
+def saved_lora(server, prefix):
+    files = sorted((server.output_dir / "loras").glob(f"{prefix}*.safetensors"))
+    assert files, f"SaveLoRA wrote nothing for {prefix}"
+    return files[-1]
+
+
+def sample_with(server, prefix, node=None):
+    g = comfy_env.txt2img_graph(save="latent", seed=5, prefix=prefix)
+    if node is not None:
+        g["m"] = node
+        g["sampler"]["inputs"]["model"] = ["m", 0]
+    (path,) = server.output_files(server.run(g, timeout=180), "latents")
+    return comfy_env.load_latent(path)
+
+
+def test_train_lora_node_trains_para_and_stock_loaders_load_it(comfy_server):
+    from safetensors.torch import load_file
+    info = comfy_server.object_info()
+    if "TrainLoraNode" not in info:
+        pytest.skip("this ComfyUI has no TrainLoraNode")
+    algo = info["TrainLoraNode"]["input"]["required"]["algorithm"]
+    options = algo[0] if isinstance(algo[0], list) else algo[1]["options"]
+    assert ALGORITHM in options, f"TrainLoraNode does not offer PaRa: {options}"
+
+    comfy_server.run(train_graph(info, "stock_para"), timeout=600)
+    path = saved_lora(comfy_server, "stock_para")
+    sd = load_file(str(path))
+    para_keys = [k for k in sd if k.endswith(".para_B")]
+    assert para_keys and all(k.startswith("diffusion_model.") for k in para_keys)
+    q = sd["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.para_B"]
+    assert tuple(q.shape) == (320, 4) and torch.isfinite(q).all()
+    assert not any(k.startswith("diffusion_model.out.2") for k in para_keys), "the 4-channel output conv got a rank"
+
+    name = "stock_para_trained.safetensors"
+    shutil.copy(path, comfy_server.models_dir / "loras" / name)
+    base = sample_with(comfy_server, "st_base")
+    stock = sample_with(comfy_server, "st_stock", {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["ckpt", 0], "lora_name": name, "strength_model": 1.0}})
+    assert (stock - base).abs().max() > 1e-3, "the trained PaRa file changed nothing"
+    if "LoraLoaderBypassModelOnly" in info:
+        bypass = sample_with(comfy_server, "st_bypass", {"class_type": "LoraLoaderBypassModelOnly", "inputs": {
+            "model": ["ckpt", 0], "lora_name": name, "strength_model": 1.0}})
+        torch.testing.assert_close(bypass, stock, rtol=1e-3, atol=1e-3)
+
+
+def test_train_lora_node_bypass_mode_continues_a_para_file(comfy_server):
+    """Bypass-mode training starting from a PaRa file (existing_lora -> to_train): B moves, the
+    result is a PaRa file again. (Its gradients equal weight mode's: the in-process test above;
+    TrainLoraNode draws sigmas from the unseeded global RNG, so two server runs differ.)"""
+    from safetensors.torch import load_file
+    info = comfy_server.object_info()
+    spec = info.get("TrainLoraNode", {}).get("input", {})
+    if "bypass_mode" not in {**spec.get("required", {}), **spec.get("optional", {})}:
+        pytest.skip("this ComfyUI's TrainLoraNode has no bypass mode (added after 0.3.64)")
+    comfy_server.run(train_graph(info, "stock_start", steps=1), timeout=600)
+    start_name = "para_start_1_steps_00001_.safetensors"  # TrainLoraNode reads the step count from the name
+    shutil.copy(saved_lora(comfy_server, "stock_start"), comfy_server.models_dir / "loras" / start_name)
+    comfy_server.run(train_graph(comfy_server.object_info(), "stock_bypass", steps=1, bypass_mode=True,
+                                 existing_lora=start_name, optimizer="SGD", learning_rate=0.1), timeout=600)
+    start = load_file(str(comfy_server.models_dir / "loras" / start_name))
+    after = load_file(str(saved_lora(comfy_server, "stock_bypass")))
+    keys = [k for k in start if k.endswith(".para_B")]
+    assert keys and set(keys) == {k for k in after if k.endswith(".para_B")}
+    assert all(torch.isfinite(after[k]).all() for k in keys)
+    moved = max((after[k] - start[k]).abs().max().item() for k in keys)
+    assert moved > 1e-6, "bypass-mode training did not move B"
