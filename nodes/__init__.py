@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import ComfyExtension, io
 
 from .adapter import ParaAdapter, register as register_adapter
-from .para_nodes import NODES, register_folder
+from .para_nodes import NODES, register_folder, remove_crash_leftovers
 
 log = logging.getLogger("ComfyUI-PaRa")
 
@@ -29,6 +29,10 @@ class PaRaExtension(ComfyExtension):
 def setup() -> None:
     register_folder()
     register_adapter()
+    try:
+        remove_crash_leftovers()
+    except Exception as e:  # a cleanup must never keep the pack from loading
+        log.warning("PaRa: could not clean up unfinished files: %s", e)
 
 
 async def comfy_entrypoint() -> PaRaExtension:

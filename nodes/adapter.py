@@ -8,13 +8,14 @@ backup it took. Registering the class in ``comfy.weight_adapter.adapters`` makes
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Optional
 
 import torch
 
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..para_core.fileformat import ParaError
+from ..para_core.fileformat import ParaError, check_finite_result, check_layer_fits, check_layer_tensors
 from ..para_core.reduction import basis
 from ..para_core.reference import reference_delta
 from .bypass import OutputSideBypass, ReferenceBypass
@@ -29,29 +30,46 @@ class ParaAdapter(OutputSideBypass, WeightAdapterBase):
     ``bypass_forward`` (nodes/bypass.py). ComfyUI's trainer: ``create_train``/``to_train``."""
     name = "para"
 
-    def __init__(self, loaded_keys, weights):
+    def __init__(self, loaded_keys, weights, source: Optional[str] = None):
         # weights: ("B", B) for a subject (Q is computed where the weight lives),
-        # or ("UV", U, V) for the general form / precomputed Q.
+        # or ("UV", U, V) for the general form / precomputed Q. source: the file, for errors.
         self.loaded_keys = loaded_keys
         self.weights = weights
+        self.source = source
 
     @classmethod
-    def from_factors(cls, U: torch.Tensor, V: torch.Tensor) -> "ParaAdapter":
-        return cls(set(), ("UV", U, V))
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, source: Optional[str] = None) -> "ParaAdapter":
+        return cls(set(), ("UV", U, V), source)
 
     @classmethod
     def load(cls, x: str, lora: dict, alpha: float = None, dora_scale: torch.Tensor = None,
              loaded_keys: set = None) -> Optional["ParaAdapter"]:
         if loaded_keys is None:
             loaded_keys = set()
-        b_key, u_key, v_key = f"{x}.para_B", f"{x}.para_U", f"{x}.para_V"
-        if b_key in lora:
-            loaded_keys.add(b_key)
-            return cls(loaded_keys, ("B", lora[b_key]))
-        if u_key in lora and v_key in lora:
-            loaded_keys.update((u_key, v_key))
-            return cls(loaded_keys, ("UV", lora[u_key], lora[v_key]))
-        return None
+        present = {n: lora[f"{x}.{n}"] for n in ("para_B", "para_U", "para_V", "para_D") if f"{x}.{n}" in lora}
+        if not present:
+            return None
+        if set(present) == {"para_U", "para_D"}:
+            return None  # a reference file's layer: ReferenceAdapter's
+        # The same checks as PaRa Load (para_core), raised: a broken file stops the prompt.
+        source = lora_file_name()
+        if "para_B" in present and len(present) > 1:
+            raise ParaError(f"{source}: layer {x} mixes para_B with {'/'.join(n for n in present if n != 'para_B')}; "
+                            "a file is either a subject or a merged adapter.")
+        check_layer_tensors(source, x, present)
+        if "para_B" in present:
+            loaded_keys.add(f"{x}.para_B")
+            return cls(loaded_keys, ("B", present["para_B"]), source)
+        loaded_keys.update((f"{x}.para_U", f"{x}.para_V"))
+        return cls(loaded_keys, ("UV", present["para_U"], present["para_V"]), source)
+
+    def check_weight(self, weight: torch.Tensor, key: str) -> None:
+        """Output size and rank against the weight it patches (para_core.check_layer_fits)."""
+        t = self.weights[1]
+        kind = "subject" if self.weights[0] == "B" else "merged"
+        layer = key[: -len(".weight")] if key.endswith(".weight") else key
+        check_layer_fits(self.source or "PaRa adapter", layer, kind, int(t.shape[0]), int(t.shape[1]),
+                         tuple(weight.shape), "this model")
 
     def factors(self, device) -> tuple:
         if self.weights[0] == "B":
@@ -86,15 +104,16 @@ class ParaAdapter(OutputSideBypass, WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
+        # A misfit stops the prompt (ComfyUI unloads the half-patched model, the next prompt
+        # patches from its backup): a file that silently does nothing is worse.
+        self.check_weight(weight, key)
         U, V = self.factors(weight.device)
-        if U.shape[0] != weight.shape[0]:
-            log.error("PaRa: %s: adapter has %d output channels, weight has shape %s; not patched",
-                      key, U.shape[0], tuple(weight.shape))
-            return weight
         # W' = W0 - s * U (V^T W0), in float32 whatever the storage dtype (spec section 1).
         Wm = weight.reshape(weight.shape[0], -1).float()
         delta = (U @ (V.t() @ Wm)).mul_(-float(strength)).reshape(weight.shape)
         weight += function(delta.to(weight.dtype))
+        # Finite factors can still overflow (entries near 3e38): never apply a NaN/Inf weight.
+        check_finite_result(weight, self.source or "PaRa adapter", f"the patched weight {key}")
         return weight
 
 
@@ -137,6 +156,21 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
         # W' = W0 - s U D in float32 whatever the storage dtype.
         weight += function(reference_delta(weight.shape, U, D, strength).to(weight.dtype))
         return weight
+
+
+def lora_file_name() -> str:
+    """The file ComfyUI's LoRA loader is reading, for error messages. ComfyUI passes the adapters
+    only the tensors; its loader's frame (nodes.LoraLoader.load_lora, which the model-only loader
+    calls too) holds ``lora_path``. Best effort: a generic name when it is not found."""
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            break
+        path = frame.f_locals.get("lora_path")
+        if isinstance(path, str):
+            return path
+        frame = frame.f_back
+    return "the PaRa file given to Load LoRA"
 
 
 def register() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from comfy_api.latest import io, ui
@@ -14,6 +14,7 @@ import folder_paths
 
 from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetensors, build_metadata, export_lora,
                          load_para, merge_states, save_para)
+from ..para_core.fileformat import remove_stale_temp_files
 from .patching import apply_para, check_strength, fit_to_model, model_family, model_fingerprint, original_weight
 from .types import PARA
 
@@ -33,6 +34,23 @@ def register_folder() -> str:
     paths, exts = folder_paths.folder_names_and_paths["para"]
     folder_paths.folder_names_and_paths["para"] = (paths, set(exts) | {".safetensors"})
     return d
+
+
+def remove_crash_leftovers() -> List[str]:
+    """At start: delete what an interrupted write left in models/para and models/loras (never
+    listed, but they take disk space), see para_core.fileformat.remove_stale_temp_files."""
+    folders = list(folder_paths.get_folder_paths("para")) + list(folder_paths.get_folder_paths("loras"))
+    removed = remove_stale_temp_files(folders)
+    if removed:
+        log.info("PaRa: removed %d unfinished file(s) left by an interrupted write: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def check_choice(value, options, input_name: str):
+    """The API accepts any value for a combo (ComfyUI 0.3.64 does not validate V3 combos)."""
+    if value not in options:
+        raise ParaError(f"input '{input_name}' is {value!r}; use one of {', '.join(map(str, options))}.")
+    return value
 
 
 _cache: Dict[str, Tuple[Tuple[float, int], ParaState]] = {}
@@ -164,7 +182,7 @@ class PaRaMerge(io.ComfyNode):
             strengths.append(check_strength(kw.get(f"strength_{i}", 1.0), f"strength_{i}"))
         if len(states) < 2:
             raise ParaError("PaRa Merge needs at least two connected PARA inputs (para_1 and para_2).")
-        return io.NodeOutput(merge_states(states, strengths, mode))
+        return io.NodeOutput(merge_states(states, strengths, check_choice(mode, list(MERGE_MODES), "mode")))
 
 
 def _save_path(folder: str, prefix: str) -> str:
@@ -191,7 +209,7 @@ class PaRaSave(io.ComfyNode):
     def execute(cls, para, filename_prefix, dtype) -> io.NodeOutput:
         folder = folder_paths.get_folder_paths("para")[0]
         path = _save_path(folder, filename_prefix)
-        save_para(para, path, DTYPES[dtype])
+        save_para(para, path, DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
         rel = os.path.relpath(path, folder)
         log.info("PaRa: saved %s", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/para/{rel}"))
@@ -218,7 +236,8 @@ class PaRaExportLoRA(io.ComfyNode):
     def execute(cls, model, para, filename_prefix, strength, dtype) -> io.NodeOutput:
         strength = check_strength(strength)
         state = fit_to_model(para, model)
-        tensors = export_lora(state, lambda l: original_weight(model, l), strength, DTYPES[dtype])
+        tensors = export_lora(state, lambda l: original_weight(model, l), strength,
+                              DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
         fam = model_family(model)
         ranks = state.ranks()
         md = build_metadata(

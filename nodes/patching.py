@@ -17,6 +17,11 @@ from .adapter import ParaAdapter, ReferenceAdapter
 log = logging.getLogger("ComfyUI-PaRa")
 WEIGHT = ".weight"
 
+try:  # 0.3x: quantized checkpoints (fp8/int8 "mixed precision" files) hold QuantizedTensor weights
+    from comfy.quant_ops import QuantizedTensor
+except ImportError:  # 0.3.64
+    QuantizedTensor = None
+
 
 def model_family(model) -> str:
     """The model family as ComfyUI detected it (e.g. SD15, SDXL)."""
@@ -43,11 +48,32 @@ def original_weight(model, layer: str) -> torch.Tensor:
     key = layer + WEIGHT
     bk = model.backup.get(key)
     if bk is not None:
-        return bk.weight
-    hbk = getattr(model, "hook_backup", {}).get(key)
-    if hbk is not None:
-        return hbk[0]
-    return comfy.utils.get_attr(model.model, key)
+        w = bk.weight
+    else:
+        hbk = getattr(model, "hook_backup", {}).get(key)
+        w = hbk[0] if hbk is not None else comfy.utils.get_attr(model.model, key)
+    return dequantized(model, layer, w)
+
+
+def dequantized(model, layer: str, w: torch.Tensor) -> torch.Tensor:
+    """``w`` as the float matrix the layer computes with. Quantized checkpoints (0.3x) store a
+    QuantizedTensor (its raw data is not W0); older scaled-fp8 files (0.3.64) store fp8 data whose
+    module's ``convert_weight`` applies the scale, as ComfyUI does before patching."""
+    if QuantizedTensor is not None and isinstance(w, QuantizedTensor):
+        try:
+            return w.dequantize()
+        except Exception as e:
+            raise ParaError(f"layer {layer}: its weight is quantized ({getattr(w, '_layout_cls', type(w).__name__)}) and "
+                            f"could not be dequantized here ({e}); load the unquantized checkpoint to train or export "
+                            "against it, or apply the PaRa file with Load LoRA (Bypass).") from None
+    try:
+        module = comfy.utils.get_attr(model.model, layer)
+    except AttributeError:
+        return w
+    convert = getattr(module, "convert_weight", None)
+    if convert is not None and getattr(module, "scale_weight", None) is not None:
+        return convert(w.float(), inplace=False)
+    return w
 
 
 def model_fingerprint(model, layers) -> str:

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from .fileformat import (PREFIX, SUFFIXES, _LORA_MARKERS, ParaError, ParaState, _read_header,
                          atomic_save_safetensors, check_fingerprint, check_finite_result, check_fits, fingerprint)
 from .merge import MERGE_MODES, merge_states
+from .quantized import dequantize, find_quantized, requantize
 from .reduction import reduce_weight_general
 from .reference import reduce_weight_reference
 
@@ -44,6 +45,8 @@ class _LazyWeights(Mapping):
     def __getitem__(self, layer: str):
         if layer not in self._layers:
             raise KeyError(layer)
+        if self._ckpt.quantized(self._ckpt.key(layer)):
+            return self._ckpt.weight(layer)  # the sampled entries need the scale: read it dequantized
         return self._ckpt.weight_slice(layer)
 
     def __iter__(self) -> Iterator[str]:
@@ -84,6 +87,8 @@ class Checkpoint:
                             "checkpoint or a diffusion-model-only file.")
         self._file = None
         self._fingerprints: Dict[Tuple[str, ...], str] = {}
+        # {weight key: QuantSpec} of the quantized layers (ComfyUI's fp8/int8 "mixed precision" files)
+        self._quant = find_quantized(self.keys, self.metadata, self.tensor)
 
     # ---------------------------------------------------------------- layout
     def _detect_layout(self) -> str:
@@ -156,8 +161,21 @@ class Checkpoint:
             raise ParaError(f"{self.path}: could not read tensor {key} ({e}); the file may be corrupt.") from None
 
     def weight(self, layer: str) -> torch.Tensor:
-        """The weight of ``layer`` ("diffusion_model.<path>"), as stored (dtype kept)."""
-        return self.tensor(self.key(layer))
+        """The weight W0 of ``layer`` ("diffusion_model.<path>"): as stored (dtype kept), or
+        dequantized to float32 when the file stores it quantized."""
+        key = self.key(layer)
+        spec = self._quant.get(key)
+        if spec is None:
+            return self.tensor(key)
+        return dequantize(self.tensor(key), self.scale(spec), spec, f"{self.path}: layer {layer}")
+
+    def quantized(self, key: str):
+        """The QuantSpec of a quantized weight key, else None."""
+        return self._quant.get(key)
+
+    def scale(self, spec):
+        """The stored scale tensor of a quantized weight (None when the file lacks it)."""
+        return self.tensor(spec.scale_key) if spec.scale_key in self._entries else None
 
     def weight_slice(self, layer: str):
         """A lazy safetensors slice of ``layer``'s weight (nothing read until indexed)."""
@@ -242,12 +260,23 @@ def bake(ckpt, items: Sequence[Tuple[ParaState, float]], mode: str = "sum", out_
             factors = combined_factors(states, [s for _, s in items], mode)
             adapted = {ckpt.key(l): ("general", U, V) for l, (U, V) in factors.items() if U.shape[1] > 0}
         tensors: Dict[str, torch.Tensor] = {}
+        rescaled: Dict[str, torch.Tensor] = {}  # new scales of requantized weights
         for key in ckpt.keys:
+            if key in rescaled:
+                tensors[key] = rescaled[key]
+                continue
             t = ckpt.tensor(key)
+            spec = ckpt.quantized(key) if key in adapted else None
             if key in adapted:
                 form, U, V = adapted[key]
-                t = (reduce_weight_reference if form == "reference" else reduce_weight_general)(t, U, V, 1.0)
-                check_finite_result(t, ", ".join(st.source or st.name for st in states), f"the baked weight {key} of {ckpt.name}")
+                w = t if spec is None else dequantize(t, ckpt.scale(spec), spec, f"{ckpt.path}: weight {key}")
+                w = (reduce_weight_reference if form == "reference" else reduce_weight_general)(w, U, V, 1.0)
+                check_finite_result(w, ", ".join(st.source or st.name for st in states), f"the baked weight {key} of {ckpt.name}")
+                if spec is None:
+                    t = w
+                else:  # back into the layer's format, with a scale for the new weight
+                    t, rescaled[spec.scale_key] = requantize(w, spec, ckpt.scale(spec), t.dtype)
+                    tensors[spec.scale_key] = rescaled[spec.scale_key]
             tensors[key] = t
         layers = sorted({l for st in states for l in st.layers})
         info = {

@@ -143,7 +143,8 @@ _OLD_TEMP_NAME = re.compile(r"^\.tmp-[a-z0-9_]{8}(?:\.safetensors|\.trainer\.pt)
 
 def temp_path_for(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    # the name is cut so that the temporary name is never longer than the final one
+    return os.path.join(folder, f".{name[:-30] if len(name) > 150 else name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> str:

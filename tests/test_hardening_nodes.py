@@ -1,0 +1,308 @@
+"""Issue 13 in-process against real ComfyUI classes: the stock Load LoRA path validates like PaRa
+Load, no non-finite weight is applied, combos checked, node files' permissions and crash
+leftovers, and the trainer's resume/checkpoint failures."""
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+
+import comfy_env
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mods(para_pack):
+    import importlib
+    from types import SimpleNamespace
+    importlib.import_module(para_pack.__name__ + ".nodes").setup()
+    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
+    return SimpleNamespace(pn=get("nodes.para_nodes"), patching=get("nodes.patching"), core=get("para_core"),
+                           trainer=get("nodes.trainer"), training=get("nodes.training"), nodes=get("nodes"),
+                           trainstate=get("para_core.trainstate"), fileformat=get("para_core.fileformat"))
+
+
+def folder(kind):
+    import folder_paths
+    return folder_paths.get_folder_paths(kind)[0]
+
+
+def subject_state(mods, model, seed=1, rank=2, layers=None):
+    shapes = mods.patching.layer_shapes(model)
+    layers = layers or mods.core.select_layers(shapes, "noxattn")
+    g = torch.Generator().manual_seed(seed)
+    B = {l: torch.randn(shapes[l][0], rank, generator=g) for l in layers}
+    return mods.core.ParaState(B=B, metadata=mods.core.build_metadata("subject", rank=rank, base_arch="SD15"))
+
+
+def patched_weights(model):
+    import comfy.model_management as mm
+    with torch.no_grad():
+        mm.load_models_gpu([model], force_full_load=True)
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def stock_load(model, name):
+    """ComfyUI's own 'LoraLoaderModelOnly' node, then what KSampler does first: load (= patch) the model."""
+    import nodes as comfy_nodes
+    (patched,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)
+    return patched_weights(patched)
+
+
+def para_load(mods, model, name):
+    """PaRa Loader on the same file (from models/para), patched the same way."""
+    (patched,) = mods.pn.PaRaLoader.execute(model=model, para_name=name, strength=1.0).args
+    return patched_weights(patched)
+
+
+def write_raw(path, tensors):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+# ------------------------------------------------------------------------- 1. stock Load LoRA validates
+
+def broken_files(mods, model):
+    shapes = mods.patching.layer_shapes(model)
+    layers = mods.core.select_layers(shapes, "noxattn")
+    l0 = layers[0]
+    out = shapes[l0][0]
+    good = subject_state(mods, model).B
+    cases = {}
+    nan = {f"{l}.para_B": b.clone() for l, b in good.items()}
+    nan[f"{l0}.para_B"][0, 0] = float("nan")
+    cases["nan"] = (nan, "NaN or Inf", "load")
+    cases["u_without_v"] = ({f"{l0}.para_U": torch.randn(out, 2)}, "para_U but no para_V", "load")
+    cases["three_d"] = ({f"{l0}.para_B": torch.randn(out, 2, 1)}, "expected \\(out, rank\\)", "load")
+    cases["scalar"] = ({f"{l0}.para_B": torch.tensor(1.0)}, "expected \\(out, rank\\)", "load")
+    cases["wrong_out"] = ({f"{l0}.para_B": torch.randn(out + 3, 2)}, "output channels", "patch")
+    inner = min(shapes[l0][0], int(torch.tensor(shapes[l0][1:]).prod()))
+    cases["rank_too_high"] = ({f"{l0}.para_B": torch.randn(out, inner + 1)}, "more than the layer allows", "patch")
+    return cases
+
+
+CASES = ["nan", "u_without_v", "three_d", "scalar", "wrong_out", "rank_too_high"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stock_load_lora_rejects_what_para_load_rejects_with_the_same_message(mods, tiny_model, case):
+    import folder_paths
+    tensors, says, when = broken_files(mods, tiny_model)[case]
+    name = f"broken_{case}.safetensors"
+    write_raw(os.path.join(folder("loras"), name), tensors)
+    shutil.copy(os.path.join(folder("loras"), name), os.path.join(folder("para"), name))
+    base = patched_weights(tiny_model)
+    with pytest.raises(mods.core.ParaError, match=says) as stock:
+        stock_load(tiny_model, name)
+    with pytest.raises(mods.core.ParaError, match=says) as ours:
+        para_load(mods, tiny_model, name)
+    stock_msg, our_msg = str(stock.value), str(ours.value)
+    assert stock_msg.startswith(folder_paths.get_full_path("loras", name) + ": ")
+    # Same text after the file name (patch-time ones name the model differently: this model vs its family).
+    strip = lambda m: m.split(": ", 1)[1].split(" in this")[0]
+    assert strip(stock_msg) == strip(our_msg)
+    # Nothing of the failed prompt stays in the model: the next prompt sees the base weights.
+    after = patched_weights(tiny_model)
+    assert all(torch.equal(after[k], base[k]) for k in base)
+
+
+def test_stock_load_lora_still_applies_a_good_file(mods, tiny_model):
+    st = subject_state(mods, tiny_model, seed=3)
+    mods.core.save_para(st, os.path.join(folder("loras"), "good.safetensors"))
+    mods.core.save_para(st, os.path.join(folder("para"), "good.safetensors"))
+    stock = stock_load(tiny_model, "good.safetensors")
+    ours = para_load(mods, tiny_model, "good.safetensors")
+    for l in st.layers:
+        torch.testing.assert_close(stock[l + ".weight"], ours[l + ".weight"], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- 4. no non-finite weight is applied
+
+def test_huge_but_finite_factors_are_refused_by_para_loader_and_stock_load_lora(mods, tiny_model):
+    st = subject_state(mods, tiny_model, seed=4)
+    U = {l: torch.full((b.shape[0], 2), 3e38) for l, b in st.B.items()}
+    merged = mods.core.ParaState(kind="merged", U=U, V={l: u.clone() for l, u in U.items()},
+                                 metadata=mods.core.build_metadata("merged", merge_mode="sum"))
+    for kind in ("para", "loras"):
+        mods.core.save_para(merged, os.path.join(folder(kind), "huge.safetensors"))
+    base = patched_weights(tiny_model)
+    with pytest.raises(mods.core.ParaError, match="huge.safetensors.*not finite"):
+        para_load(mods, tiny_model, "huge.safetensors")
+    with pytest.raises(mods.core.ParaError, match="huge.safetensors.*not finite"):
+        stock_load(tiny_model, "huge.safetensors")
+    with pytest.raises(mods.core.ParaError, match="not finite"):
+        mods.pn.PaRaExportLoRA.execute(model=tiny_model, para=merged, filename_prefix="huge_lora", strength=1.0,
+                                       dtype="fp32")
+    assert not [f for f in os.listdir(folder("loras")) if f.startswith("huge_lora")]
+    after = patched_weights(tiny_model)
+    assert all(torch.equal(after[k], base[k]) for k in base)
+
+
+# ------------------------------------------------------------------------- 7. combos through the API
+
+@pytest.mark.parametrize("node, kwargs, input_name", [
+    ("PaRaSave", dict(filename_prefix="evil"), "dtype"),
+    ("PaRaExportLoRA", dict(filename_prefix="evil", strength=1.0), "dtype"),
+])
+def test_invalid_dtype_combo_is_an_error_naming_the_input(mods, tiny_model, node, kwargs, input_name):
+    st = subject_state(mods, tiny_model)
+    cls = getattr(mods.pn, node)
+    if node == "PaRaExportLoRA":
+        kwargs = dict(kwargs, model=tiny_model)
+    with pytest.raises(mods.core.ParaError, match=f"input '{input_name}' is 'evil'; use one of fp32, fp16, bf16"):
+        cls.execute(para=st, dtype="evil", **kwargs)
+
+
+def test_invalid_merge_mode_is_an_error_naming_the_input(mods, tiny_model):
+    a, b = subject_state(mods, tiny_model, 1), subject_state(mods, tiny_model, 2)
+    with pytest.raises(mods.core.ParaError, match="input 'mode' is 'evil'"):
+        mods.pn.PaRaMerge.execute(mode="evil", para_1=a, strength_1=1.0, para_2=b, strength_2=1.0)
+
+
+# ------------------------------------------------------------------------- 8. permissions, 3. leftovers
+
+def test_node_written_files_get_the_umasks_permissions(mods, tiny_model):
+    old = os.umask(0o022)
+    try:
+        st = subject_state(mods, tiny_model)
+        saved = mods.pn.PaRaSave.execute(para=st, filename_prefix="perm", dtype="fp32").args[0]
+        lora = mods.pn.PaRaExportLoRA.execute(model=tiny_model, para=st, filename_prefix="perm_lora", strength=1.0,
+                                              dtype="fp32").args[0]
+    finally:
+        os.umask(old)
+    for kind, name in (("para", saved), ("loras", lora)):
+        assert stat.S_IMODE(os.stat(os.path.join(folder(kind), name)).st_mode) == 0o644
+
+
+def test_pack_start_removes_crash_leftovers_that_the_lists_never_show(mods):
+    import folder_paths
+    dead_pid = 2 ** 22 + 12345  # above the kernel's pid_max default: no such process
+    leftovers = [os.path.join(folder("para"), f".x.safetensors.{dead_pid}-0123abcd.para-tmp"),
+                 os.path.join(folder("loras"), f".y.safetensors.{dead_pid}-0123abcd.para-tmp"),
+                 os.path.join(folder("para"), ".tmp-k2j4h5g6.safetensors"),
+                 os.path.join(folder("para"), "run_00001_step000004.trainer.pt")]
+    for p in leftovers:
+        with open(p, "wb") as f:
+            f.write(b"left")
+    listed = set(folder_paths.get_filename_list("para"))
+    assert os.path.basename(leftovers[0]) not in listed
+    mods.nodes.setup()
+    assert not [p for p in leftovers if os.path.exists(p)]
+    folder_paths.filename_list_cache.clear()
+    assert not {".tmp-k2j4h5g6.safetensors"} & set(folder_paths.get_filename_list("para"))
+
+
+# ------------------------------------------------------------------------- trainer: 5, 6, 7
+
+BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e-2, optimizer="AdamW",
+            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
+            save_every=0, filename_prefix="h", resume_from="[none]")
+
+
+@pytest.fixture
+def model(comfy_in_process):
+    with torch.inference_mode():
+        return comfy_env.make_tiny_model(seed=0)
+
+
+def train(mods, model, **kw):
+    lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode():
+        out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=comfy_env.random_conditioning(1),
+                                               **dict(BASE, **kw))
+    return out
+
+
+def test_resume_with_a_new_learning_rate_uses_it(mods, model, monkeypatch):
+    train(mods, model, steps=2, save_every=2, filename_prefix="lr_src")
+    (name,) = [f for f in os.listdir(folder("para")) if f.startswith("lr_src_") and f.endswith(".safetensors")]
+    seen = []
+    real = mods.training.TrainingRun._one_step
+
+    def spy(self, *a, **k):
+        seen.append([g["lr"] for g in self.optimizer.param_groups])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(mods.training.TrainingRun, "_one_step", spy)
+    train(mods, model, steps=3, learning_rate=0.5, resume_from=name, filename_prefix="lr_dst")
+    assert seen == [[0.5]]
+
+
+def test_a_checkpoint_that_cannot_be_written_warns_and_the_run_goes_on(mods, model, caplog):
+    prefix = "p" * 250  # too long for the file system (255 bytes per name)
+    out = train(mods, model, steps=3, save_every=1, filename_prefix=prefix)
+    _, para, loss, steps = out.args
+    assert steps == 3 and len(loss["loss"]) == 3 and para.layers
+    assert sum("could not write the checkpoint" in r.getMessage() for r in caplog.records) == 3
+    assert "could not be written" in json.dumps(out.ui.as_dict())
+    assert not [f for f in os.listdir(folder("para")) if f.startswith("ppp")]
+
+
+def test_a_failed_save_is_retried_at_the_next_one(mods, model, monkeypatch):
+    real, calls = mods.trainer.save_para, []
+
+    def flaky(state, path, *a, **k):  # disk full once, at step 1
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(state, path, *a, **k)
+
+    monkeypatch.setattr(mods.trainer, "save_para", flaky)
+    _, para, _, steps = train(mods, model, steps=2, save_every=1, filename_prefix="retry").args
+    files = sorted(f for f in os.listdir(folder("para")) if f.startswith("retry_"))
+    assert steps == 2 and files == ["retry_00001_step000002.safetensors", "retry_00001_step000002.trainer.pt"]
+
+
+def resumable(mods, model, prefix):
+    train(mods, model, steps=2, save_every=2, filename_prefix=prefix)
+    (name,) = [f for f in os.listdir(folder("para")) if f.startswith(prefix + "_") and f.endswith(".safetensors")]
+    return name, mods.trainstate.trainer_state_path(os.path.join(folder("para"), name))
+
+
+def test_trainer_state_of_another_rank_is_a_clear_error(mods, model):
+    name, tpath = resumable(mods, model, "rank2")
+    other, other_t = resumable(mods, model, "rank1_src")
+    state = mods.trainstate.load_trainer_state(other_t)
+    for st in state["optimizer"]["state"].values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                st[k] = v[:, :1].clone()  # what a rank-1 run's moments look like
+    torch.save(state, tpath)
+    with pytest.raises(mods.core.ParaError, match=r"input 'resume_from'.*does not belong to .*another rank"):
+        train(mods, model, steps=4, resume_from=name, filename_prefix="rank_resume")
+
+
+@pytest.mark.parametrize("field, value", [("step", -5), ("layers", 7), ("loss_history", "abc")])
+def test_damaged_trainer_state_is_an_error_naming_resume_from_and_the_field(mods, model, field, value):
+    name, tpath = resumable(mods, model, f"dmg_{field}")
+    state = torch.load(tpath, weights_only=True)
+    state[field] = value
+    torch.save(state, tpath)
+    with pytest.raises(mods.core.ParaError, match=f"input 'resume_from'.*field '{field}'"):
+        train(mods, model, steps=4, resume_from=name, filename_prefix="dmg_resume")
+
+
+@pytest.mark.parametrize("dtype, advice, not_advice", [
+    ("fp32", "Lower learning_rate", "fp16"),
+    ("bf16", "training_dtype fp32", "instead of fp16"),
+    ("fp16", "bf16 or fp32 instead of fp16", None),
+])
+def test_nan_stop_advice_depends_on_the_training_dtype(mods, model, monkeypatch, dtype, advice, not_advice):
+    real = mods.training.diffusion_loss_sum
+    monkeypatch.setattr(mods.training, "diffusion_loss_sum", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(mods.core.ParaError, match="NaN/Inf") as err:
+        train(mods, model, steps=2, training_dtype=dtype, filename_prefix=f"nan_{dtype}")
+    assert advice in str(err.value)
+    if not_advice:
+        assert not_advice not in str(err.value)
