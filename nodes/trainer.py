@@ -5,6 +5,7 @@ The node checks its inputs (every error names the input), builds B for the selec
 checkpoints into models/para, and applies the result through PaRa Apply's patching."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -37,11 +38,34 @@ NONE = "[none]"
 PIXELS_PER_LATENT = 8
 
 
+def settings_from_lists(*list_inputs):
+    """With is_input_list=True ComfyUI hands every input over as a list: the inputs named here
+    (the training data) stay lists, every other one must be a list of one value and is unwrapped.
+    Plain values (a direct Python call) pass through unchanged."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def execute(cls, **inputs):
+            for name, value in inputs.items():
+                if name in list_inputs or not isinstance(value, list):
+                    continue
+                if len(value) != 1:
+                    raise ParaError(f"input '{name}' got a list of {len(value)} values; PaRa Trainer takes one "
+                                    f"{name} per run (connect a single value, not a list).")
+                inputs[name] = value[0]
+            return fn(cls, **inputs)
+        return execute
+    return wrap
+
+
 class PaRaTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PaRaTrainer", display_name="PaRa Trainer", category=CATEGORY, is_output_node=True,
+            # The dataset nodes (MakeTrainingDataset, ResolutionBucket, ...) output lists, one latent and one
+            # conditioning per image or per size bucket: with this the list arrives whole (and every other
+            # input as a list of one, see settings_from_lists). ComfyUI 0.3.64's V3 schema has it too.
+            is_input_list=True,
             description=(
                 "Trains a PaRa adapter (paper: Personalizing Text-to-Image Diffusion via Parameter Rank Reduction): "
                 "for every selected layer it learns an r-dimensional output subspace Q and removes it, "
@@ -117,6 +141,7 @@ class PaRaTrainer(io.ComfyNode):
         )
 
     @classmethod
+    @settings_from_lists("latents", "positive")
     # ComfyUI runs nodes under torch.inference_mode(); B, its optimizer state and the cloned
     # inputs must be normal tensors for autograd, so the whole node runs outside it.
     @torch.inference_mode(False)
@@ -128,8 +153,7 @@ class PaRaTrainer(io.ComfyNode):
         node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
         custom = (custom_layers or "").strip()
         layers_input = "custom_layers" if custom else "layers"
-        samples = check_latents(latents, model)
-        positive = check_conditioning(positive, samples.shape[0])
+        samples, positive = training_data(latents, positive, model)
         check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap,
                        parametrization, rank_ratio)
         family = model_family(model)
@@ -208,31 +232,82 @@ class PaRaTrainer(io.ComfyNode):
 
 # ------------------------------------------------------------------------- validation
 
-def check_latents(latents, model) -> torch.Tensor:
+def is_conditioning(value) -> bool:
+    """A CONDITIONING ([[tensor, dict], ...]) as opposed to a list of them."""
+    return (isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], (list, tuple))
+            and len(value[0]) > 0 and isinstance(value[0][0], torch.Tensor))
+
+
+def training_data(latents, positive, model):
+    """(samples, positive) from what the inputs hold, one of:
+    - a latent batch (VAE Encode) and one conditioning, for all images or one per image;
+    - the lists the dataset nodes of current ComfyUI make: MakeTrainingDataset gives one latent
+      and one conditioning per image (sizes may differ), ResolutionBucket one latent batch and
+      one conditioning list (one per image) per size; LoadTrainingDataset either.
+    samples: one (N, C, H, W) tensor when all images have one size, else a list of N (C, H, W)
+    tensors (a step's batch then runs one forward per size). positive: 1 or N conditionings."""
+    latent_list = list(latents) if isinstance(latents, (list, tuple)) else [latents]
+    cond_list = list(positive) if isinstance(positive, (list, tuple)) and not is_conditioning(positive) else []
+    cond_list = cond_list or [positive]
+    if not latent_list:
+        raise ParaError("input 'latents' holds no latents; connect VAE Encode or Make Training Dataset of your images.")
+    many = len(latent_list) > 1
+    batches = [check_latents(lat, model, f"input 'latents' item {i + 1} of {len(latent_list)}" if many else None)
+               for i, lat in enumerate(latent_list)]
+    counts = [b.shape[0] for b in batches]
+    n = sum(counts)
+    if len(cond_list) == 1:  # one conditioning for every batch: for all images, or one per image in order
+        conds = check_conditioning(cond_list[0], n)
+    elif len(cond_list) == len(batches):  # one per batch: for its images, or one per image of it
+        conds = []
+        for i, (c, k) in enumerate(zip(cond_list, counts)):
+            c = check_conditioning(c, k, f"input 'positive' item {i + 1} of {len(cond_list)}")
+            conds += c * k if len(c) == 1 else c
+        if all(c is conds[0] for c in conds):
+            conds = conds[:1]
+    else:
+        raise ParaError(f"input 'positive' is a list of {len(cond_list)} conditionings but input 'latents' a list of "
+                        f"{len(batches)} latent batches; give one conditioning (list) per latent batch, or one for "
+                        "all (e.g. connect both from the same Make Training Dataset or Resolution Bucket node).")
+    if len({tuple(b.shape[1:]) for b in batches}) == 1:
+        return torch.cat(batches) if many else batches[0], conds
+    images = [x for b in batches for x in b]
+    log.info("PaRa: %d training images in %d sizes (%s); each step runs one batch per size", n,
+             len({tuple(x.shape) for x in images}), ", ".join(sorted({size_text(x) for x in images})))
+    return images, conds
+
+
+def size_text(latent: torch.Tensor) -> str:
+    return f"{latent.shape[-1] * PIXELS_PER_LATENT}x{latent.shape[-2] * PIXELS_PER_LATENT}"
+
+
+def check_latents(latents, model, where: Optional[str] = None) -> torch.Tensor:
+    where = where or "input 'latents'"
     samples = latents.get("samples") if isinstance(latents, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.dim() < 4:
-        raise ParaError("input 'latents' holds no latent batch; connect VAE Encode (or a latent batch) of your images.")
+        raise ParaError(f"{where} holds no latent batch; connect VAE Encode (or a latent batch) of your images.")
     if samples.shape[0] == 0:
-        raise ParaError("input 'latents' is empty (0 images); connect VAE Encode of at least one image.")
+        raise ParaError(f"{where} is empty (0 images); connect VAE Encode of at least one image.")
     channels = getattr(getattr(getattr(model, "model", None), "latent_format", None), "latent_channels", None)
     if channels is not None and samples.shape[1] != channels:
-        raise ParaError(f"input 'latents' has {samples.shape[1]} channels but this {model_family(model)} model uses "
+        raise ParaError(f"{where} has {samples.shape[1]} channels but this {model_family(model)} model uses "
                         f"{channels}; encode the images with this model's VAE.")
     bad = [i for i in range(samples.shape[0]) if not torch.isfinite(samples[i]).all()]
     if bad:
-        raise ParaError(f"input 'latents': image {bad[0]} contains NaN/Inf values (VAE Encode in fp16 can overflow; "
+        raise ParaError(f"{where}: image {bad[0]} contains NaN/Inf values (VAE Encode in fp16 can overflow; "
                         "try the VAE in fp32/bf16).")
     if isinstance(latents, dict) and latents.get("noise_mask") is not None:
         log.warning("PaRa: the latents carry a noise mask; the trainer uses whole images and ignores it.")
     return samples.detach().clone().float().cpu()
 
 
-def check_conditioning(positive, n_images: int):
+def check_conditioning(positive, n_images: int, where: Optional[str] = None):
+    where = where or "input 'positive'"
     if not isinstance(positive, (list, tuple)) or len(positive) == 0:
-        raise ParaError("input 'positive' holds no conditioning; connect CLIP Text Encode with your caption.")
+        raise ParaError(f"{where} holds no conditioning; connect CLIP Text Encode with your caption.")
     if len(positive) not in (1, n_images):
-        raise ParaError(f"input 'positive' has {len(positive)} conditionings but input 'latents' has {n_images} images; "
-                        "give one conditioning for all images or exactly one per image, in the same order.")
+        raise ParaError(f"{where} has {len(positive)} conditionings but the latents it goes with have {n_images} "
+                        "images; give one conditioning for all images or exactly one per image, in the same order.")
     return list(positive)
 
 
@@ -349,9 +424,12 @@ def load_resume(resume_from, model, shapes, family) -> Optional[Resume]:
 
 # ------------------------------------------------------------------------- metadata, checkpoints, progress
 
-def data_fingerprint(samples: torch.Tensor) -> str:
-    h = hashlib.sha256(str(tuple(samples.shape)).encode())
-    h.update(samples.float().contiguous().numpy().tobytes())
+def data_fingerprint(samples) -> str:
+    """Of a latent batch, or of a list of latents of different sizes."""
+    parts = [samples] if isinstance(samples, torch.Tensor) else list(samples)
+    h = hashlib.sha256(str(tuple(samples.shape) if len(parts) == 1 else [tuple(x.shape) for x in parts]).encode())
+    for x in parts:
+        h.update(x.float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -365,14 +443,15 @@ class RunInfo:
         self.family = family
         self.fingerprint = model_fingerprint(model, names)
         self.data_fingerprint = data_fingerprint(samples)
-        h, w = samples.shape[-2:]
+        sizes = sorted({size_text(x) for x in samples}) if not isinstance(samples, torch.Tensor) else None
+        shape = list(samples.shape[1:]) if sizes is None else [list(x.shape) for x in samples]
         self.train = {
             "trainer": "ComfyUI-PaRa PaRaTrainer", "total_steps": settings.steps, "lr": settings.learning_rate,
             "optimizer": settings.optimizer, "batch_size": settings.batch_size, "seed": settings.seed,
-            "resolution": f"{w * PIXELS_PER_LATENT}x{h * PIXELS_PER_LATENT}", "latent_shape": list(samples.shape[1:]),
+            "resolution": size_text(samples) if sizes is None else ", ".join(sizes), "latent_shape": shape,
             "dtype": settings.dtype, "gradient_checkpointing": settings.gradient_checkpointing, "init": init,
             "rank_cap": rank_cap, "rank_ratio": int(rank_ratio), "parametrization": parametrization,
-            "trigger_words": trigger_words, "images": int(samples.shape[0]),
+            "trigger_words": trigger_words, "images": len(samples),
             "captions": n_captions, "loss": "mse in the model's prediction space (eps / v / flow)",
         }
         if resume_from:

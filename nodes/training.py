@@ -358,7 +358,7 @@ class TrainingRun:
     after at least one finished step; it returns the written path. ``on_step(run)`` is called
     after every finished step (progress)."""
 
-    def __init__(self, model, latents: torch.Tensor, positive, adapter, settings: TrainSettings,
+    def __init__(self, model, latents, positive, adapter, settings: TrainSettings,
                  start_step: int = 0, optimizer_state=None, scaler_state=None, loss_history=None,
                  on_checkpoint: Optional[Callable[["TrainingRun", str], Optional[str]]] = None,
                  on_step: Optional[Callable[["TrainingRun"], None]] = None):
@@ -397,7 +397,7 @@ class TrainingRun:
             mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
             guider = Guider_Basic(mp)
             guider.set_conds(clone_conditioning(self.positive))
-            shape = (self.settings.batch_size,) + tuple(self.latents.shape[1:])
+            shape = (self.settings.batch_size,) + tuple(self.latents[0].shape)
             # The guider only needs the batch shape; the dataset is handed to the loop directly.
             zeros = torch.zeros(shape)
             guider.sample(zeros, zeros, _TrainingSampler(self), torch.ones(1), seed=self.settings.seed)
@@ -409,7 +409,10 @@ class TrainingRun:
         base = model_wrap.inner_model
         ms = base.model_sampling
         check_trainable(ms)
-        data = base.process_latent_in(self.latents.to(self.device, torch.float32))
+        if isinstance(self.latents, torch.Tensor):
+            data = base.process_latent_in(self.latents.to(self.device, torch.float32))
+        else:  # images of different sizes: a list of (C, H, W) latents
+            data = [base.process_latent_in(x[None].to(self.device, torch.float32))[0] for x in self.latents]
         conds = list(model_wrap.conds["positive"])
         replaced = materialize_inference_tensors(base)
         if replaced:
@@ -469,32 +472,43 @@ class TrainingRun:
 
     def _one_step(self, model_wrap, extra_args, ms, data, conds):
         k, s = self.step, self.settings
-        n = data.shape[0]
+        n = len(data)
         g = generator_for(s.seed, "step", k)
         idx = batch_indices(s.seed, k, n, s.batch_size)
-        x0 = data[idx]
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        mixed = not isinstance(data, torch.Tensor)  # images of different sizes, a list of (C, H, W)
+        if mixed:
+            x0 = [data[i] for i in idx]
+            noise = [torch.randn(x.shape, generator=g).to(self.device) for x in x0]
+        else:
+            x0 = data[idx]
+            noise = torch.randn(x0.shape, generator=g).to(self.device)
         pct = torch.rand(len(idx), generator=g, dtype=torch.float64) * (1 - 2 * PERCENT_MARGIN) + PERCENT_MARGIN
         sigma = torch.tensor([float(ms.percent_to_sigma(float(p))) for p in pct], dtype=torch.float32,
                              device=self.device)
-        xt = ms.noise_scaling(sigma, noise, x0, False)
-        # Images that share a conditioning run as one batch; with one caption per image each
-        # runs with its own (ComfyUI applies every cond of the list to the whole batch).
-        groups: Dict[int, List[int]] = {}
+        if mixed:
+            xt = [ms.noise_scaling(sigma[j:j + 1], noise[j][None], x[None], False)[0] for j, x in enumerate(x0)]
+        else:
+            xt = ms.noise_scaling(sigma, noise, x0, False)
+        # Images that share a conditioning (and a size) run as one batch; with one caption per
+        # image each runs with its own (ComfyUI applies every cond of the list to the whole batch).
+        groups: Dict[tuple, List[int]] = {}
         for j, i in enumerate(idx):
-            groups.setdefault(i if len(conds) > 1 else 0, []).append(j)
+            groups.setdefault((i if len(conds) > 1 else 0, tuple(data[i].shape)), []).append(j)
+
+        def rows(t, js, sel):  # the group's rows of the batch (a tensor, or a list of same-size images)
+            return torch.stack([t[j] for j in js]) if mixed else t[sel]
         self.adapter.prepare_step()
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         total = None
         with autocast:
-            for c, js in groups.items():
+            for (c, _size), js in groups.items():
                 model_wrap.conds["positive"] = [conds[c]]
                 sel = torch.tensor(js, device=self.device)
-                denoised = model_wrap(xt[sel], sigma[sel], **extra_args)
-                part = diffusion_loss_sum(ms, denoised, x0[sel], sigma[sel])
+                denoised = model_wrap(rows(xt, js, sel), sigma[sel], **extra_args)
+                part = diffusion_loss_sum(ms, denoised, rows(x0, js, sel), sigma[sel])
                 total = part if total is None else total + part
-        loss = total / x0.numel()
+        loss = total / (sum(x.numel() for x in x0) if mixed else x0.numel())
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(k + 1, "loss")

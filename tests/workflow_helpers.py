@@ -88,7 +88,7 @@ def install_placeholders(server, checkpoint: Path, size: int = 64) -> dict[str, 
                 if not dest.exists():
                     make_subject_file(dest, checkpoint, seed=7)
                 made.setdefault("loras", []).append(inp["lora_name"])
-            elif ct == "LoadImageTextSetFromFolderNode":
+            elif ct in ("LoadImageTextSetFromFolderNode", "LoadImageTextDataSetFromFolder"):
                 folder = server.input_dir / inp["folder"]
                 if not folder.exists():
                     demo.make_subject_images(folder, "sks", 3, size)

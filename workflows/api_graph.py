@@ -18,16 +18,56 @@ class GraphError(ValueError):
     pass
 
 
+# A workflow made for one ComfyUI version only is named <name>_comfyui-<version>: it stands in for
+# <name> there (1_train_subject_comfyui-0.3.64: ComfyUI 0.3.64 has no MakeTrainingDataset, and
+# 0.33 removed the LoadImageTextSetFromFolderNode it uses instead). Every other workflow runs on
+# every supported version.
+VARIANT_MARK = "_comfyui-"
+
+
 def names() -> list[str]:
     """The shipped API workflows (file stems in workflows/api)."""
     return sorted(p.stem for p in API_DIR.glob("*.json"))
 
 
+def base_name(name: str) -> str:
+    """'1_train_subject_comfyui-0.3.64' -> '1_train_subject'."""
+    return name.split(VARIANT_MARK, 1)[0]
+
+
+def variant_version(name: str) -> str | None:
+    """The ComfyUI version a variant is made for, None for a workflow for every version."""
+    return name.split(VARIANT_MARK, 1)[1] if VARIANT_MARK in name else None
+
+
+def for_comfyui(name: str, version: str) -> str:
+    """The shipped workflow to run as `name` on ComfyUI `version`: its variant for that version
+    when there is one, else `name` itself."""
+    variant = f"{base_name(name)}{VARIANT_MARK}{version}"
+    return variant if variant in names() else base_name(name)
+
+
+def missing_nodes(graph: dict, node_types) -> list[str]:
+    """The node types of graph that a server (its /object_info keys) does not have."""
+    return sorted({n["class_type"] for n in graph.values()} - set(node_types))
+
+
+def pick(name: str, node_types) -> str:
+    """Of `name` and its variants, the first whose nodes the server has (e.g. the 0.3.64 training
+    workflow on a ComfyUI without MakeTrainingDataset); GraphError when none fits."""
+    candidates = [base_name(name)] + [n for n in names() if n.startswith(base_name(name) + VARIANT_MARK)]
+    for candidate in candidates:
+        if not missing_nodes(load(candidate), node_types):
+            return candidate
+    raise GraphError(f"no version of workflow {base_name(name)!r} runs on this ComfyUI: "
+                     f"{base_name(name)} needs {', '.join(missing_nodes(load(candidates[0]), node_types))}")
+
+
 def load(name_or_path) -> dict:
     """A shipped workflow by name ("1_train_subject") or any API-format JSON file."""
     p = Path(name_or_path)
-    if not p.suffix and not p.exists():
-        p = API_DIR / f"{name_or_path}.json"
+    if (API_DIR / f"{name_or_path}.json").is_file() or (p.suffix != ".json" and not p.exists()):
+        p = API_DIR / f"{name_or_path}.json"  # a shipped name (variant names hold dots: _comfyui-0.3.64)
     try:
         graph = json.loads(p.read_text())
     except FileNotFoundError:
@@ -114,6 +154,10 @@ def shrink(graph: dict, size: int | None = None, sample_steps: int | None = None
         inp, ct = n.get("inputs", {}), n["class_type"]
         if size is not None and ct in ("EmptyLatentImage", "LoadImageTextSetFromFolderNode"):
             inp["width"] = inp["height"] = size
+        if size is not None and ct == "ImageScaleToTotalPixels":
+            # about size x size (its minimum is 0.01 megapixels, ~100 x 100)
+            inp["megapixels"] = max(0.01, round(size * size / 2 ** 20, 2))
+            inp["resolution_steps"] = 64 if size >= 512 else 8
         if sample_steps is not None and ct in ("KSampler", "KSamplerAdvanced"):
             inp["steps"] = sample_steps
         if train_steps is not None and ct == "PaRaTrainer":

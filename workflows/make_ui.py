@@ -9,6 +9,13 @@ which inputs are sockets and which are widgets, and in which order the frontend 
 widget values. The layout (columns by graph depth) and the Note nodes live in this file, so
 the two formats cannot drift apart: after changing an API workflow or a node's inputs, run
 this script and commit both.
+
+Node schemas differ a little between ComfyUI versions (0.33's SaveImage has an output, 0.3.64's
+does not), so each UI file is made with one version's schemas: a variant made for one version
+(<name>_comfyui-<version>, see api_graph.VARIANT_MARK) with that version's, every other workflow
+with CURRENT_COMFYUI's. A run writes the files of the version it talks to; run it once per
+version, e.g. `COMFYUI_PATH=~/ComfyUI ~/.cache/comfyui-para/venv-0.3.64/bin/python workflows/make_ui.py`
+for the 0.3.64 variant. Every UI file is checked against each version's server by the tests.
 """
 from __future__ import annotations
 
@@ -20,6 +27,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 API_DIR = HERE / "api"
+# The ComfyUI whose node schemas make the UI files of the workflows for every version.
+CURRENT_COMFYUI = "0.33.0"
+VARIANT_MARK = "_comfyui-"  # as api_graph.VARIANT_MARK (this script runs without the package)
 
 # Types the frontend draws as widgets (any other type is a socket). A list type is a legacy combo.
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -36,7 +46,23 @@ CANVAS, MARGIN = (1536, 825), 16
 # they are shown inside the graph.
 NOTES: dict[str, list[str]] = {
     "1_train_subject": [
-        "PaRa: train a subject, then generate with it\n\n"
+        "PaRa: train a subject, then generate with it (ComfyUI 0.33 or newer; on 0.3.64 use "
+        "1_train_subject_comfyui-0.3.64.json)\n\n"
+        "1. Put 3-10 photos of your subject in ComfyUI/input/<folder>, each with a .txt caption "
+        "of the same name that contains your trigger word, e.g. 'a photo of sks toy on a table'.\n"
+        "2. Pick that folder in 'Training images + captions' (press R to refresh the list).\n"
+        "3. Pick your SD1.5 checkpoint in 'Load Checkpoint'.\n"
+        "4. In 'PaRa Trainer' set trigger_words to your trigger word (it is stored in the file).\n"
+        "5. Write a new prompt with the trigger word in 'Prompt', then Queue.\n\n"
+        "Each photo is scaled to about 512x512 pixels keeping its aspect ratio, so sizes may differ "
+        "(PaRa Trainer takes that, and Resolution Bucket's output too). The trainer saves "
+        "models/para/<filename_prefix>_NNNNN_.safetensors (use it with PaRa Loader or the stock Load LoRA) "
+        "and the loss graph is shown at the bottom.",
+        "Paper settings (SD1.5): rank 4, preset noxattn, lr 1e-4, ~1000 steps, batch 1, 512 px. "
+        "On a 24 GB GPU that takes a few minutes. Lower steps for a quick look.",
+    ],
+    "1_train_subject_comfyui-0.3.64": [
+        "PaRa: train a subject, then generate with it (for ComfyUI 0.3.64; newer ComfyUI: 1_train_subject.json)\n\n"
         "1. Put 3-10 photos of your subject in ComfyUI/input/<folder>, each with a .txt caption "
         "of the same name that contains your trigger word, e.g. 'a photo of sks toy on a table'.\n"
         "2. Pick that folder in 'Load Image and Text Dataset from Folder' (press R to refresh the list).\n"
@@ -301,36 +327,59 @@ def render(ui: dict) -> str:
     return json.dumps(ui, indent=2, ensure_ascii=False) + "\n"
 
 
-def build_all(object_info: dict) -> dict[str, str]:
-    """{UI file name: its text} for every API workflow."""
+def made_with(name: str) -> str:
+    """The ComfyUI version whose node schemas make this workflow's UI file."""
+    return name.split(VARIANT_MARK, 1)[1] if VARIANT_MARK in name else CURRENT_COMFYUI
+
+
+def build_all(object_info: dict, version: str | None = None) -> dict[str, str]:
+    """{UI file name: its text} for every API workflow made with `version`'s schemas (all of
+    them when version is None)."""
     out = {}
     for name, api in api_workflows().items():
-        out[f"{name}.json"] = render(api_to_ui(name, api, object_info, NOTES.get(name)))
+        if version is None or made_with(name) == version:
+            notes = NOTES.get(name) or NOTES.get(name.split(VARIANT_MARK, 1)[0])
+            out[f"{name}.json"] = render(api_to_ui(name, api, object_info, notes))
     return out
 
 
-def fetch_object_info(server: str | None) -> dict:
+def fetch_object_info(server: str | None) -> tuple[dict, str]:
+    """(/object_info, the ComfyUI version) of a running server, or of one started here."""
     import urllib.request
-    if server:
-        with urllib.request.urlopen(server.rstrip("/") + "/object_info", timeout=120) as r:
+
+    def get(url, path):
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=120) as r:
             return json.loads(r.read())
+
+    if server:
+        return get(server, "/object_info"), get(server, "/system_stats")["system"]["comfyui_version"]
     sys.path.insert(0, str(HERE.parent / "tests"))
     import comfy_env
     if comfy_env.find_comfyui() is None:
         sys.exit(comfy_env.COMFYUI_MISSING)
     with comfy_env.ComfyServer() as srv:
-        return srv.object_info()
+        return srv.object_info(), get(srv.url, "/system_stats")["system"]["comfyui_version"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", help="URL of a running ComfyUI with this pack (default: start one)")
     p.add_argument("--object-info", type=Path, help="read /object_info from this JSON file instead")
+    p.add_argument("--comfyui-version", default=CURRENT_COMFYUI,
+                   help=f"with --object-info: the ComfyUI version it came from (default {CURRENT_COMFYUI})")
     p.add_argument("--check", action="store_true", help="only check that the committed UI files are current")
     a = p.parse_args(argv)
-    info = json.loads(a.object_info.read_text()) if a.object_info else fetch_object_info(a.server)
+    if a.object_info:
+        info, version = json.loads(a.object_info.read_text()), a.comfyui_version
+    else:
+        info, version = fetch_object_info(a.server)
+    files = build_all(info, version)
+    others = sorted(f"{n}.json ({made_with(n)})" for n in api_workflows() if f"{n}.json" not in files)
+    if others:
+        print(f"ComfyUI {version}: the UI files made with another version's schemas are left as they are: "
+              + ", ".join(others))
     stale = []
-    for fname, text in build_all(info).items():
+    for fname, text in files.items():
         path = HERE / fname
         if path.exists() and path.read_text() == text:
             continue
