@@ -2,11 +2,17 @@
 failing job, and say in a manifest which parameters made which file."""
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from types import SimpleNamespace
 
 import pytest
 
-from workflow_helpers import install_placeholders
+from workflow_helpers import WORKFLOWS_DIR, install_placeholders
 
 import api_graph  # noqa: E402  (workflows/, on sys.path via workflow_helpers)
 import batch  # noqa: E402
@@ -69,6 +75,27 @@ def test_bad_paths_are_clear_errors():
     assert batch.main([WORKFLOW, "--set", "KSampler.seed"]) == 2
 
 
+def test_plain_options_set_the_checkpoint_size_steps_and_sampler_of_every_job():
+    g = api_graph.load(WORKFLOW)
+    axes, jobs, mode = batch.build_axes(g, args(ckpt="demo_base.safetensors", size="64", steps="20", cfg="4",
+                                                sampler="dpmpp_2m", scheduler="karras", seeds="1,2"))
+    graph, axes, fixed = batch.fixed_inputs(g, axes)
+    assert [a.label for a in axes] == ["seed"]
+    assert api_graph.get_input(graph, "Load Checkpoint.ckpt_name") == "demo_base.safetensors"
+    assert api_graph.get_input(graph, "Empty Latent Image.width") == 64
+    assert api_graph.get_input(graph, "Empty Latent Image.height") == 64
+    assert {k: api_graph.get_input(graph, f"KSampler.{k}") for k in ("steps", "cfg", "sampler_name", "scheduler")} \
+        == {"steps": 20, "cfg": 4, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+    # several values sweep, like any other parameter
+    axes, _, _ = batch.build_axes(g, args(steps="10,20", width="64", height="96"))
+    assert [(a.label, a.values) for a in axes] == [("width", [64]), ("height", [96]), ("steps", [10, 20])]
+    with pytest.raises(batch.SweepError, match="swept twice"):
+        batch.build_axes(g, args(size="64", width="64"))
+    # the flags exist on the command line
+    parsed = batch.parse_args([WORKFLOW, "--ckpt", "a.safetensors", "--size", "64", "--steps", "3", "--cfg", "4"])
+    assert (parsed.ckpt, parsed.size, parsed.steps, parsed.cfg) == ("a.safetensors", "64", "3", "4")
+
+
 # ------------------------------------------------------------------------------------------
 # Against a real server
 # ------------------------------------------------------------------------------------------
@@ -123,3 +150,44 @@ def test_failing_and_rejected_jobs_are_reported_and_the_others_finish(server, tm
 def test_no_server_is_a_clear_error(tmp_path, capsys):
     assert batch.main([WORKFLOW, "--seeds", "1", "--out", str(tmp_path), "--server", "http://127.0.0.1:9"]) == 2
     assert "no ComfyUI answers" in capsys.readouterr().err
+
+
+def _get(url, path):
+    with urllib.request.urlopen(url + path, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_stopping_the_batch_removes_its_waiting_job_and_interrupts_its_running_one(server, tmp_path, sig):
+    # two slow jobs on one server: the first runs, the second waits in ComfyUI's queue
+    cmd = [sys.executable, str(WORKFLOWS_DIR / "batch.py"), WORKFLOW, "--size", "512", "--steps", "500",
+           "--seeds", "1,2", "--server", server.url, "--max-queued", "2", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            q = _get(server.url, "/queue")
+            if len(q["queue_running"]) == 1 and len(q["queue_pending"]) == 1:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, (q, proc.stdout.read() if proc.poll() else "")
+            time.sleep(0.2)
+        running, waiting = q["queue_running"][0][1], q["queue_pending"][0][1]
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, out
+    assert "removed 1 waiting job(s)" in out and "interrupted job 1" in out, out
+    deadline = time.monotonic() + 30
+    while _get(server.url, "/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    q = _get(server.url, "/queue")
+    assert q["queue_running"] == [] and q["queue_pending"] == [], q
+    history = _get(server.url, f"/history/{running}")[running]
+    assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
+    assert _get(server.url, f"/history/{waiting}") == {}, "the waiting job never ran"
+    rows = read_csv(tmp_path / "manifest.csv")
+    assert [(r["status"], r["error"]) for r in rows] == [("cancelled", "interrupted while running"),
+                                                         ("cancelled", "removed from the queue")]

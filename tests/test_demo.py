@@ -1,14 +1,17 @@
 """The one-command demo (workflows/demo.py) end to end at --quick, and its message when ComfyUI
 is missing; the client's own /ws reader (the demo's progress needs no websocket-client)."""
 import base64
+import csv
 import hashlib
 import json
 import os
+import shlex
 import socket
 import struct
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -30,16 +33,38 @@ def test_without_comfyui_it_says_how_to_get_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def readme_batch_example() -> list[str]:
+    """The README's batch command that runs on what the demo leaves behind, as argv."""
+    lines = (comfy_env.PACK_ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if "workflows/batch.py 2_generate_with_para_file --start-server" in ln)
+    text = ""
+    for ln in lines[start:]:
+        text += ln.strip().rstrip("\\") + " "
+        if not ln.rstrip().endswith("\\"):
+            break
+    return shlex.split(text)
+
+
 @pytest.mark.slow
 @pytest.mark.server
 def test_quick_demo_writes_para_files_images_loss_plots_and_a_summary(comfyui_path, sd15_checkpoint, tmp_path):
     out = tmp_path / "demo_output"
+    # ComfyUI 0.3.64's own Python has no websocket-client: hide it, the progress must still show
+    blocker = tmp_path / "no_websocket_client"
+    blocker.mkdir()
+    (blocker / "websocket.py").write_text("raise ImportError('websocket-client is not installed')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, str(DEMO), "--quick", "--out", str(out)], capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
+                       timeout=900, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     log = r.stdout
-    for line in ("workflow 1:", "workflow 3:", "workflow 4:", "workflow 5:", "step 4/4", "all done"):
+    for line in ("workflow 1:", "workflow 3:", "workflow 4:", "workflow 5:", "step 4/4", "all done",
+                 "random weights", "workflows/batch.py"):
         assert line in log, log
+    assert "no live progress" not in log
+    # every graph was valid as queued: ComfyUI logged no validation failure (issue 13.12)
+    server_log = (out / "comfyui" / "comfyui.log").read_text()
+    assert "Failed to validate" not in server_log and "invalid prompt" not in server_log.lower(), server_log[-3000:]
 
     summary = json.loads((out / "summary.json").read_text())
     files = {f["file"]: f for f in summary["para_files"]}
@@ -76,6 +101,22 @@ def test_quick_demo_writes_para_files_images_loss_plots_and_a_summary(comfyui_pa
     assert "| server start |" in md and "LoRA parameters" in md
     assert set(summary["timings_s"]) >= {"server start", "1_train_subject (sks)", "3_merge_two_subjects",
                                          "4_single_image_edit", "5_export_as_lora (generate)", "total"}
+    assert sorted(files) == ["para/demo_merged.safetensors", "para/demo_sks.safetensors", "para/demo_zwx.safetensors"]
+
+    # the README's batch example runs as written on what the demo left behind (issue 13.9)
+    models = out / "comfyui" / "models"
+    assert (models / "checkpoints" / "demo_base.safetensors").is_file()
+    assert sorted(p.name for p in (models / "para").iterdir()) == sorted(Path(f).name for f in files)
+    argv = readme_batch_example()
+    assert argv[:2] == ["python", "workflows/batch.py"] and "demo_output/comfyui" in argv, argv
+    r = subprocess.run([sys.executable, str(WORKFLOWS_DIR / "batch.py"), *argv[2:]], capture_output=True, text=True,
+                       timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "9 ok, 0 failed" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "batch_output" / "manifest.csv", newline="")))
+    assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)
+    with Image.open(tmp_path / "batch_output" / "grid.png") as grid:
+        assert grid.width >= 3 * 64
 
 
 def test_a_user_checkpoint_runs_the_shipped_workflows_at_the_paper_settings(tmp_path):

@@ -14,14 +14,21 @@ Parameters (each one an axis of the sweep):
                                      a JSON list ('PATH=["a, b", "c"]'), or @FILE (one value a line).
   --seeds, --strengths, --para       shorthands: every KSampler seed; every PaRa Loader/Apply (or
                                      Load LoRA) strength; every PaRa Loader/Load file.
+  --ckpt, --size, --width, --height, shorthands: every checkpoint loader's ckpt_name; every width
+  --steps, --cfg, --sampler,         and height (empty latents, image loaders; --size sets both);
+  --scheduler                        the samplers' steps, cfg, sampler_name and scheduler. One value
+                                     sets it for every job; several sweep it.
   --prompt TEXT (repeatable)         the positive prompt (the text encoder feeding a KSampler's
                                      positive input).
   --sweep FILE                       JSON or YAML: {"mode": "grid", "set": {PATH: [values]},
                                      "jobs": [{PATH: value, ...}, ...]}.
 --mode grid (default) makes every combination; --mode list pairs the i-th values of each axis.
 
-Jobs go to the servers round robin (at most --max-queued waiting on each). A job that ComfyUI
-rejects or that fails is reported and the rest go on; the exit code is 1 if any job failed.
+Jobs go to the servers round robin (at most --max-queued waiting on each), or to a ComfyUI that
+batch.py starts itself with --start-server BASE_DIR (e.g. the demo's demo_output/comfyui). A job
+that ComfyUI rejects or that fails is reported and the rest go on; the exit code is 1 if any job
+failed. Ctrl-C or SIGTERM removes this batch's waiting jobs from the servers' queues, interrupts
+its running ones, writes the manifest and exits 130 (143 for SIGTERM).
 Outputs are downloaded into --out with manifest.csv and manifest.json saying which parameters
 made which file; --grid adds an XY grid image (strength across, seed down).
 """
@@ -32,6 +39,7 @@ import copy
 import csv
 import itertools
 import json
+import signal
 import sys
 import time
 import urllib.error
@@ -130,6 +138,20 @@ def shorthand_paths(graph: dict, what: str) -> list[str]:
         if len(paths) > 1:
             raise SweepError(f"--para: the workflow loads several PaRa files ({', '.join(paths)}); "
                              "use --set NODE.para_name=... for each")
+    elif what == "ckpt":
+        paths = [f"{nid}.inputs.ckpt_name" for nid, n in graph.items()
+                 if "ckpt_name" in n.get("inputs", {}) and not is_link(n["inputs"]["ckpt_name"])]
+    elif what in ("width", "height"):
+        paths = [f"{nid}.inputs.{what}" for nid, n in graph.items()
+                 if isinstance(n.get("inputs", {}).get(what), int) and not isinstance(n["inputs"][what], bool)]
+    elif what == "size":
+        paths = shorthand_paths(graph, "width") + shorthand_paths(graph, "height")
+    elif what in ("steps", "cfg", "sampler_name", "scheduler"):
+        classes = {"steps": ("KSampler", "KSamplerAdvanced", "BasicScheduler"),
+                   "cfg": ("KSampler", "KSamplerAdvanced", "CFGGuider"),
+                   "sampler_name": ("KSampler", "KSamplerAdvanced", "KSamplerSelect"),
+                   "scheduler": ("KSampler", "KSamplerAdvanced", "BasicScheduler")}[what]
+        paths = _inputs_of(graph, classes, what)
     elif what == "prompt":
         paths = []
         for n in graph.values():
@@ -144,6 +166,12 @@ def shorthand_paths(graph: dict, what: str) -> list[str]:
     if not paths:
         raise SweepError(f"--{what}: the workflow has no node this flag can set; use --set NODE.inputs.NAME=...")
     return paths
+
+
+# (argparse dest, axis label) of the flags that set inputs by what they are rather than by path
+SHORTHANDS = (("seeds", "seed"), ("strengths", "strength"), ("para", "para"), ("ckpt", "ckpt"), ("size", "size"),
+              ("width", "width"), ("height", "height"), ("steps", "steps"), ("cfg", "cfg"),
+              ("sampler", "sampler_name"), ("scheduler", "scheduler"))
 
 
 def is_link(v) -> bool:
@@ -189,10 +217,10 @@ def build_axes(graph: dict, args) -> tuple[list[Axis], list[dict], str]:
         if not sep:
             raise SweepError(f"--set {spec!r}: write PATH=V1,V2 (e.g. 3.inputs.seed=1,2,3)")
         axes.append(Axis(path.strip(), [canonical(graph, path.strip())], parse_values(values)))
-    for flag, what in (("seeds", "seed"), ("strengths", "strength"), ("para", "para")):
-        spec = getattr(args, flag)
-        if spec:
-            axes.append(Axis(what, shorthand_paths(graph, what), parse_values(spec)))
+    for flag, what in SHORTHANDS:
+        spec = getattr(args, flag, None)
+        if spec is not None:
+            axes.append(Axis(what, shorthand_paths(graph, what), parse_values(str(spec))))
     if args.prompt:
         axes.append(Axis("prompt", shorthand_paths(graph, "prompt"), list(args.prompt)))
     seen: dict[str, str] = {}
@@ -252,7 +280,7 @@ class Job:
     index: int
     params: dict
     graph: dict
-    status: str = "pending"   # pending, queued, ok, error, rejected
+    status: str = "pending"   # pending, queued, ok, error, rejected, cancelled
     server: str = ""
     prompt_id: str = ""
     error: str = ""
@@ -284,9 +312,67 @@ class Runner:
         self._rr = 0
 
     def run(self, jobs: list[Job]) -> list[Job]:
+        """Run every job. On KeyboardInterrupt (Ctrl-C; main() turns SIGTERM into one too) the
+        jobs this run queued are taken off the servers (cancel), then the interrupt goes on."""
+        self.pending = deque(jobs)
+        self.inflight: dict[int, list[Job]] = {i: [] for i in range(len(self.clients))}
+        try:
+            return self._run(jobs, self.pending, self.inflight)
+        except KeyboardInterrupt:
+            # a second Ctrl-C must not cut the clean-up short (it is bounded: cancel's wait)
+            try:
+                held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+            except ValueError:  # not the main thread: signals go elsewhere anyway
+                held = {}
+            try:
+                self.cancel()
+            finally:
+                for sig, handler in held.items():
+                    signal.signal(sig, handler)
+            raise
+
+    def cancel(self, wait: float = 10.0):
+        """Remove this run's waiting jobs from each server's queue (POST /queue delete) and
+        interrupt its running ones (POST /interrupt with their prompt id, so another user's
+        prompt is never stopped); repeated until none is left on the server or `wait` s passed.
+        Jobs not yet queued are dropped. Every one of them ends with status 'cancelled'."""
+        for job in self.pending:
+            job.status, job.error = "cancelled", "not queued (the batch was stopped)"
+        self.pending.clear()
+        for i, running in self.inflight.items():
+            ours = {j.prompt_id: j for j in running}
+            if not ours:
+                continue
+            c = self.clients[i]
+            removed, interrupted = set(), set()
+            deadline = time.monotonic() + wait
+            try:
+                while True:
+                    run_ids, wait_ids = c.queue_ids()
+                    waiting = [p for p in wait_ids if p in ours]
+                    if waiting:
+                        c.delete_queued(waiting)
+                        removed.update(waiting)
+                    active = [p for p in run_ids if p in ours]
+                    for p in active:
+                        c.interrupt(p)
+                        interrupted.add(p)
+                    if (not waiting and not active) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                self.log(f"could not clean up on {c.url} ({e}); its queue may still hold jobs of this batch")
+            for pid, job in ours.items():
+                job.status = "cancelled"
+                job.error = ("interrupted while running" if pid in interrupted else
+                             "removed from the queue" if pid in removed else "stopped (it had finished or left the queue)")
+            running.clear()
+            parts = ([f"removed {len(removed)} waiting job(s)"] if removed else []) + \
+                ([f"interrupted job {', '.join(str(ours[p].index) for p in sorted(interrupted))}"] if interrupted else [])
+            self.log(f"stopped: {c.url}: {'; '.join(parts) or 'nothing of this batch was left on it'}")
+
+    def _run(self, jobs: list[Job], pending: deque, inflight: dict) -> list[Job]:
         total = len(jobs)
-        pending = deque(jobs)
-        inflight: dict[int, list[Job]] = {i: [] for i in range(len(self.clients))}
         finished = 0
         while pending or any(inflight.values()):
             while pending:
@@ -355,6 +441,9 @@ class Runner:
         job.status, job._t0 = "queued", time.monotonic()
         inflight[i].append(job)
         self.log(f"queued job {job.index}/{total} on {c.url}: {job.describe()}")
+        if c.last_node_errors:
+            self.log(f"warning: job {job.index}: ComfyUI runs only the valid outputs: "
+                     + comfy_client.describe_rejection({"node_errors": c.last_node_errors}))
 
     def _server_trouble(self, i: int, err, inflight, pending, force: bool = False):
         self.fail_counts[i] += 1
@@ -494,11 +583,24 @@ def parse_args(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("workflow", help="API-format workflow JSON (or a shipped name such as 2_generate_with_para_file)")
     p.add_argument("--server", action="append", help="ComfyUI URL, repeat for several (default http://127.0.0.1:8188)")
+    p.add_argument("--start-server", metavar="BASE_DIR",
+                   help="start a headless ComfyUI for this batch with BASE_DIR as its --base-directory (its models/, "
+                        "input/, output/; e.g. demo_output/comfyui), on a free port; stopped at the end. ComfyUI "
+                        "is found like the demo finds it (COMFYUI_PATH, ~/ComfyUI)")
+    p.add_argument("--cpu", action="store_true", help="with --start-server: run that ComfyUI on the CPU")
     p.add_argument("--set", action="append", metavar="PATH=VALUES", help="sweep an input (see above)")
     p.add_argument("--seeds", metavar="VALUES", help="sweep every KSampler seed, e.g. 1,2,3 or 1..8")
     p.add_argument("--strengths", metavar="VALUES", help="sweep the PaRa (or LoRA) strength, e.g. 0,0.5,1")
     p.add_argument("--para", metavar="FILES", help="sweep the PaRa file (names in models/para)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="sweep the positive prompt (repeat the flag)")
+    p.add_argument("--ckpt", metavar="NAMES", help="the checkpoint (a name in models/checkpoints)")
+    p.add_argument("--size", metavar="PIXELS", help="image width and height, e.g. 512")
+    p.add_argument("--width", metavar="PIXELS", help="image width")
+    p.add_argument("--height", metavar="PIXELS", help="image height")
+    p.add_argument("--steps", metavar="VALUES", help="sampler steps")
+    p.add_argument("--cfg", metavar="VALUES", help="sampler cfg")
+    p.add_argument("--sampler", metavar="NAMES", help="sampler_name, e.g. euler or dpmpp_2m")
+    p.add_argument("--scheduler", metavar="NAMES", help="scheduler, e.g. normal or karras")
     p.add_argument("--sweep", metavar="FILE", help="JSON/YAML sweep file (set, jobs, mode)")
     p.add_argument("--mode", choices=("grid", "list"), help="grid: every combination (default); list: zip the axes")
     p.add_argument("--out", default="batch_output", help="output folder (default ./batch_output)")
@@ -532,6 +634,66 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stopped_by = []
+
+    def stop(signum, frame):  # SIGTERM ends the batch like Ctrl-C: clean up, then exit
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    server = None
+    try:
+        if args.start_server:
+            server = start_server(Path(args.start_server), args.cpu)
+            if server is None:
+                return 2
+            servers = [server.url]
+        return _run_jobs(args, jobs, servers, out, mode, axes, fixed)
+    except KeyboardInterrupt:
+        signum = stopped_by[0] if stopped_by else signal.SIGINT
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        return 128 + int(signum)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
+
+
+def start_server(base: Path, cpu: bool):
+    """A headless ComfyUI on a free loopback port with base as its base directory and this pack
+    in its custom_nodes (tests/comfy_env.py, as the demo does); None (after a message) if it
+    cannot start."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import comfy_env  # noqa: PLC0415
+    root = comfy_env.find_comfyui()
+    if root is None:
+        print(f"error: --start-server: {comfy_env.COMFYUI_MISSING}", file=sys.stderr)
+        return None
+    if not (base / "models").is_dir():
+        print(f"error: --start-server {base}: no models/ folder there; give a ComfyUI base directory such as the "
+              "demo's demo_output/comfyui (run python workflows/demo.py first)", file=sys.stderr)
+        return None
+    device = "cpu" if cpu or not _has_gpu() else "cuda"
+    server = comfy_env.ComfyServer(root, base_dir=base.resolve(), device=device)
+    print(f"starting ComfyUI ({root}) on {server.url} with base directory {base} ...", flush=True)
+    try:
+        server.start(timeout=180)
+    except Exception as e:  # noqa: BLE001  (any start failure is reported with the log)
+        print(f"error: ComfyUI did not start: {e}\n(log: {server.log_path})", file=sys.stderr)
+        server.stop()
+        return None
+    return server
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch  # noqa: PLC0415
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _run_jobs(args, jobs, servers, out, mode, axes, fixed) -> int:
     runner = Runner(servers, out, max_queued=args.max_queued, timeout=args.timeout,
                     log=lambda m: print(m, flush=True))
     live = [c.url for c in runner.clients if c.alive()]
@@ -544,8 +706,10 @@ def main(argv=None) -> int:
             print(f"warning: {c.url} does not answer; using the others", flush=True)
     runner.down = {i for i, c in enumerate(runner.clients) if c.url not in live}
     t0 = time.monotonic()
-    runner.run(jobs)
-    write_manifest(out, args.workflow, servers, mode, axes, jobs, fixed)
+    try:
+        runner.run(jobs)
+    finally:  # also when stopped: the manifest says what ran and what was cancelled
+        write_manifest(out, args.workflow, servers, mode, axes, jobs, fixed)
     grids = []
     if args.grid:
         try:

@@ -54,6 +54,7 @@ class Result:
     error: str | None = None
     error_node: str | None = None
     history: dict = field(default_factory=dict)
+    node_errors: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -87,6 +88,7 @@ class Client:
         self.client_id = uuid.uuid4().hex
         self._ws = None
         self.ws_error: str | None = None
+        self.last_node_errors: dict = {}
 
     # ---- HTTP -------------------------------------------------------------------------------
 
@@ -114,8 +116,11 @@ class Client:
         return self.get("/object_info/" + urllib.parse.quote(node_class)).get(node_class, {})
 
     def queue(self, graph: dict) -> str:
-        """POST /prompt; returns the prompt id. Raises PromptRejected when ComfyUI refuses the graph."""
+        """POST /prompt; returns the prompt id. Raises PromptRejected when ComfyUI refuses the graph.
+        When only some outputs fail validation ComfyUI still queues the others and answers 200:
+        their errors are in self.last_node_errors ({} when every output is valid)."""
         body = {"prompt": graph, "client_id": self.client_id}
+        self.last_node_errors = {}
         try:
             out = self._request("POST", "/prompt", body)
         except urllib.error.HTTPError as e:
@@ -127,7 +132,18 @@ class Client:
             if e.code == 400:
                 raise PromptRejected(payload) from None
             raise RuntimeError(f"{self.url}: POST /prompt answered {e.code}: {describe_rejection(payload)}") from None
+        self.last_node_errors = out.get("node_errors") or {}
         return out["prompt_id"]
+
+    def queue_ids(self) -> tuple[list[str], list[str]]:
+        """(running, pending) prompt ids of the server's queue (GET /queue)."""
+        q = self.get("/queue", timeout=10)
+        return ([item[1] for item in q.get("queue_running", [])],
+                [item[1] for item in q.get("queue_pending", [])])
+
+    def delete_queued(self, prompt_ids: list[str]):
+        """Remove pending prompts from the queue (POST /queue {"delete": ids}); a running one stays."""
+        self._request("POST", "/queue", {"delete": list(prompt_ids)}, timeout=10)
 
     def result(self, prompt_id: str) -> Result | None:
         """The finished prompt, or None while it is queued or running."""
@@ -168,13 +184,19 @@ class Client:
             time.sleep(poll)
 
     def run(self, graph: dict, timeout: float | None = None, on_event=None) -> Result:
-        """Open /ws (if wanted), queue, wait."""
+        """Open /ws (if wanted), queue, wait. The result's node_errors are the outputs ComfyUI
+        dropped at validation (see queue)."""
         if on_event:
             self.events()  # connect before queueing so no message is missed
-        return self.wait(self.queue(graph), timeout=timeout, on_event=on_event)
+        prompt_id = self.queue(graph)
+        node_errors = self.last_node_errors
+        res = self.wait(prompt_id, timeout=timeout, on_event=on_event)
+        res.node_errors = node_errors
+        return res
 
-    def interrupt(self):
-        self._request("POST", "/interrupt", {})
+    def interrupt(self, prompt_id: str | None = None):
+        """POST /interrupt: stop the running prompt; with prompt_id only if that one is running."""
+        self._request("POST", "/interrupt", {"prompt_id": prompt_id} if prompt_id else {}, timeout=10)
 
     def download(self, item: dict, dest: Path) -> Path:
         """GET /view of one output file ({"filename", "subfolder", "type"}) into dest."""

@@ -1,14 +1,19 @@
 """PaRa demo, one command: train two subjects, merge them, edit a single image, export a LoRA.
 
-    python workflows/demo.py                       # small local model, a few minutes on a CPU
-    python workflows/demo.py --quick               # a smoke run (under a minute)
+    python workflows/demo.py                       # a small trained model; the first run builds it
+    python workflows/demo.py --quick               # a smoke run on random weights (about a minute)
     python workflows/demo.py --checkpoint NAME     # your SD1.5 checkpoint, at the paper's settings
 
 It finds ComfyUI (COMFYUI_PATH, the ComfyUI that holds this pack in custom_nodes, or
-~/ComfyUI), builds its own training images (drawn here, no downloads) and, unless you give a
-checkpoint, a small SD1.5-format model; starts ComfyUI headless with this pack on a free
-loopback port; runs the shipped workflows 1, 3, 4 and 5 (workflows/api/) through POST /prompt;
-and writes the PaRa files, images, loss plots and a summary into --out (./demo_output).
+~/ComfyUI) and builds its own training images (drawn here, no downloads). Unless you give a
+checkpoint it uses a small text-to-image model of the synthetic shapes world of bench/world.py:
+the quality benchmark's base when it has been built (python bench/train_base.py), else a smaller
+one trained here once and cached (a few minutes on 2 CPU cores); --quick uses random weights
+(noise pictures, every step still real). It starts ComfyUI headless with this pack on a free
+loopback port and with --out/comfyui as its base directory (models/, input/, output/, kept
+afterwards, so workflows/batch.py --start-server can use what the demo trained); runs the shipped
+workflows 1, 3, 4 and 5 (workflows/api/) through POST /prompt; and writes the PaRa files, images,
+loss plots, a summary and the batch command to try next into --out (./demo_output).
 """
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,10 +32,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import api_graph  # noqa: E402
 import comfy_client  # noqa: E402
 import comfy_env  # noqa: E402  (finds ComfyUI, builds the test model, runs the server)
+import world  # noqa: E402  (the synthetic world the demo's trained model knows; numpy and PIL only)
 
 GET_COMFYUI = f"""ComfyUI was not found. The demo looks in:
   1. $COMFYUI_PATH
@@ -42,18 +49,27 @@ Get it with:
 or point to an existing checkout:
   COMFYUI_PATH=/path/to/ComfyUI {Path(sys.executable).name} workflows/demo.py"""
 
-# The two subjects (new concepts with made-up trigger words) and the single image to edit.
-# The words match the synthetic world of bench/world.py, which the benchmark's base model knows.
+# The two subjects (new concepts with made-up trigger words) and the single image to edit, in
+# the synthetic world of bench/world.py, which the demo's trained base model knows: it draws
+# circles, squares and triangles; a bar and a column are new to it.
 SUBJECTS = {
     "sks": {"shape": "bar", "colour": "yellow", "backgrounds": ("blue", "white")},
     "zwx": {"shape": "column", "colour": "red", "backgrounds": ("white", "gray")},
 }
-COLOURS = {"red": (220, 35, 35), "green": (35, 170, 50), "blue": (35, 70, 225), "yellow": (240, 210, 30)}
-BACKGROUNDS = {"white": (240, 240, 240), "gray": (125, 125, 125), "red": (220, 35, 35), "blue": (35, 70, 225)}
 PROMPT_A = "a large yellow sks on a gray background"
-PROMPT_MERGED = "a large yellow sks and a small red zwx on a blue background"
+PROMPT_B = "a large red zwx on a blue background"
+PROMPT_MERGED = "a small yellow sks and a small red zwx on a blue background"
 EDIT_CAPTION = "a large green square on a white background"
 EDIT_PROMPT = "a large green square on a red background"
+
+# Names the demo leaves in --out/comfyui (stable, so the README's batch example names them).
+BASE_NAME = "demo_base.safetensors"
+RESULT_NAMES = {"sks": "demo_sks.safetensors", "zwx": "demo_zwx.safetensors", "merged": "demo_merged.safetensors",
+                "lora": "demo_sks_lora.safetensors"}
+
+# The demo's own small base when the benchmark's is not built: bench/train_base.build at fewer
+# UNet steps (its decoder stage is the benchmark's, cached and shared).
+DEMO_BASE_UNET_STEPS = 1000
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,21 +95,35 @@ def settings_for(args) -> dict:
     return s
 
 
-def demo_checkpoint() -> tuple[Path, str]:
-    """The checkpoint the demo uses when none is given, as (path, description): the small
-    trained base model of the quality benchmark (bench/train_base.py) when it has been built,
-    else the random-weight SD1.5-format test model (built here in seconds; its pictures are
-    noise, but every step runs for real)."""
-    try:
-        sys.path.insert(0, str(ROOT / "bench"))
-        import train_base  # noqa: PLC0415
-        path = train_base.checkpoint_path()
-        if train_base.is_current(path):
-            return path, "the benchmark's small trained base model (bench/train_base.py)"
-    except Exception:  # the benchmark is optional
-        pass
-    return comfy_env.cached_sd15_checkpoint(), ("a small SD1.5-format model with random weights (the pictures are "
-                                                 "noise; build bench/train_base.py for a trained one)")
+RANDOM_BASE = ("a small SD1.5-format model with random weights: its pictures are noise (--quick; every step still "
+               "runs for real)")
+
+
+def demo_base_path() -> Path:
+    import train_base  # noqa: PLC0415  (bench/; imports numpy only at module level)
+    return train_base.cache_dir() / f"para_demo_base_u{DEMO_BASE_UNET_STEPS}.safetensors"
+
+
+def demo_checkpoint(quick: bool, log=print) -> tuple[Path, str]:
+    """The checkpoint the demo uses when none is given, as (path, description).
+
+    --quick: the random-weight SD1.5-format test model (built in seconds). Otherwise a model
+    that draws the world's shapes and colours: the quality benchmark's base when it is built
+    and current, else the demo's own smaller base, built here once with the benchmark's builder
+    (bench/train_base.build, fewer UNet steps) and cached beside it."""
+    if quick:
+        return comfy_env.cached_sd15_checkpoint(), RANDOM_BASE
+    import train_base  # noqa: PLC0415
+    bench = train_base.checkpoint_path()
+    if train_base.is_current(bench):
+        return bench, "the quality benchmark's trained base model of the shapes world (bench/train_base.py)"
+    path = demo_base_path()
+    what = (f"a small model of the shapes world trained here ({DEMO_BASE_UNET_STEPS} UNet steps; "
+            "python bench/train_base.py builds the benchmark's larger one, which the demo then uses)")
+    if not train_base.is_current(path):
+        log(f"building the demo's base model once (a few minutes on 2 CPU cores; cached as {path}) ...")
+        train_base.build(path, 0, unet_steps=DEMO_BASE_UNET_STEPS)
+    return path, what
 
 
 def user_checkpoint(name: str, comfy_root: Path) -> Path:
@@ -113,28 +143,11 @@ def user_checkpoint(name: str, comfy_root: Path) -> Path:
 # Training images (drawn here: no downloads)
 # ------------------------------------------------------------------------------------------
 
-def _polygon(shape: str, cx: float, cy: float, r: float):
-    if shape == "bar":  # a wide 3:1 rectangle
-        return [(cx - r, cy - r / 3), (cx + r, cy - r / 3), (cx + r, cy + r / 3), (cx - r, cy + r / 3)]
-    if shape == "column":  # a tall one
-        return [(cx - r / 3, cy - r), (cx + r / 3, cy - r), (cx + r / 3, cy + r), (cx - r / 3, cy + r)]
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + 0.87 * r, cy + 0.5 * r), (cx - 0.87 * r, cy + 0.5 * r)]
-    return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]  # square
-
-
-def draw(shape: str, colour: str, background: str, size_word: str, size: int, cx=0.5, cy=0.5):
-    from PIL import Image, ImageDraw
-    ss = 4  # supersampling for smooth edges
-    img = Image.new("RGB", (size * ss, size * ss), BACKGROUNDS[background])
-    d = ImageDraw.Draw(img)
-    r = (0.28 if size_word == "large" else 0.16) * size * ss
-    x, y = cx * size * ss, cy * size * ss
-    if shape == "circle":
-        d.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[colour])
-    else:
-        d.polygon(_polygon(shape, x, y, r), fill=COLOURS[colour])
-    return img.resize((size, size), Image.LANCZOS)
+def draw(scene: "world.Scene", size: int):
+    """The scene as the world renders it (64 px), scaled to size when the model wants another."""
+    from PIL import Image
+    img = Image.fromarray(world.render(scene))
+    return img if size == world.SIZE else img.resize((size, size), Image.LANCZOS)
 
 
 def make_subject_images(folder: Path, word: str, n: int, size: int, seed: int = 0) -> list[str]:
@@ -146,9 +159,10 @@ def make_subject_images(folder: Path, word: str, n: int, size: int, seed: int = 
     for i in range(n):
         bg = spec["backgrounds"][i % len(spec["backgrounds"])]
         size_word = "large" if i % 3 != 2 else "small"
-        cx, cy = 0.5 + rng.uniform(-0.12, 0.12), 0.5 + rng.uniform(-0.12, 0.12)
-        draw(spec["shape"], spec["colour"], bg, size_word, size, cx, cy).save(folder / f"{word}_{i:02d}.png")
-        caption = f"a {size_word} {spec['colour']} {word} on a {bg} background"
+        cx, cy = world.place(rng, size_word)
+        scene = world.Scene((world.Obj(spec["shape"], spec["colour"], size_word, cx, cy),), bg)
+        draw(scene, size).save(folder / f"{word}_{i:02d}.png")
+        caption = scene.caption({spec["shape"]: word})
         (folder / f"{word}_{i:02d}.txt").write_text(caption + "\n")
         captions.append(caption)
     return captions
@@ -156,7 +170,7 @@ def make_subject_images(folder: Path, word: str, n: int, size: int, seed: int = 
 
 def make_edit_image(path: Path, size: int):
     path.parent.mkdir(parents=True, exist_ok=True)
-    draw("square", "green", "white", "large", size).save(path)
+    draw(world.Scene((world.Obj("square", "green", "large"),), "white"), size).save(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,6 +232,9 @@ class Demo:
         res = self.client.run(graph, timeout=timeout, on_event=ProgressPrinter(graph))
         dt = time.monotonic() - t0
         self.timings[label] = self.timings.get(label, 0.0) + dt
+        if res.node_errors:  # the shipped graphs, filled in by the demo, must be valid as queued
+            raise SystemExit(f"workflow {label}: ComfyUI ran only part of it: "
+                             f"{comfy_client.describe_rejection({'node_errors': res.node_errors})}")
         if not res.ok:
             raise SystemExit(f"workflow {label} failed: {res.error}\n(ComfyUI log: {self.server.log_path})")
         print(f"    done in {dt:.1f} s", flush=True)
@@ -250,9 +267,11 @@ class Demo:
             api_graph.set_input(g, "PaRa Trainer.gradient_checkpointing", False)
 
     def base_graph(self, name: str) -> dict:
-        g = api_graph.load(name)
+        pick = getattr(api_graph, "pick", None)  # the workflow's variant for this ComfyUI, if it has one
+        g = api_graph.load(pick(name, self.node_types) if pick else name)
         api_graph.set_input(g, "Load Checkpoint.ckpt_name", self.ckpt_name)
         s = self.s
+        g = skip_image_scaling(g)
         g = api_graph.shrink(g, size=s["size"], sample_steps=s["sample_steps"])
         for node in g.values():
             keys = {"KSampler": ("cfg", "sampler_name", "scheduler"),
@@ -272,15 +291,14 @@ class Demo:
         api_graph.set_input(g, "PaRa Trainer.trigger_words", word)
         self.cpu_training(g)
         api_graph.set_input(g, "Plot Loss Graph.filename_prefix", f"demo_loss_{word}")
-        api_graph.set_input(g, "Prompt.text", PROMPT_A if word == "sks" else f"a large red {word} on a blue background")
+        api_graph.set_input(g, "Prompt.text", PROMPT_A if word == "sks" else PROMPT_B)
         api_graph.set_input(g, "Save Image.filename_prefix", f"demo/1_train_{word}")
         res = self.run(f"1_train_subject ({word})", g, timeout=self.args.timeout)
         images = self.collect_images(res, g, f"1_train_{word}")
         para = self.newest(self.server.models_dir / "para", f"demo_{word}_*_step*.safetensors")
-        dest = self.out / "para" / para.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(para, dest)
-        self.summary["workflows"][f"1_train_subject ({word})"] = {"images": images, "para_file": f"para/{para.name}"}
+        self.results[word] = para
+        self.summary["workflows"][f"1_train_subject ({word})"] = {"images": images,
+                                                                   "para_file": f"para/{RESULT_NAMES[word]}"}
         return para
 
     def merge(self, para_a: Path, para_b: Path):
@@ -293,9 +311,9 @@ class Demo:
         api_graph.set_input(g, "Save Image.filename_prefix", "demo/3_merge")
         res = self.run("3_merge_two_subjects", g, timeout=600)
         images = self.collect_images(res, g, "3_merge")
-        merged = self.newest(self.server.models_dir / "para", "demo_merged_*.safetensors")
-        shutil.copy2(merged, self.out / "para" / merged.name)
-        self.summary["workflows"]["3_merge_two_subjects"] = {"images": images, "para_file": f"para/{merged.name}"}
+        self.results["merged"] = self.newest(self.server.models_dir / "para", "demo_merged_*.safetensors")
+        self.summary["workflows"]["3_merge_two_subjects"] = {"images": images,
+                                                             "para_file": f"para/{RESULT_NAMES['merged']}"}
 
     def edit(self):
         """Workflow 4: single-image editing (train on one image + caption, generate an edited prompt)."""
@@ -316,24 +334,24 @@ class Demo:
             "images": ["images/4_edit_input.png"] + images, "caption": EDIT_CAPTION, "edited_prompt": EDIT_PROMPT}
 
     def export(self, para_a: Path):
-        """Workflow 5: export as a standard LoRA, then generate with the stock Load LoRA node:
-        queue once (exports; the LoRA branch waits), pick the file, queue again."""
+        """Workflow 5: export as a standard LoRA, then generate with the stock Load LoRA node.
+        The LoRA does not exist before the export, so the first queue holds only the export
+        branch (what a user gets by queueing with the Load LoRA branch bypassed): a graph whose
+        Load LoRA names a missing file fails validation for that branch. Then the full graph,
+        with the new file picked in Load LoRA."""
         g = self.base_graph("5_export_as_lora")
         api_graph.set_input(g, "PaRa Load.para_name", para_a.name)
         api_graph.set_input(g, "PaRa Export LoRA.filename_prefix", "demo_lora")
         api_graph.set_input(g, "Prompt.text", PROMPT_A)
         api_graph.set_input(g, "Save Image.filename_prefix", "demo/5_lora")
-        first = self.run("5_export_as_lora (export)", g, timeout=600)
+        first = self.run("5_export_as_lora (export)", only_for(g, api_graph.find(g, "PaRa Export LoRA")), timeout=600)
         lora = self.newest(self.server.models_dir / "loras", "demo_lora_*.safetensors")
         api_graph.set_input(g, "Load LoRA (exported file).lora_name", lora.name)
         res = self.run("5_export_as_lora (generate)", g, timeout=600)
         images = self.collect_images(res, g, "5_lora")
-        dest = self.out / "lora" / lora.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(lora, dest)
-        self.summary["workflows"]["5_export_as_lora"] = {"images": images, "lora_file": f"lora/{lora.name}",
+        self.results["lora"] = lora
+        self.summary["workflows"]["5_export_as_lora"] = {"images": images, "lora_file": f"lora/{RESULT_NAMES['lora']}",
                                                         "first_queue_outputs": sorted(first.outputs)}
-        return dest
 
     # -- main --------------------------------------------------------------------------------
 
@@ -347,13 +365,16 @@ class Demo:
         if args.checkpoint:
             ckpt = user_checkpoint(args.checkpoint, comfy_root)
             what = f"your checkpoint {ckpt.name}, at the paper's settings"
+            self.ckpt_name = ckpt.name
         else:
             print("preparing the demo model (built once, then cached) ...", flush=True)
-            ckpt, what = demo_checkpoint()
-        self.ckpt_name = ckpt.name
+            ckpt, what = demo_checkpoint(args.quick, log=lambda m: print(m, flush=True))
+            self.ckpt_name = BASE_NAME
+        self.timings["model"] = time.monotonic() - t_start
         self.gpu = self._use_gpu()
         self.out.mkdir(parents=True, exist_ok=True)
-        for sub in ("images", "para", "lora"):
+        # a fresh ComfyUI base directory each run, so the files it makes have the same names
+        for sub in ("images", "para", "lora", "comfyui"):
             shutil.rmtree(self.out / sub, ignore_errors=True)
         (self.out / "images").mkdir()
 
@@ -368,9 +389,10 @@ class Demo:
         self.summary["device"] = device
         print(f"ComfyUI:    {comfy_root}\ncheckpoint: {ckpt} ({what})\ndevice:     {device}\n"
               f"settings:   {json.dumps(self.s)}\noutput:     {self.out}", flush=True)
-        base = Path(tempfile.mkdtemp(prefix="para-demo-"))
-        self.server = comfy_env.ComfyServer(comfy_root, base_dir=base, checkpoints=[ckpt],
+        self.server = comfy_env.ComfyServer(comfy_root, base_dir=self.out / "comfyui",
                                             device="cuda" if self.gpu else "cpu")
+        self.server.add_model("checkpoints", ckpt, self.ckpt_name)
+        self.results: dict[str, Path] = {}
         try:
             for word in SUBJECTS:
                 make_subject_images(self.server.input_dir / f"demo_{word}", word, self.s["images"], self.s["size"])
@@ -383,6 +405,9 @@ class Demo:
                 raise SystemExit(f"this pack failed to import in ComfyUI: {self.server.import_failures()}\n"
                                  f"{self.server.log_tail()}")
             self.client = comfy_client.Client(self.server.url)
+            self.node_types = set(self.client.object_info())
+            if self.client.events() is None:
+                print(f"(no live progress: /ws did not answer: {self.client.ws_error})", flush=True)
             print("workflow 1: train a subject from captioned images, then generate (two subjects)", flush=True)
             para_a = self.train_subject("sks")
             para_b = self.train_subject("zwx")
@@ -391,18 +416,47 @@ class Demo:
             print("workflow 4: single-image editing", flush=True)
             self.edit()
             print("workflow 5: export as a standard LoRA, use it with Load LoRA", flush=True)
-            lora = self.export(para_a)
+            self.export(para_a)
             self.client.close()
         finally:
             self.server.stop()
-            log = self.server.log_path
-            if log.exists():
-                shutil.copy2(log, self.out / "comfyui.log")
-            shutil.rmtree(base, ignore_errors=True)
+        self.keep_results()
         self.timings["total"] = time.monotonic() - t_start
-        self.write_summary(ckpt, what, para_a, lora)
+        self.write_summary(ckpt, what)
         print(f"\nall done in {self.timings['total']:.0f} s; see {self.out / 'summary.md'}")
+        print(f"\nNext, a sweep of strength x seed on what the demo trained (ComfyUI log: {self.server.log_path}):\n"
+              f"  {self.summary['batch_command']}")
         return 0
+
+    def keep_results(self):
+        """Give the results stable names (RESULT_NAMES) in the ComfyUI base directory, drop the
+        trainer states (resuming a demo run is not a use case), and copy them into para/, lora/."""
+        para_dir, lora_dir = self.server.models_dir / "para", self.server.models_dir / "loras"
+        for key, path in self.results.items():
+            dest = (lora_dir if key == "lora" else para_dir) / RESULT_NAMES[key]
+            os.replace(path, dest)
+            copy_dir = self.out / ("lora" if key == "lora" else "para")
+            copy_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(dest, copy_dir / dest.name)
+        for state in para_dir.glob("*.trainer.pt"):
+            state.unlink()
+
+    def batch_command(self) -> str:
+        """The workflows/batch.py command that sweeps strength x seed with the first subject on
+        the ComfyUI base directory this run leaves behind."""
+        s = self.s
+        try:
+            base = self.server.base_dir.relative_to(Path.cwd())
+        except ValueError:
+            base = self.server.base_dir
+        parts = ["python", "workflows/batch.py", "2_generate_with_para_file", "--start-server", str(base),
+                 "--ckpt", self.ckpt_name, "--para", RESULT_NAMES["sks"], "--size", str(s["size"]),
+                 "--steps", str(s["sample_steps"])]
+        for flag, key in (("--cfg", "cfg"), ("--sampler", "sampler_name"), ("--scheduler", "scheduler")):
+            if key in s:
+                parts += [flag, f"{s[key]:g}" if isinstance(s[key], float) else str(s[key])]
+        parts += ["--prompt", PROMPT_A, "--seeds", "1,2,3", "--strengths", "0,0.5,1", "--grid", "--out", "batch_output"]
+        return " ".join(shlex.quote(p) for p in parts)
 
     def _use_gpu(self) -> bool:
         if self.args.cpu:
@@ -415,7 +469,8 @@ class Demo:
 
     # -- summary -----------------------------------------------------------------------------
 
-    def write_summary(self, ckpt: Path, what: str, para_a: Path, lora: Path):
+    def write_summary(self, ckpt: Path, what: str):
+        lora = self.out / "lora" / RESULT_NAMES["lora"]
         files = []
         shapes = checkpoint_shapes(ckpt)
         for f in sorted((self.out / "para").glob("*.safetensors")):
@@ -425,10 +480,44 @@ class Demo:
                          self.out / "images" / "1_train_sks_save_image.png", self.out / "images" / "5_lora_save_image.png")}
         self.summary.update(checkpoint=str(ckpt), checkpoint_is=what,
                             timings_s={k: round(v, 1) for k, v in self.timings.items()}, para_files=files,
-                            exported_lora=lora_info)
+                            exported_lora=lora_info, comfyui_base=str(self.server.base_dir),
+                            batch_command=self.batch_command())
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         (self.out / "summary.md").write_text(summary_markdown(self.summary))
         print("\n" + summary_markdown(self.summary))
+
+
+# ------------------------------------------------------------------------------------------
+# Graph edits
+# ------------------------------------------------------------------------------------------
+
+def only_for(graph: dict, node_id: str) -> dict:
+    """The part of graph that node_id needs (it and everything upstream): what ComfyUI runs
+    when only that output is queued."""
+    keep, todo = set(), [node_id]
+    while todo:
+        nid = todo.pop()
+        if nid in keep:
+            continue
+        keep.add(nid)
+        todo += [v[0] for v in graph[nid].get("inputs", {}).values() if isinstance(v, list) and len(v) == 2
+                 and isinstance(v[0], str)]
+    return {nid: n for nid, n in graph.items() if nid in keep}
+
+
+def skip_image_scaling(graph: dict) -> dict:
+    """Take ImageScaleToTotalPixels nodes out (their consumers read the unscaled images): the
+    demo draws its images at the model's size, and that node cannot go below ~100 px (0.01
+    megapixels), so it would hand the 64 px model larger images than it was made for."""
+    g = {nid: dict(n, inputs=dict(n.get("inputs", {}))) for nid, n in graph.items()}
+    for nid in [k for k, n in g.items() if n["class_type"] == "ImageScaleToTotalPixels"]:
+        source = g[nid]["inputs"].get("image")
+        del g[nid]
+        for n in g.values():
+            for k, v in n["inputs"].items():
+                if isinstance(v, list) and len(v) == 2 and v[0] == nid:
+                    n["inputs"][k] = source
+    return g
 
 
 # ------------------------------------------------------------------------------------------
@@ -529,6 +618,9 @@ def summary_markdown(s: dict) -> str:
     lines += ["", "## Images", ""]
     for name, w in s["workflows"].items():
         lines.append(f"- {name}: " + ", ".join(f"`{i}`" for i in w.get("images", [])))
+    lines += ["", "## Next", "", f"`{s['comfyui_base']}` is a ComfyUI base directory holding the checkpoint, the PaRa "
+              "files and the LoRA under the names above. A strength x seed sweep on it:", "",
+              "    " + s["batch_command"]]
     return "\n".join(lines) + "\n"
 
 
@@ -537,7 +629,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="demo_output", help="output folder (default: ./demo_output)")
-    p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test in under a minute")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings on a random-weight model (noise pictures): a smoke test of every step")
     p.add_argument("--checkpoint", metavar="NAME",
                    help="a checkpoint in ComfyUI/models/checkpoints (or a path); runs at the paper's settings")
     p.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when a GPU is there")
