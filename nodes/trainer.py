@@ -227,6 +227,9 @@ class PaRaTrainer(io.ComfyNode):
         out_model = apply_para(model, state, 1.0)
         last = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
         text = f"PaRa: {run.step} steps, loss {last}" + (f", saved {checkpoints.last_name}" if checkpoints.last_name else "")
+        if getattr(run, "save_errors", None):
+            text += (f"\nWARNING: {len(run.save_errors)} checkpoint(s) could not be written (last: {run.save_errors[-1]}); "
+                     "the result is only in memory: connect PARA to PaRa Save.")
         return io.NodeOutput(out_model, state, {"loss": list(run.losses)}, run.step, ui=ui.PreviewText(text))
 
 
@@ -411,15 +414,52 @@ def load_resume(resume_from, model, shapes, family) -> Optional[Resume]:
     trainer = None
     tpath = trainer_state_path(path)
     if os.path.isfile(tpath):
-        trainer = load_trainer_state(tpath)
+        try:
+            trainer = load_trainer_state(tpath)
+        except ParaError as e:
+            raise ParaError(f"input 'resume_from': {e}") from None
         if sorted(trainer["layers"]) != sorted(para.layers):
             log.warning("PaRa: %s does not match its PaRa file's layers; warm start from the PaRa file only.", tpath)
             trainer = None
+        else:
+            check_optimizer_shapes(trainer, para, tpath, resume_from)
     if trainer:
         log.info("PaRa: resuming %s exactly from step %d", resume_from, int(trainer["step"]))
     else:
         log.info("PaRa: warm start from %s (no trainer state beside it: fresh optimizer, step 0)", resume_from)
     return Resume(para, trainer, resume_from)
+
+
+def check_optimizer_shapes(trainer: dict, para: ParaState, tpath: str, resume_from: str) -> None:
+    """The optimizer moments must have the shapes of the tensors they belong to: a trainer state
+    from a run of another rank (or another file) is an error naming both files, not torch's
+    'output with shape [320, 1] doesn't match the broadcast shape' at the first step."""
+    layers = list(trainer["layers"])
+    if para.kind == "reference":
+        expected = [(l, n, tuple(t[l].shape)) for l in layers for n, t in (("para_U", para.U), ("para_D", para.D))]
+    else:
+        expected = [(l, "para_B", tuple(para.B[l].shape)) for l in layers]
+    opt = trainer.get("optimizer")
+    if not opt:
+        return
+    n_params = sum(len(g.get("params", [])) for g in opt.get("param_groups", []) if isinstance(g, dict))
+    problem = None
+    if n_params != len(expected):
+        problem = f"its optimizer holds {n_params} tensors, the PaRa file has {len(expected)}"
+    else:
+        for idx, st in opt.get("state", {}).items():
+            if not isinstance(idx, int) or not 0 <= idx < len(expected) or not isinstance(st, dict):
+                problem = f"its optimizer state has an entry {idx!r} that belongs to no tensor"
+                break
+            layer, name, shape = expected[idx]
+            bad = [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != shape]
+            if bad:
+                problem = (f"its optimizer state '{bad[0]}' of {layer} has shape {tuple(st[bad[0]].shape)}, the PaRa "
+                           f"file's {name} has {shape} (a trainer state of another rank or run)")
+                break
+    if problem:
+        raise ParaError(f"input 'resume_from': {tpath} does not belong to {resume_from}: {problem}. Delete the "
+                        ".trainer.pt to warm-start from the PaRa file alone, or pick the checkpoint it was saved with.")
 
 
 # ------------------------------------------------------------------------- metadata, checkpoints, progress
@@ -504,10 +544,21 @@ class Checkpoints:
 
     def __call__(self, run: TrainingRun, reason: str) -> str:
         path = f"{self.stem}_step{run.step:06}.safetensors"
+        tpath = trainer_state_path(path)
         if run.optimizer_state_valid:
-            # Trainer state first: the PaRa file, which the resume list shows, appears last.
-            save_trainer_state(self.info.trainer_state(run, os.path.basename(path), reason), trainer_state_path(path))
-        save_para(self.info.state(run, reason), path)
+            # Trainer state first: the PaRa file, which the resume list shows, appears last, so a
+            # listed checkpoint always has its state (a crash in between leaves an unlisted
+            # .trainer.pt, removed at the next start: fileformat.remove_stale_temp_files).
+            save_trainer_state(self.info.trainer_state(run, os.path.basename(path), reason), tpath)
+        try:
+            save_para(self.info.state(run, reason), path)
+        except BaseException:
+            if run.optimizer_state_valid and not os.path.exists(path):
+                try:
+                    os.unlink(tpath)
+                except OSError:
+                    pass
+            raise
         self.last_name = os.path.relpath(path, self.folder)
         log.info("PaRa: step %d: saved checkpoint %s (%s)", run.step, path, reason)
         return path
