@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from workflow_helpers import WORKFLOWS_DIR, api_workflows, install_placeholders, ui_workflows
+from workflow_helpers import UI_DIR, api_workflows, install_placeholders, ui_workflows
 
 import api_graph  # noqa: E402  (workflows/, put on sys.path by workflow_helpers)
 import comfy_client  # noqa: E402
@@ -204,7 +204,7 @@ def test_committed_ui_workflows_are_generated_from_the_api_ones(object_info, com
     built = make_ui.build_all(object_info, comfyui_version)
     if not built:
         pytest.skip(f"no UI file is made with ComfyUI {comfyui_version}'s schemas (make_ui.made_with)")
-    stale = [f for f, text in built.items() if (WORKFLOWS_DIR / f).read_text() != text]
+    stale = [f for f, text in built.items() if (UI_DIR / f).read_text() != text]
     assert not stale, (f"out of date, run with ComfyUI {comfyui_version}: python workflows/make_ui.py  "
                        f"({', '.join(stale)})")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import comfy_env
 
 WORKFLOWS_DIR = comfy_env.PACK_ROOT / "workflows"
+UI_DIR = comfy_env.PACK_ROOT / "example_workflows"  # the UI-format files (the templates menu)
 if str(WORKFLOWS_DIR) not in sys.path:
     sys.path.insert(0, str(WORKFLOWS_DIR))
 
@@ -59,7 +60,7 @@ def api_workflows() -> dict[str, dict]:
 
 def ui_workflows() -> dict[str, dict]:
     import json
-    return {p.stem: json.loads(p.read_text()) for p in sorted(WORKFLOWS_DIR.glob("*.json"))}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(UI_DIR.glob("*.json"))}
 
 
 def install_placeholders(server, checkpoint: Path, size: int = 64) -> dict[str, list[str]]:

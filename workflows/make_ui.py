@@ -1,6 +1,6 @@
 """Make the UI-format workflows (what users drag into ComfyUI) from the API-format ones.
 
-    python workflows/make_ui.py                 # start ComfyUI headless, rewrite workflows/*.json
+    python workflows/make_ui.py                 # start ComfyUI headless, rewrite example_workflows/*.json
     python workflows/make_ui.py --server URL    # use a running server's /object_info
     python workflows/make_ui.py --check         # exit 1 if a committed UI file is out of date
 
@@ -27,6 +27,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 API_DIR = HERE / "api"
+# The UI files, where ComfyUI's templates menu looks first (0.3.64 and 0.33 list a pack's
+# example_workflows/ and, with a "consider renaming" log line, workflows/ and others).
+UI_DIR = HERE.parent / "example_workflows"
 # The ComfyUI whose node schemas make the UI files of the workflows for every version.
 CURRENT_COMFYUI = "0.33.0"
 VARIANT_MARK = "_comfyui-"  # as api_graph.VARIANT_MARK (this script runs without the package)
@@ -380,13 +383,13 @@ def main(argv=None) -> int:
               + ", ".join(others))
     stale = []
     for fname, text in files.items():
-        path = HERE / fname
+        path = UI_DIR / fname
         if path.exists() and path.read_text() == text:
             continue
         stale.append(fname)
         if not a.check:
             path.write_text(text)
-            print(f"wrote workflows/{fname}")
+            print(f"wrote example_workflows/{fname}")
     if a.check and stale:
         print("out of date (run python workflows/make_ui.py):", ", ".join(stale))
         return 1
