@@ -130,6 +130,25 @@ def test_training_forward_equals_the_patched_model(mods, model):
             torch.testing.assert_close(out, patched, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_training_keeps_U_and_D_float32_masters(mods, model, dtype):
+    _, para, loss, _ = train(mods, model, steps=2, training_dtype=dtype)
+    assert all(math.isfinite(v) for v in loss["loss"])
+    for t in list(para.U.values()) + list(para.D.values()):
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
+
+
+def test_gradient_checkpointing_gives_the_same_U_and_D(mods, model):
+    # SGD: Adam's first steps are lr * sign(g), which turns float noise in near-zero gradients into
+    # steps of size lr; SGD compares the gradients themselves.
+    _, plain, _, _ = train(mods, model, steps=2, filename_prefix="ref_gc_off", optimizer="SGD")
+    _, ckpt, _, _ = train(mods, model, steps=2, filename_prefix="ref_gc_on", gradient_checkpointing=True,
+                          optimizer="SGD")
+    for l in plain.layers:
+        torch.testing.assert_close(ckpt.U[l], plain.U[l], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ckpt.D[l], plain.D[l], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("init", ["orthogonal", "top-singular"])
 def test_other_inits_start_from_the_papers_model(mods, model, init):
     base = snapshot(model)
