@@ -98,7 +98,7 @@ class PaRaLoad(io.ComfyNode):
             node_id="PaRaLoad", display_name="PaRa Load", category=CATEGORY,
             description="Reads a PaRa file from models/para. Connect it to PaRa Apply, PaRa Merge, PaRa Save or PaRa Export LoRA.",
             inputs=[_para_combo()],
-            outputs=[PARA.Output(display_name="PARA", tooltip="The PaRa adapter (subject or merged).")],
+            outputs=[PARA.Output(display_name="PARA", tooltip="The PaRa adapter (subject, merged or reference).")],
         )
 
     @classmethod
@@ -157,7 +157,8 @@ class PaRaMerge(io.ComfyNode):
         inputs = [io.Combo.Input("mode", options=list(MERGE_MODES), default="sum",
                                  tooltip="sum: W0 - sum_i s_i Q_i Q_i^T W0 (the paper's code). union: one projection onto "
                                          "the union of the subspaces (overlaps counted once). sequential: apply the "
-                                         "reductions one after the other, in input order.")]
+                                         "reductions one after the other, in input order. Reference-parametrization "
+                                         "adapters (W0 - U D) merge with sum only.")]
         for i in range(1, MAX_MERGE + 1):
             inputs.append(PARA.Input(f"para_{i}", optional=i > 2,
                                      tooltip=f"PaRa adapter {i}" + (" (optional)" if i > 2 else "")))
@@ -197,7 +198,8 @@ class PaRaSave(io.ComfyNode):
         return io.Schema(
             node_id="PaRaSave", display_name="PaRa Save", category=CATEGORY, is_output_node=True,
             description="Saves a PaRa adapter into models/para (with the spec's metadata) so PaRa Loader and the stock "
-                        "Load LoRA node can use it later. Subjects keep para_B; merged adapters are saved as para_U/para_V.",
+                        "Load LoRA node can use it later. Subjects keep para_B; merged adapters are saved as para_U/para_V, reference ones "
+                        "(parametrization reference) as para_U/para_D.",
             inputs=[PARA.Input("para", tooltip="The adapter to save."),
                     io.String.Input("filename_prefix", default="PaRa",
                                     tooltip="File name prefix inside models/para; a counter is appended. Subfolders with '/' are allowed."),
@@ -220,7 +222,8 @@ class PaRaExportLoRA(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PaRaExportLoRA", display_name="PaRa Export LoRA", category=CATEGORY, is_output_node=True,
-            description="Writes an exact standard LoRA (lora_up = -s*U, lora_down = V^T W0, alpha = rank) into "
+            description="Writes an exact standard LoRA (lora_up = -s*U, lora_down = V^T W0, alpha = rank; a reference "
+                        "adapter: lora_down = D) into "
                         "models/loras. With the stock Load LoRA node it gives the same weights as the PaRa adapter, "
                         "but only on the base model it was exported against.",
             inputs=[io.Model.Input("model", tooltip="The base model the adapter was trained on (its weights go into lora_down)."),
