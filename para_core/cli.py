@@ -349,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", formatter_class=fmt, help="merge several PaRa files into one",
                        description=_wrap("Merge PaRa files into one merged file (para_U/para_V). Modes: sum (the "
                                    "reference code: W0 - sum s_i Q_i Q_i^T W0), union (projection onto the span "
-                                   "of all subspaces), sequential (in the given order). FILE:S sets a strength "
-                                   "(default 1)."),
+                                   "of all subspaces), sequential (in the given order). Reference-parametrization "
+                                   "files (para_U/para_D, W0 - U D) merge with sum only, into a reference file. "
+                                   "FILE:S sets a strength (default 1)."),
                        epilog=f"example:\n  {PROG} merge --mode union dog.safetensors:1 cat.safetensors:0.8 "
                               "-o dog_cat.safetensors")
     p.add_argument("--mode", choices=MERGE_MODES, required=True, help="how the subspaces combine")
