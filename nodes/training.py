@@ -46,9 +46,6 @@ TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.
 # sigma = 0 (nothing to learn, and a division by zero in the loss) or to an infinite sigma.
 PERCENT_MARGIN = 1e-3
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-# What to change when the loss goes NaN depends on what the run computed in.
-NAN_DTYPE_ADVICE = {"fp16": "use training_dtype bf16 or fp32 instead of fp16, or ",
-                    "bf16": "try training_dtype fp32, or ", "fp32": "or "}
 OOM_ADVICE = ("out of memory while training. Try a smaller batch_size, turn gradient_checkpointing on, "
               "a lower rank or fewer layers, smaller latents, or training_dtype bf16/fp16.")
 
@@ -292,7 +289,21 @@ class GradientCheckpointing:
             self._saved.append((m, m.__dict__.get("forward", _MISSING)))
 
             def forward(*args, _inner=inner, **kwargs):
-                return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                # The forward runs on the caller's tensors (blocks may update them in place, as
+                # Flux's do: x += ..., and the caller may rely on it); the recompute in the
+                # backward pass runs on copies taken before, so it sees the same inputs.
+                def copy(x):
+                    return x.clone() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+                first = [True]
+
+                def run(*a, **k):
+                    if first[0]:
+                        first[0] = False
+                        return _inner(*args, **kwargs)
+                    return _inner(*a, **k)
+                return torch.utils.checkpoint.checkpoint(run, *(copy(x) for x in args), use_reentrant=False,
+                                                         **{n: copy(x) for n, x in kwargs.items()})
 
             m.forward = forward
 
@@ -303,6 +314,29 @@ class GradientCheckpointing:
                 m.__dict__.pop("forward", None)
             else:
                 m.forward = prev
+
+
+class NormInputCopies:
+    """Norm layers get a copy of their input while training. ComfyUI's Flux blocks normalize their
+    input and then update it in place (x += gate * out); the norm keeps that input for its
+    backward pass, so autograd would refuse the step. A copy per norm costs one activation."""
+
+    def __init__(self, root: torch.nn.Module):
+        self.modules = [m for m in root.modules() if "Norm" in type(m).__name__]
+        self._handles = []
+
+    @staticmethod
+    def _copy_input(module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            return (args[0].clone(),) + tuple(args[1:])
+        return None
+
+    def install(self):
+        self._handles = [m.register_forward_pre_hook(self._copy_input) for m in self.modules]
+
+    def remove(self):
+        while self._handles:
+            self._handles.pop().remove()
 
 
 def materialize_inference_tensors(module: torch.nn.Module) -> int:
@@ -384,10 +418,6 @@ class TrainingRun:
         self.optimizer = OPTIMIZERS[settings.optimizer](params, lr=settings.learning_rate)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
-            # load_state_dict restores the saved run's learning rate; a resume may set a new one.
-            for group in self.optimizer.param_groups:
-                group["lr"] = settings.learning_rate
-        self.save_errors: List[str] = []  # periodic checkpoints that could not be written
         # fp16 gradients underflow without loss scaling; B itself stays float32 (the master copy).
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         if self.scaler is not None and scaler_state:
@@ -427,7 +457,9 @@ class TrainingRun:
         grad_flags = {n: p.requires_grad for n, p in base.named_parameters()}
         base.requires_grad_(False)
         checkpointing = GradientCheckpointing(base.diffusion_model) if self.settings.gradient_checkpointing else None
+        norms = NormInputCopies(base.diffusion_model)
         self.adapter.install()
+        norms.install()
         if checkpointing:
             checkpointing.install()
         try:
@@ -435,6 +467,7 @@ class TrainingRun:
         finally:
             if checkpointing:
                 checkpointing.remove()
+            norms.remove()
             self.adapter.remove()
             for n, p in base.named_parameters():
                 p.requires_grad_(grad_flags.get(n, False))
@@ -465,8 +498,8 @@ class TrainingRun:
             else:
                 kept = "No step had finished, so nothing was saved."
             raise ParaError(f"PaRa Trainer stopped: the {e.what} became NaN/Inf at step {e.step}. {kept} Lower "
-                            f"learning_rate, {NAN_DTYPE_ADVICE[self.settings.dtype]}check the latents and "
-                            "conditioning for NaN.") from None
+                            "learning_rate, use training_dtype bf16 or fp32 instead of fp16, or check the latents "
+                            "and conditioning for NaN.") from None
         except OUT_OF_MEMORY as e:
             path = self._checkpoint("out of memory", early=True)
             kept = f" The last finished step ({self._saved_step}) is saved in {path}." if path else ""
@@ -560,14 +593,9 @@ class TrainingRun:
         try:
             path = self.on_checkpoint(self, reason)
         except Exception as e:  # never let a failed save hide the reason the run stopped
-            if early:
-                log.error("PaRa: could not save a checkpoint after '%s': %s", reason, e)
-                return None
-            # A full disk or a name the file system refuses must not throw the run away: keep
-            # training (the state stays in memory and is returned), retry at the next save.
-            self.save_errors.append(f"step {self.step}: {e}")
-            log.warning("PaRa: could not write the checkpoint of step %d (%s); training goes on, the next save "
-                        "retries and the final result is returned in memory either way.", self.step, e)
+            if not early:
+                raise
+            log.error("PaRa: could not save a checkpoint after '%s': %s", reason, e)
             return None
         self.last_checkpoint, self._saved_step = path, self.step
         return path
