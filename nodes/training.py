@@ -46,6 +46,9 @@ TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.
 # sigma = 0 (nothing to learn, and a division by zero in the loss) or to an infinite sigma.
 PERCENT_MARGIN = 1e-3
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+# What to change when the loss goes NaN depends on what the run computed in.
+NAN_DTYPE_ADVICE = {"fp16": "use training_dtype bf16 or fp32 instead of fp16, or ",
+                    "bf16": "try training_dtype fp32, or ", "fp32": "or "}
 OOM_ADVICE = ("out of memory while training. Try a smaller batch_size, turn gradient_checkpointing on, "
               "a lower rank or fewer layers, smaller latents, or training_dtype bf16/fp16.")
 
@@ -418,6 +421,10 @@ class TrainingRun:
         self.optimizer = OPTIMIZERS[settings.optimizer](params, lr=settings.learning_rate)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
+            # load_state_dict restores the saved run's learning rate; a resume may set a new one.
+            for group in self.optimizer.param_groups:
+                group["lr"] = settings.learning_rate
+        self.save_errors: List[str] = []  # periodic checkpoints that could not be written
         # fp16 gradients underflow without loss scaling; B itself stays float32 (the master copy).
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         if self.scaler is not None and scaler_state:
@@ -498,8 +505,8 @@ class TrainingRun:
             else:
                 kept = "No step had finished, so nothing was saved."
             raise ParaError(f"PaRa Trainer stopped: the {e.what} became NaN/Inf at step {e.step}. {kept} Lower "
-                            "learning_rate, use training_dtype bf16 or fp32 instead of fp16, or check the latents "
-                            "and conditioning for NaN.") from None
+                            f"learning_rate, {NAN_DTYPE_ADVICE[self.settings.dtype]}check the latents and "
+                            "conditioning for NaN.") from None
         except OUT_OF_MEMORY as e:
             path = self._checkpoint("out of memory", early=True)
             kept = f" The last finished step ({self._saved_step}) is saved in {path}." if path else ""
@@ -593,9 +600,14 @@ class TrainingRun:
         try:
             path = self.on_checkpoint(self, reason)
         except Exception as e:  # never let a failed save hide the reason the run stopped
-            if not early:
-                raise
-            log.error("PaRa: could not save a checkpoint after '%s': %s", reason, e)
+            if early:
+                log.error("PaRa: could not save a checkpoint after '%s': %s", reason, e)
+                return None
+            # A full disk or a name the file system refuses must not throw the run away: keep
+            # training (the state stays in memory and is returned), retry at the next save.
+            self.save_errors.append(f"step {self.step}: {e}")
+            log.warning("PaRa: could not write the checkpoint of step %d (%s); training goes on, the next save "
+                        "retries and the final result is returned in memory either way.", self.step, e)
             return None
         self.last_checkpoint, self._saved_step = path, self.step
         return path
