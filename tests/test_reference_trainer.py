@@ -258,6 +258,8 @@ def test_server_one_tiny_reference_step_gives_W0_minus_U0_U0T_W0(comfy_server, s
     e["sampler"]["inputs"]["model"] = ["para", 0]
     expected = run_latent(comfy_server, e)
     base = run_latent(comfy_server, _sample_graph("ref_base"))
+    print(f"one reference step: |trained - expected| {(trained - expected).abs().max():.2e}, "
+          f"|expected - base| {(expected - base).abs().max():.2e}")
     assert (expected - base).abs().max() > 1e-2  # removing those channels changes the samples
     torch.testing.assert_close(trained, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
     saved = sorted((comfy_server.models_dir / "para").glob("srv_ref_*_step000001.safetensors"))
@@ -289,6 +291,8 @@ def test_server_reference_file_through_stock_load_lora_equals_para_loader(comfy_
     stock["sampler"]["inputs"]["model"] = ["lora", 0]
     via_stock = run_latent(comfy_server, stock)
     base = run_latent(comfy_server, _sample_graph("ref_base2"))
+    print(f"stock Load LoRA vs PaRa Loader: {(via_stock - via_para).abs().max():.2e} "
+          f"(adapter moves the latent by {(via_para - base).abs().max():.2e})")
     assert (via_para - base).abs().max() > 1e-2
     torch.testing.assert_close(via_stock, via_para, rtol=0, atol=1e-4 * via_para.abs().max().item() + 1e-5)
 
@@ -316,4 +320,5 @@ def test_server_exported_lora_of_a_reference_file_equals_para_loader(comfy_serve
                                                                     "strength_model": 0.5}}
     stock["sampler"]["inputs"]["model"] = ["lora", 0]
     via_lora = run_latent(comfy_server, stock)
+    print(f"exported LoRA vs PaRa Loader: {(via_lora - via_para).abs().max():.2e}")
     torch.testing.assert_close(via_lora, via_para, rtol=0, atol=1e-4 * via_para.abs().max().item() + 1e-5)
