@@ -311,3 +311,15 @@ def test_cli_merge_sum_of_reference_files_and_union_error(ckpt_and_ref, tmp_path
     bad = tmp_path / "u.safetensors"
     assert main(["merge", "--mode", "union", str(ref), str(ref), "-o", str(bad)]) == 1
     assert "Use mode 'sum'" in capsys.readouterr().err and not bad.exists()
+
+
+def test_kohya_named_reference_files_resolve_to_the_model_layers(tmp_path):
+    from para_core import check_fits, kohya_name
+    st = _reference_state()
+    renamed = reference_state({kohya_name(l): u for l, u in st.U.items()}, {kohya_name(l): d for l, d in st.D.items()},
+                              metadata=st.metadata)
+    back = load_para(save_para(renamed, str(tmp_path / "kohya.safetensors")))
+    fitted = check_fits(back, {PREFIX + l: s for l, s in CKPT_LAYERS.items()})
+    assert set(fitted.layers) == set(st.layers)
+    for l in st.layers:
+        assert torch.equal(fitted.D[l], st.D[l]) and torch.equal(fitted.U[l], st.U[l])
