@@ -69,7 +69,8 @@ class PaRaTrainer(io.ComfyNode):
             description=(
                 "Trains a PaRa adapter (paper: Personalizing Text-to-Image Diffusion via Parameter Rank Reduction): "
                 "for every selected layer it learns an r-dimensional output subspace Q and removes it, "
-                "W' = W0 - Q(Q^T W0). Feed it the latents of your subject's images (VAE Encode) and their "
+                "W' = W0 - Q(Q^T W0) (parametrization paper; with parametrization reference it trains what the authors' "
+                "code trains: U and D free, W' = W0 - U D). Feed it the latents of your subject's images (VAE Encode) and their "
                 "conditioning (one for all, or one per image). Shows the loss while it runs, saves checkpoints "
                 "into models/para, stops cleanly on Cancel (keeping the last finished step) and can resume."),
             inputs=[
