@@ -98,6 +98,10 @@ class OutputSideBypass:
         channel_dim, conv_dim, kernel_size, dilation = layer_kind(self, org_forward)
         b = layer_bias(org_forward, x, y, conv_dim, kernel_size, dilation, args, kwargs)
         U, V = self.bypass_factors(y.device)
+        if U.shape[0] != y.shape[channel_dim]:
+            raise ValueError(f"{getattr(self, 'source', None) or 'PaRa adapter'}: {U.shape[0]} output channels, but the "
+                             f"layer it is loaded on ({type(_module_of(org_forward)).__name__}) has {y.shape[channel_dim]}; "
+                             "the file was made for another model. Nothing is applied.")
         return reduce_output(y, b, U, V, channel_dim, float(getattr(self, "multiplier", 1.0)))
 
 

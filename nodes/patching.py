@@ -55,13 +55,20 @@ def original_weight(model, layer: str) -> torch.Tensor:
     return dequantized(model, layer, w)
 
 
+def dequantize_tensor(w: torch.Tensor) -> torch.Tensor:
+    """A QuantizedTensor's float value; any other tensor unchanged."""
+    if QuantizedTensor is not None and isinstance(w, QuantizedTensor):
+        return w.dequantize()
+    return w
+
+
 def dequantized(model, layer: str, w: torch.Tensor) -> torch.Tensor:
     """``w`` as the float matrix the layer computes with. Quantized checkpoints (0.3x) store a
     QuantizedTensor (its raw data is not W0); older scaled-fp8 files (0.3.64) store fp8 data whose
     module's ``convert_weight`` applies the scale, as ComfyUI does before patching."""
     if QuantizedTensor is not None and isinstance(w, QuantizedTensor):
         try:
-            return w.dequantize()
+            return dequantize_tensor(w)
         except Exception as e:
             raise ParaError(f"layer {layer}: its weight is quantized ({getattr(w, '_layout_cls', type(w).__name__)}) and "
                             f"could not be dequantized here ({e}); load the unquantized checkpoint to train or export "

@@ -30,6 +30,7 @@ from .para_nodes import CATEGORY, para_files
 from .patching import apply_para, layer_shapes, model_family, model_fingerprint, original_weight
 from .training import (OPTIMIZERS, TRAINING_DTYPES, ParaForward, ReferenceForward, TrainSettings, TrainingRun,
                        generator_for)
+from .dynamic_vram import training_patcher
 from .types import PARA
 
 log = logging.getLogger("ComfyUI-PaRa")
@@ -157,6 +158,8 @@ class PaRaTrainer(io.ComfyNode):
         samples, positive = training_data(latents, positive, model)
         check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap,
                        parametrization, rank_ratio)
+        given = model
+        model = training_patcher(model)  # dynamic VRAM: train on a classic copy (nodes/dynamic_vram.py)
         family = model_family(model)
         shapes = layer_shapes(model)
         resume = load_resume(resume_from, model, shapes, family)
@@ -225,7 +228,7 @@ class PaRaTrainer(io.ComfyNode):
         run.run()
 
         state = info.state(run)
-        out_model = apply_para(model, state, 1.0)
+        out_model = apply_para(given, state, 1.0)
         last = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
         text = f"PaRa: {run.step} steps, loss {last}" + (f", saved {checkpoints.last_name}" if checkpoints.last_name else "")
         if getattr(run, "save_errors", None):
