@@ -17,9 +17,18 @@ import pytest
 import torch
 
 import para_core
+import para_core.fileformat as ff  # attributes looked up in the tests, so each test fails on its own before a fix
 from para_core import ParaError, ParaState, PresetError, build_metadata, load_para, save_para, select_layers
-from para_core.fileformat import atomic_write
-from para_core.patterns import compile_glob, compile_regex
+
+
+def compile_regex(pattern):
+    from para_core.patterns import compile_regex
+    return compile_regex(pattern)
+
+
+def compile_glob(pattern):
+    from para_core.patterns import compile_glob
+    return compile_glob(pattern)
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 ATTN = "input_blocks.1.1.transformer_blocks.0"
@@ -139,7 +148,7 @@ def test_patterns_that_cannot_be_matched_in_linear_time_are_refused_clearly(patt
 
 from core_helpers import CKPT_LAYERS, PARA_LAYERS, make_checkpoint, make_subject, save_subject  # noqa: E402
 from para_core.cli import main as cli_main  # noqa: E402
-from para_core.fileformat import TEMP_SUFFIX, remove_stale_temp_files, temp_path_for  # noqa: E402
+TEMP_SUFFIX = ".para-tmp"
 
 
 def comfy_lists(folder, exts=(".safetensors",)):
@@ -149,7 +158,7 @@ def comfy_lists(folder, exts=(".safetensors",)):
 
 
 def test_temporary_names_are_not_listed_by_the_model_lists(tmp_path):
-    tmp = temp_path_for(tmp_path / "dog.safetensors")
+    tmp = ff.temp_path_for(tmp_path / "dog.safetensors")
     Path(tmp).write_bytes(b"partial")
     for exts in ({".safetensors"}, {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}):
         assert comfy_lists(tmp_path, exts) == []
@@ -183,14 +192,14 @@ def test_sigkill_mid_write_leaves_nothing_listed_and_the_next_start_removes_it(t
     left = os.listdir(tmp_path)
     assert len(left) == 1 and left[0].endswith(TEMP_SUFFIX), left
     assert comfy_lists(tmp_path, {".safetensors", ".pt"}) == []
-    removed = remove_stale_temp_files([str(tmp_path)])
+    removed = ff.remove_stale_temp_files([str(tmp_path)])
     assert [os.path.basename(p) for p in removed] == left and os.listdir(tmp_path) == []
 
 
 def test_cleanup_keeps_a_live_writers_temp_file_and_every_real_file(tmp_path):
     sub = tmp_path / "sub"
     sub.mkdir()
-    live = Path(temp_path_for(sub / "a.safetensors"))  # this process's pid: still writing
+    live = Path(ff.temp_path_for(sub / "a.safetensors"))  # this process's pid: still writing
     live.write_bytes(b"x")
     old_style = tmp_path / ".tmp-abcd1234.safetensors"  # what earlier versions left (and listed)
     old_style.write_bytes(b"")
@@ -200,7 +209,7 @@ def test_cleanup_keeps_a_live_writers_temp_file_and_every_real_file(tmp_path):
         p.write_bytes(b"k")
     orphan = sub / "run_00001_step000004.trainer.pt"  # its PaRa file never got written
     orphan.write_bytes(b"o")
-    removed = sorted(remove_stale_temp_files([str(tmp_path)]))
+    removed = sorted(ff.remove_stale_temp_files([str(tmp_path)]))
     assert removed == sorted([str(old_style), str(orphan)])
     assert live.exists() and all(p.exists() for p in keep)
 
@@ -359,9 +368,8 @@ def test_trainer_state_with_wrong_field_types_is_a_clear_error(tmp_path, field, 
     ({"para_U": torch.ones(4, 2), "para_V": torch.ones(4, 3)}, "differ in shape"),
 ])
 def test_layer_checks_shared_by_para_load_and_stock_load_lora(tmp_path, tensors, says):
-    from para_core.fileformat import check_layer_tensors
     with pytest.raises(ParaError, match=says):
-        check_layer_tensors("f.safetensors", "diffusion_model.x", tensors)
+        ff.check_layer_tensors("f.safetensors", "diffusion_model.x", tensors)
     from safetensors.torch import save_file
     p = tmp_path / "f.safetensors"
     save_file({f"diffusion_model.x.{k}": v for k, v in tensors.items()}, str(p))
