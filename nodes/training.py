@@ -32,9 +32,6 @@ import comfy.samplers
 import comfy.utils
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 
-from .dynamic_vram import in_training, is_out_of_memory
-from .patching import dequantize_tensor
-
 from ..para_core import ParaError, basis_batched
 from ..para_core.train import cheaper_side, forward_activation_side, forward_weight_side, layer_op
 from ..para_core.reference import (cheaper_side_reference, forward_reference_activation_side,
@@ -137,8 +134,7 @@ def _weight_and_bias(module, x):
     """The layer's weight and bias as its own forward would use them: ComfyUI's cast ops (dtype
     casting, low-VRAM offload, patches applied on the fly), or the plain tensors."""
     if hasattr(module, "weight_function"):
-        W0, b = comfy.ops.cast_bias_weight(module, x)
-        return dequantize_tensor(W0), b  # a quantized layer's cast may hand back its QuantizedTensor
+        return comfy.ops.cast_bias_weight(module, x)
     b = module.bias.to(x.dtype) if module.bias is not None else None
     return module.weight.to(x.dtype), b
 
@@ -448,7 +444,17 @@ class TrainingRun:
             shape = (self.settings.batch_size,) + tuple(self.latents[0].shape)
             # The guider only needs the batch shape; the dataset is handed to the loop directly.
             zeros = torch.zeros(shape)
-            guider.sample(zeros, zeros, _TrainingSampler(self), torch.ones(1), seed=self.settings.seed)
+            # ComfyUI >= 0.33 runs fused kernels without a backward (rope, rms+rope of Flux,
+            # Lumina 2) unless this flag is set, as its own trainer sets it.
+            was_training = getattr(mm, "in_training", None)
+            mm.in_training = True
+            try:
+                guider.sample(zeros, zeros, _TrainingSampler(self), torch.ones(1), seed=self.settings.seed)
+            finally:
+                if was_training is None:
+                    del mm.in_training
+                else:
+                    mm.in_training = was_training
         return self.losses
 
     # -- the loop (runs inside the guider, with the model loaded) ------------------------
@@ -474,8 +480,7 @@ class TrainingRun:
         if checkpointing:
             checkpointing.install()
         try:
-            with in_training():  # comfy.model_management.in_training, as TrainLoraNode sets it
-                self._steps(model_wrap, extra_args, ms, data, conds)
+            self._steps(model_wrap, extra_args, ms, data, conds)
         finally:
             if checkpointing:
                 checkpointing.remove()
@@ -512,13 +517,13 @@ class TrainingRun:
             raise ParaError(f"PaRa Trainer stopped: the {e.what} became NaN/Inf at step {e.step}. {kept} Lower "
                             f"learning_rate, {NAN_DTYPE_ADVICE[self.settings.dtype]}check the latents and "
                             "conditioning for NaN.") from None
+        except OUT_OF_MEMORY as e:
+            path = self._checkpoint("out of memory", early=True)
+            kept = f" The last finished step ({self._saved_step}) is saved in {path}." if path else ""
+            raise ParaError(f"PaRa Trainer ran {OOM_ADVICE}{kept}") from e
         except ParaError:
             raise
-        except Exception as e:
-            if is_out_of_memory(e):  # every form ComfyUI knows (comfy.model_management.is_oom)
-                path = self._checkpoint("out of memory", early=True)
-                kept = f" The last finished step ({self._saved_step}) is saved in {path}." if path else ""
-                raise ParaError(f"PaRa Trainer ran {OOM_ADVICE}{kept}") from e
+        except Exception:
             self._checkpoint("error", early=True)
             raise
 

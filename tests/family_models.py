@@ -214,8 +214,10 @@ def _is_current(path: Path, name: str, seed: int) -> bool:
 def cached(name: str, seed: int = 0) -> Path:
     """The family's test model in the cache, built when missing or stale."""
     import comfy_env
-    path = comfy_env.cache_dir() / "families" / file_name(name) if seed == 0 else \
-        comfy_env.cache_dir() / "families" / f"test_{name}_s{seed}.safetensors"
+    # One folder per ComfyUI version: module layouts differ between versions (e.g. Lumina 2's
+    # norm_final exists only in newer ones), and every tensor of a model must be initialised.
+    folder = comfy_env.cache_dir() / "families" / comfyui_version()
+    path = folder / (file_name(name) if seed == 0 else f"test_{name}_s{seed}.safetensors")
     if not _is_current(path, name, seed):
         build(name, path, seed)
     return path
