@@ -1,12 +1,14 @@
 """Benchmark: applying a PaRa adapter vs ComfyUI's own LoRA path, in the same run.
 
-Builds the full SD1.5 UNet shape (random weights, no download), makes a rank-r PaRa subject on
-a layer preset, exports it to the exact equivalent LoRA, and times ComfyUI patching the model
+Builds the full SD1.5 UNet shape (random weights, no download) or, with --family, a model that
+ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (tests/family_models.py; --size real for the
+released shape), makes a rank-r PaRa subject on a layer preset, exports it to the exact equivalent LoRA, and times ComfyUI patching the model
 with each (clone + add_patches + load_models_gpu, i.e. the work KSampler triggers), plus the
 stock "Load LoRA" path reading the PaRa file directly. Prints absolute figures and, last:
 RESULT apply_time_ratio=<PaRa/LoRA> peak_mem_ratio=<PaRa/LoRA> file_size_ratio=<PaRa/LoRA>
 
-    python bench/apply.py [--rank 4] [--preset noxattn] [--dtype fp16] [--device cpu|cuda] [--repeats 3]
+    python bench/apply.py [--family sd15|sdxl|sd2v|sd3|flux|lumina2] [--size test|real] [--rank 4]
+                          [--preset noxattn] [--dtype fp16] [--device cpu|cuda] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # comfy_env, family_models
 
 SD15_UNET = dict(
     use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
@@ -87,6 +89,56 @@ class PeakMemory:
             self.peak = max(self.peak, rss_mb())
 
 
+FAMILIES = ("sd15", "sdxl", "sd2v", "sd3", "flux", "lumina2")
+
+
+def add_family_args(ap, default_size="test"):
+    ap.add_argument("--family", choices=FAMILIES, default="sd15",
+                    help="model family: sd15 (the full SD1.5 UNet shape) or one of the families of tests/family_models.py")
+    ap.add_argument("--size", choices=["test", "real"], default=default_size,
+                    help="families other than sd15: 'test' = the small model ComfyUI detects as that family (cached "
+                         "test file), 'real' = the released model's shape with random weights (needs the memory: "
+                         "SDXL 2.6B, Flux 11.9B parameters)")
+
+
+def family_patcher(family: str, size: str, dtype, device, label: str):
+    """(ModelPatcher, ComfyUI family name, conditioning, latent channels) for a benchmark model:
+    sd15 -> sd15_patcher; any other family through ComfyUI's own detection (comfy.sd), the test
+    size from the cache or the released shape built with seeded random weights."""
+    import torch
+    if family == "sd15":
+        gen = torch.Generator().manual_seed(0)
+        return sd15_patcher(dtype, device, label), "SD15", [[torch.randn(1, 77, 768, generator=gen), {}]], 4
+    import comfy.sd
+    import comfy_env
+    import family_models as fm
+    t0 = time.perf_counter()
+    opts = {"dtype": dtype}
+    if size == "test":
+        mp = comfy.sd.load_diffusion_model(str(fm.cached(family)), model_options=opts)
+    else:
+        with torch.no_grad():
+            module = comfy_env.init_weights_(_real_module(fm, family), 0)
+            sd = {k: v.to(torch.float16) for k, v in module.state_dict().items()}
+            del module
+        mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts)
+        del sd
+    if device.type != "cpu":
+        mp.load_device = device
+    n_params = sum(p.numel() for p in mp.model.diffusion_model.parameters())
+    cls = type(mp.model.model_config).__name__
+    print(f"model: {family} ({size} size, detected by ComfyUI as {cls}, {mp.model.model_type.name}), "
+          f"{n_params / 1e6:.1f}M params, {label}, built/loaded in {time.perf_counter() - t0:.1f}s")
+    return mp, cls, fm.conditioning(family), fm.family(family).latent_channels
+
+
+def _real_module(fm, family):
+    """The released model's shape on the CPU (float32), uninitialised."""
+    import torch
+    m = fm._module(family, real=True)
+    return m.to_empty(device=torch.device("cpu")).float()
+
+
 def sd15_patcher(dtype, device, label: str):
     """A ModelPatcher around ComfyUI's SD1.5 model in the full UNet shape (SD15_UNET), seeded
     weights; prints its size and build time (shared with bench/train.py)."""
@@ -109,6 +161,7 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
+    add_family_args(ap)
     args = ap.parse_args(argv)
 
     import comfy_env
@@ -127,14 +180,14 @@ def main(argv=None):
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
-    mp = sd15_patcher(dtype, device, args.dtype)
+    mp, family, _, _ = family_patcher(args.family, args.size, dtype, device, args.dtype)
 
     shapes = patching.layer_shapes(mp)
-    layers = core.select_layers(shapes, args.preset, "SD15")
+    layers = core.select_layers(shapes, args.preset, family)
     ranks = {l: core.effective_rank(args.rank, shapes[l]) for l in layers}
     g = torch.Generator().manual_seed(0)
     state = core.ParaState(B={l: torch.randn(shapes[l][0], ranks[l], generator=g) for l in layers},
-                           metadata=core.build_metadata("subject", rank=args.rank, layers=args.preset, base_arch="SD15",
+                           metadata=core.build_metadata("subject", rank=args.rank, layers=args.preset, base_arch=family,
                                                         base_fingerprint=patching.model_fingerprint(mp, layers)))
     tmp = Path(tempfile.mkdtemp(prefix="para-bench-"))
     para_path, lora_path = tmp / "subject.safetensors", tmp / "lora.safetensors"

@@ -1,17 +1,23 @@
 """Benchmark: one PaRa training step vs one step of ComfyUI's own LoRA training, in the same run.
 
-Builds the full SD1.5 UNet shape (random weights, no download) and trains, on the same layers
+Builds the full SD1.5 UNet shape (random weights, no download), or with --family a model that
+ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (tests/family_models.py; --size real for the
+released shape, conditioning of the family's shape made in-process), and trains, on the same layers
 (a preset, default noxattn) at the same rank, through the same loop (nodes/training.py: ComfyUI's
 Guider_Basic, the model's own model_sampling, AdamW):
 - PaRa: the PaRa Trainer's path (B per layer, activation-side forward, batched QR per step);
 - LoRA: ComfyUI's training adapter (comfy.weight_adapter LoRA ``create_train``) installed with
   ``ModelPatcher.add_weight_wrapper``, exactly as TrainLoraNode does for each layer.
-The two alternate (round robin) so drift in machine load hits both alike. Prints absolute
+- frozen: the floor, the same step with the frozen model and no adapter; its only trainable
+  tensor is one scalar added to the model's input, so the backward pass computes the activation
+  gradients every adapter needs and no weight gradient.
+The three alternate (round robin) so drift in machine load hits all alike. Prints absolute
 figures and, last: RESULT step_time_ratio=<PaRa/LoRA> peak_mem_ratio=<PaRa/LoRA>
-trainable_params_ratio=<PaRa/LoRA>. Peak memory is the whole process's (weights included):
+trainable_params_ratio=<PaRa/LoRA> overhead_vs_frozen=<PaRa/frozen step time>. Peak memory is the whole process's (weights included):
 sampled RSS on the CPU, the CUDA allocator's high-water mark on a GPU.
 
-    python bench/train.py [--device cpu|cuda] [--rank 4] [--preset noxattn] [--latent 32]
+    python bench/train.py [--family sd15|sdxl|sd2v|sd3|flux|lumina2] [--size test|real]
+                          [--device cpu|cuda] [--rank 4] [--preset noxattn] [--latent 32]
                           [--batch 1] [--dtype bf16|fp16|fp32] [--steps 3] [--rounds 2]
                           [--gradient-checkpointing] [--weight-side]
 """
@@ -27,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from apply import PeakMemory, release_memory, sd15_patcher  # noqa: E402  (shared with the apply benchmark)
+from apply import PeakMemory, add_family_args, family_patcher, release_memory  # noqa: E402  (shared with apply)
 
 
 class LoraWrappers:
@@ -50,12 +56,40 @@ class LoraWrappers:
         pass
 
 
+class FrozenFloor:
+    """No adapter: one trainable scalar added to the diffusion model's input, so that the step
+    runs the same forward and backward through the frozen model (activation gradients only)."""
+
+    def __init__(self, diffusion_model, device):
+        import torch
+        self.root = diffusion_model
+        self.delta = torch.nn.Parameter(torch.zeros((), device=device))
+        self._handle = None
+
+    def parameters(self):
+        return [self.delta]
+
+    def prepare_step(self):
+        pass
+
+    def install(self):
+        def shift(module, args, kwargs):
+            return (args[0] + self.delta.to(args[0].dtype),) + tuple(args[1:]), kwargs
+        self._handle = self.root.register_forward_pre_hook(shift, with_kwargs=True)
+
+    def remove(self):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--preset", default="noxattn")
-    ap.add_argument("--latent", type=int, default=32, help="latent size (32 = 256 px)")
+    ap.add_argument("--latent", type=int, default=None, help="latent size (default 32 = 256 px for sd15, 16 for "
+                                                             "the other families)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                     help="training dtype, the weights are stored in it too (default: bf16 on a GPU, fp32 on the "
@@ -67,7 +101,9 @@ def main(argv=None):
     ap.add_argument("--weight-side", action="store_true",
                     help="also time PaRa forced onto the weight side (W' = W0 - Q Q^T W0 per step), to check the "
                          "trainer's choice of the activation side")
+    add_family_args(ap)
     args = ap.parse_args(argv)
+    args.latent = args.latent or (32 if args.family == "sd15" else 16)
 
     import comfy_env
     comfy_env.configure_comfy(device=args.device, base_directory=tempfile.mkdtemp(prefix="para-bench-train-"))
@@ -87,15 +123,14 @@ def main(argv=None):
     device = mm.get_torch_device()
     args.dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
     dtype = training.TRAINING_DTYPES[args.dtype]
-    model = sd15_patcher(dtype, device, args.dtype)
+    model, family, positive, channels = family_patcher(args.family, args.size, dtype, device, args.dtype)
 
     shapes = patching.layer_shapes(model)
-    names = trainer.choose_layers(shapes, args.preset, "layers", "SD15")
+    names = trainer.choose_layers(shapes, args.preset, "layers", family)
     modules = trainer.layer_modules(model, names, "layers")
     ranks = trainer.choose_ranks(names, shapes, args.rank, core.RankCap.REFERENCE)
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(args.batch, 4, args.latent, args.latent, generator=gen)
-    positive = [[torch.randn(1, 77, 768, generator=gen), {}]]
+    latents = torch.randn(args.batch, channels, args.latent, args.latent, generator=gen)
     settings = training.TrainSettings(steps=args.warmup + args.steps, learning_rate=1e-4, optimizer="AdamW",
                                       batch_size=args.batch, seed=0, dtype=args.dtype,
                                       gradient_checkpointing=args.gradient_checkpointing)
@@ -118,7 +153,10 @@ def main(argv=None):
                 mp.add_weight_wrapper(l + ".weight", adapters[l])
         return mp, LoraWrappers(adapters)
 
-    methods = {"PaRa": para_run, "LoRA": lora_run}
+    def frozen_run():
+        return model, FrozenFloor(model.model.diffusion_model, device)
+
+    methods = {"PaRa": para_run, "LoRA": lora_run, "frozen": frozen_run}
     if args.weight_side:
         methods["PaRa weight side"] = lambda: para_run("weight")
     times = {m: [] for m in methods}
@@ -144,7 +182,7 @@ def main(argv=None):
             release_memory(device)
 
     res = {m: (statistics.median(times[m]), max(peaks[m]), max(overheads[m])) for m in methods}
-    print(f"setup: {len(names)} layers ({args.preset}), rank {args.rank} (PaRa capped per layer: "
+    print(f"setup: {args.family} ({family}), {len(names)} layers ({args.preset}), rank {args.rank} (PaRa capped per layer: "
           f"{trainer.rank_summary(ranks)}), latent {args.latent}x{args.latent} ({args.latent * 8} px), batch "
           f"{args.batch}, {args.dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"{args.rounds} rounds x {args.steps} measured steps")
@@ -154,8 +192,9 @@ def main(argv=None):
               f"trainable params {params[m]:,}   final loss {losses[m][-1]:.4f}")
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     (pt, pp, _), (lt, lp, _) = res["PaRa"], res["LoRA"]
+    ft = res["frozen"][0]
     print(f"RESULT step_time_ratio={pt / lt:.3f} peak_mem_ratio={pp / lp:.3f} "
-          f"trainable_params_ratio={params['PaRa'] / params['LoRA']:.3f}")
+          f"trainable_params_ratio={params['PaRa'] / params['LoRA']:.3f} overhead_vs_frozen={pt / ft:.3f}")
 
 
 if __name__ == "__main__":
