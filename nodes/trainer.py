@@ -83,8 +83,10 @@ class PaRaTrainer(io.ComfyNode):
                              tooltip="Dimensions removed per layer (the paper uses 4). Capped per layer, see rank_cap."),
                 io.Combo.Input("layers", options=PRESET_NAMES, default=DEFAULT_PRESET,
                                tooltip="Which layers to adapt. noxattn (the paper's default): attention, resnet and "
-                                       "resampling layers except cross-attention. Use all-linear or attention-only "
-                                       "for transformer models (Flux, SD3)."),
+                                       "resampling layers except cross-attention; on transformers (SD3, Flux, Lumina 2) "
+                                       "the image path's attention and MLP weights, not the text path. "
+                                       "noxattn-hspace-last: one layer in the middle of the network (single-image "
+                                       "editing). See the README's preset table per family."),
                 io.Combo.Input("rank_cap", options=list(RankCap.MODES), default=RankCap.REFERENCE,
                                tooltip="reference: a layer with fewer than rank_ratio*rank outputs gets rank "
                                        "out//rank_ratio (at least 1). reference-code: exactly the authors' code: "
