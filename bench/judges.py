@@ -94,6 +94,25 @@ def crop_features(m: np.ndarray, values: Optional[np.ndarray] = None) -> np.ndar
     return out
 
 
+def detail_colours(img: np.ndarray, m: np.ndarray, detail: str):
+    """(body colour, mark colour) of one object: for a 'dot' the centre disk vs the outer ring of
+    its mask, for a 'band' the middle rows vs the top and bottom rows (nearest object colours)."""
+    ys, xs = np.nonzero(m)
+    cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+    side = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    if world.DETAILS[detail] == "dot":
+        dist = np.hypot(yy - cy, xx - cx) / side
+        inner, outer = m & (dist < 0.12), m & (dist > 0.34)
+    else:
+        dist = np.abs(yy - cy) / side
+        inner, outer = m & (dist < 0.08), m & (dist > 0.28)
+    if inner.sum() < 1 or outer.sum() < 1:
+        return None, None
+    med = lambda sel: _nearest(np.median(img[sel].astype(np.float32), 0), _OBJ, _OBJ_NAMES)  # noqa: E731
+    return med(outer), med(inner)
+
+
 class ShapeJudge:
     def __init__(self, net=None):
         self.net = net
@@ -188,6 +207,9 @@ class Judges:
         return cls(ShapeJudge(net))
 
     def objects(self, img: np.ndarray, bg: Optional[str] = None) -> List[Seen]:
+        return [o for o, _ in self.objects_and_masks(img, bg)]
+
+    def objects_and_masks(self, img: np.ndarray, bg: Optional[str] = None):
         bg = bg or background(img)
         masks = object_masks(img, bg)
         if not masks:
@@ -202,7 +224,31 @@ class Judges:
             out.append(Seen(shape, _nearest(np.median(px, 0), _OBJ, _OBJ_NAMES),
                             "small" if side < SIZE_SPLIT else "large",
                             xs.mean() / world.SIZE, ys.mean() / world.SIZE, int(m.sum())))
-        return out
+        return list(zip(out, masks))
+
+    def instance(self, img: np.ndarray, shape: str, colour: str, detail: str) -> Dict[str, bool]:
+        """Is the image's main object the instance (shape, body colour, detail)? Each part
+        separately, and 'all'."""
+        found = self.objects_and_masks(img)
+        if not found:
+            return {"shape": False, "colour": False, "detail": False, "all": False}
+        o, m = found[0]
+        body, mark = detail_colours(img, m, detail)
+        r = {"shape": o.shape == shape, "colour": body == colour, "detail": mark == world.DETAIL_COLOURS[detail]}
+        r["all"] = all(r.values())
+        return r
+
+    def has_instance(self, img: np.ndarray, shape: str, colour: str, detail: Optional[str] = None) -> bool:
+        """Any object of the image is the instance (its detail too when `detail` is given)."""
+        for o, m in self.objects_and_masks(img):
+            if o.shape != shape:
+                continue
+            if detail is None:
+                if o.colour == colour:
+                    return True
+            elif detail_colours(img, m, detail) == (colour, world.DETAIL_COLOURS[detail]):
+                return True
+        return False
 
     def describe(self, img: np.ndarray) -> Dict:
         bg = background(img)

@@ -1,24 +1,34 @@
-"""Quality benchmark: does PaRa personalize the small base model (bench/train_base.py) better
-than LoRA, combine subjects without training, and edit from a single image?
+"""Quality benchmark: on a small base model that knows its world (bench/train_base.py), which
+of PaRa paper, PaRa reference and ComfyUI's LoRA personalizes, combines subjects without
+training, and edits from a single image?
 
-    python bench/quality.py [--out DIR] [--quick] [--ckpt FILE] [--steps N] [--seeds S ...] [--pilot LR ...]
+    python bench/quality.py [--out DIR] [--quick] [--ckpt FILE] [--steps N] [--seeds S ...]
+                            [--lr para=.. para_ref=.. lora=..] [--no-pilot] [--only TASK ...]
+    # the same in two processes (two CPU cores), then one report:
+    python bench/quality.py --only instance multi --out A &
+    python bench/quality.py --only concept edit --lr-from A/pilot_lr.json --out B
+    python bench/quality.py --combine A B
 
 Everything runs through ComfyUI's own nodes, called in-process: CheckpointLoaderSimple,
 CLIPTextEncode, VAEEncode, KSampler (common_ksampler), VAEDecode, LoraLoader's loader
 (comfy.sd.load_lora_for_models), and this pack's PaRaTrainer, PaRaMerge and PaRaApply.
 
-PaRa vs LoRA on the same layers, steps, data, loop and seeds: the LoRA side uses ComfyUI's own
-LoRA training adapter (comfy.weight_adapter LoRAAdapter.create_train, the module
-TrainLoraNode trains) inside the PaRa Trainer's loop (nodes/training.TrainingRun), so the
-only difference is the parametrization: W0 - Q Q^T W0 vs W0 + (alpha/r) up down. The trained
-LoRA is then loaded back through ComfyUI's stock LoRA loader.
-The layers are the base model's live layers that the noxattn preset adapts
-(train_base.LIVE_LAYER_PATTERNS; the base's other blocks are exact identities, see there).
+The methods, on the same layers (the base's live layers, train_base.LIVE_LAYER_PATTERNS), steps,
+data, loop and seeds: PaRa Trainer with parametrization `paper` (B only, W0 - Q Q^T W0,
+r*out parameters per layer) and `reference` (init `reference`: U and D free, W0 - U D,
+r*(out + in) parameters, the authors' code), and ComfyUI's own LoRA training adapter
+(comfy.weight_adapter LoRAAdapter.create_train, the module TrainLoraNode trains) inside the
+PaRa Trainer's loop (nodes/training.TrainingRun), loaded back through ComfyUI's stock LoRA
+loader. Equal rank (r=4: LoRA has the reference's parameter count) and LoRA r=1 at about the
+paper parametrization's count. Each method's learning rate comes from a pilot on a seed the
+comparison does not use (section 0 of the report).
 
-Writes DIR/quality.md (tables), DIR/*.png (sample grids, one per row) and DIR/quality.json,
-and prints as its last line:
-RESULT concept_fidelity_para=.. concept_fidelity_lora=.. prompt_fidelity_para=..
-prompt_fidelity_lora=.. multi_both_present_para=.. edit_success_para=..
+Tasks: 0. the pilot; 1. an instance subject (a known class with a mark the base never draws);
+2. a novel-shape subject; 3. two instance subjects combined without training; 4. single-image
+editing. Writes DIR/quality.md (tables), DIR/*.png (sample grids, one per row) and
+DIR/quality.json, and prints as its last line a RESULT line (base_*_acc, instance_fidelity_*,
+concept_fidelity_*, prompt_fidelity_*, drift_*, multi_both_present_*, edit_success_*; the
+suffixes para, para_ref, lora; means over seeds).
 """
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -56,63 +66,92 @@ def log(msg):
 # Settings
 # --------------------------------------------------------------------------------------------
 
+# The three methods at equal rank, and LoRA at (about) PaRa paper's parameter count:
+# (row label, method key, rank or None for Settings.rank). Method keys: "para" (PaRa Trainer,
+# parametrization paper), "para_ref" (parametrization reference, init reference: the authors'
+# code), "lora" (ComfyUI's LoRA training adapter).
+METHODS = (("PaRa paper", "para", None), ("PaRa reference", "para_ref", None), ("LoRA", "lora", None),
+           ("LoRA r=1 (~ PaRa paper's params)", "lora", 1))
+METHOD_KEYS = ("para", "para_ref", "lora")
+
+
 @dataclass
 class Settings:
     rank: int = 4
-    extra_para_ranks: Sequence[int] = (8,)   # more PaRa rows (8 = the reference cap out//40 at 320)
-    steps: int = 400
+    steps: int = 150
     batch_size: int = 2
-    lr_para: float = 2e-2         # pilot (seed 100, 400 steps): see README "Quality"
-    lr_lora: float = 5e-3
+    # learning rates when no pilot runs (--no-pilot); a full run takes them from its pilot
+    lr: Dict[str, float] = field(default_factory=lambda: {"para": 2e-2, "para_ref": 5e-3, "lora": 5e-3})
+    pilot_lrs: Dict[str, Sequence[float]] = field(default_factory=lambda: {
+        "para": (0.005, 0.02, 0.08), "para_ref": (0.001, 0.004, 0.016), "lora": (0.001, 0.004, 0.016)})
+    pilot: bool = True
+    lr_from: Optional[Path] = None  # another part's pilot_lr.json (parts run in parallel)
+    pilot_seed: int = 100
     seeds: Sequence[int] = (0, 1, 2)
     per_prompt: int = 4          # images per prompt (one KSampler batch, one noise seed)
     sample_steps: int = 8
     cfg: float = 4.0
     sampler: str = "dpmpp_2m"
     scheduler: str = "karras"
-    edit_steps: int = 200          # each method at its own learning rate (lr_para / lr_lora)
+    # single-image editing at the authors' settings, scaled: they train 1000 steps at ranks
+    # 2/16/128 on SDXL; here 300 steps at rank 2 (the smallest) on the base's live layers
+    edit_steps: int = 300
+    edit_rank: int = 2
+    instance: bool = True
+    concept: bool = True
     multi: bool = True
     edit: bool = True
     base_eval_prompts: int = 12   # held-out captions for the base model's prompt accuracy
     prompts_limit: int = 0        # > 0: only that many prompts per list (tests)
-    subject_prompts: int = 4      # recontextualization prompts per subject
+    subject_prompts: int = 3      # recontextualization prompts per subject
     drift_prompts: int = 3
     multi_prompts: int = 2
-    equal_param_seeds: int = 3    # seeds for the equal-parameter LoRA (the first ones of `seeds`)
     judge_train: int = 1500       # ground-truth scenes the shape judge is trained on
     judge_validate: int = 300
 
     @classmethod
     def quick(cls):
         return cls(steps=2, batch_size=1, seeds=(0,), per_prompt=2, sample_steps=1, edit_steps=2,
-                   base_eval_prompts=1, prompts_limit=1, judge_train=150, judge_validate=30)
+                   base_eval_prompts=1, prompts_limit=1, judge_train=150, judge_validate=30,
+                   pilot_lrs={"para": (0.02,), "para_ref": (0.004,), "lora": (0.004,)})
 
     def limit(self, items):
         return list(items)[:self.prompts_limit] if self.prompts_limit else list(items)
 
 
-# The subjects: novel shapes of the world, named by a trigger word.
+# The novel-shape subject (a shape the base never saw), named by a trigger word.
 SUBJECTS = {
     "bar": {"trigger": "sks", "train": [("yellow", "large", "blue"), ("red", "large", "white"),
                                          ("green", "small", "gray"), ("yellow", "small", "red")]},
-    "column": {"trigger": "zwx", "train": [("blue", "large", "white"), ("green", "large", "red"),
-                                            ("red", "small", "gray"), ("blue", "small", "white")]},
 }
-A, B = "bar", "column"  # the two subjects (novel shapes of the world)
-# Prompts that recontextualize a subject: colours/backgrounds not in its training combos.
+A = "bar"
+# Prompts that recontextualize it: colours/backgrounds not in its training combos.
 SUBJECT_PROMPTS = {
     "bar": [("blue", "large", "white"), ("red", "large", "gray"), ("green", "large", "blue"), ("yellow", "large", "gray")],
-    "column": [("yellow", "large", "gray"), ("red", "large", "blue"), ("green", "large", "white"), ("blue", "large", "red")],
 }
+# Instance subjects (DreamBooth-like): a specific object of a class the base knows, with a mark
+# the base never draws. Trained on 4 large images on white and gray backgrounds, named
+# "a large <trigger> <class>"; asked for on other backgrounds.
+INSTANCES = {
+    "sks": {"shape": "circle", "colour": "yellow", "detail": "dot", "train_bgs": ("white", "gray", "white", "gray"),
+            "prompts": [("large", "red"), ("large", "blue"), ("large", "gray")]},
+    "zwx": {"shape": "square", "colour": "red", "detail": "band", "train_bgs": ("white", "gray", "white", "gray"),
+            "prompts": [("large", "blue"), ("large", "gray"), ("large", "white")]},
+}
+IA, IB = "sks", "zwx"
 DRIFT_PROMPTS = ["a large red circle on a white background", "a large green square on a blue background",
                  "a large yellow triangle on a gray background"]
-MULTI_PROMPTS = [(("yellow", "bar"), ("blue", "column"), "white"), (("red", "bar"), ("green", "column"), "gray")]
+MULTI_BGS = ["white", "gray"]
 EDIT_SOURCE = world.Scene((world.Obj("triangle", "green", "large", 0.36, 0.62),), "white")
 EDITS = [  # (what changes, new caption attributes (shape, colour, size, background))
     ("colour", ("triangle", "red", "large", "white")),
     ("background", ("triangle", "green", "large", "gray")),
     ("size", ("triangle", "green", "small", "white")),
 ]
+
+
+def instance_caption(trigger, size, bg):
+    return f"a {size} {trigger} {INSTANCES[trigger]['shape']} on a {bg} background"
 
 
 def caption(shape, colour, size, bg, names=None):
@@ -166,17 +205,33 @@ class Comfy:
         return (img.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
     # ---- training ----------------------------------------------------------------------
-    def train_para(self, images, captions, s: Settings, seed, steps=None, layers=None, lr=None, rank=None):
+    def train_para(self, images, captions, s: Settings, seed, steps=None, layers=None, lr=None, rank=None,
+                   parametrization="paper"):
+        """PaRa Trainer. parametrization "reference" uses init "reference" (B0 = 0: the authors' code)."""
         T = self.trainer_mod.PaRaTrainer
+        kw = {}
+        if parametrization != "paper":
+            kw["parametrization"] = parametrization
         out = T.execute(model=self.model, latents=self.encode_images(images),
                         positive=[self.cond(c)[0] for c in captions], rank=rank or s.rank,
-                        layers="noxattn", rank_cap="reference", steps=steps or s.steps,
-                        learning_rate=lr or s.lr_para, optimizer="AdamW", batch_size=s.batch_size, seed=seed,
-                        training_dtype="fp32", gradient_checkpointing=False, init="kaiming", save_every=0,
+                        layers="noxattn", rank_cap="none", steps=steps or s.steps,
+                        learning_rate=lr or s.lr["para"], optimizer="AdamW", batch_size=s.batch_size, seed=seed,
+                        training_dtype="fp32", gradient_checkpointing=False,
+                        init="reference" if parametrization == "reference" else "kaiming", save_every=0,
                         filename_prefix="quality", resume_from="[none]",
-                        custom_layers=layers or train_base.LIVE_LAYER_PATTERNS, trigger_words="")
+                        custom_layers=layers or train_base.LIVE_LAYER_PATTERNS, trigger_words="", **kw)
         model, para, loss, _ = out.args
         return model, para, loss["loss"]
+
+    def train(self, key, images, captions, s: Settings, seed, rank=None, steps=None, layers=None, lr=None):
+        """One method: (model with the adapter, adapter (PaRa state or LoRA state dict), losses, params)."""
+        lr = lr or s.lr[key]
+        if key == "lora":
+            sd, losses, n = self.train_lora(images, captions, s, seed, rank or s.rank, steps=steps, layers=layers, lr=lr)
+            return self.with_lora(self.model, sd), sd, losses, n
+        model, para, losses = self.train_para(images, captions, s, seed, steps=steps, layers=layers, lr=lr, rank=rank,
+                                              parametrization="reference" if key == "para_ref" else "paper")
+        return model, para, losses, para_params(para)
 
     def train_lora(self, images, captions, s: Settings, seed, rank, steps=None, layers=None, lr=None):
         """ComfyUI's LoRA training adapter on the same layers, in the same loop as PaRa."""
@@ -198,7 +253,7 @@ class Comfy:
                 torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
                 adapters[n] = adapter_maps["LoRA"].create_train(w, rank=rank, alpha=1.0)
         fwd = lora_forward(tr, layer_op, modules, adapters)
-        settings = tr.TrainSettings(steps=steps or s.steps, learning_rate=lr or s.lr_lora, optimizer="AdamW",
+        settings = tr.TrainSettings(steps=steps or s.steps, learning_rate=lr or s.lr["lora"], optimizer="AdamW",
                                     batch_size=s.batch_size, seed=seed, dtype="fp32", gradient_checkpointing=False)
         run = tr.TrainingRun(self.model, self.encode_images(images).get("samples").detach().float(),
                              [self.cond(c)[0] for c in captions], fwd, settings)
@@ -303,12 +358,41 @@ def subject_data(name):
     return imgs, caps
 
 
+def instance_obj(trigger, size, cx=0.5, cy=0.5):
+    i = INSTANCES[trigger]
+    return world.Obj(i["shape"], i["colour"], size, cx, cy, i["detail"])
+
+
+def instance_data(trigger):
+    """4 large images of the instance at random positions on its training backgrounds."""
+    rng = random.Random(hash_key("instance-" + trigger))
+    scenes = [world.Scene((instance_obj(trigger, "large", *world.place(rng, "large")),), bg)
+              for bg in INSTANCES[trigger]["train_bgs"]]
+    return np.stack([world.render(sc) for sc in scenes]), [instance_caption(trigger, "large", bg) for bg in INSTANCES[trigger]["train_bgs"]]
+
+
 def hash_key(s):
     return sum(ord(c) * 31 ** i for i, c in enumerate(s)) % (2 ** 31)
 
 
+def eval_drift(cf: Comfy, J, model, s: Settings, base_drift_imgs):
+    """RMS pixel change of unrelated base prompts vs the base model, and whether their judged
+    shape/colour/background stayed."""
+    drift, kept, rows = [], [], []
+    for k, text in enumerate(s.limit(DRIFT_PROMPTS[:s.drift_prompts])):
+        imgs = cf.sample(model, text, s.per_prompt, 5000 + k, s)
+        rows.append(imgs)
+        for img, ref in zip(imgs, base_drift_imgs[text]):
+            drift.append(rms(img, ref))
+            a, r = J.describe(img), J.describe(ref)
+            oa, orf = main_object(a["objects"]), main_object(r["objects"])
+            kept.append(bool(a["background"] == r["background"] and (oa and orf and (oa.shape, oa.colour) == (orf.shape, orf.colour))
+                             or (oa is None and orf is None)))
+    return dict(drift_rms=float(np.mean(drift)), drift_kept=float(np.mean(kept))), rows
+
+
 def eval_subject(cf: Comfy, J, model, name, s: Settings, seed, base_drift_imgs):
-    """Concept fidelity, prompt fidelity, diversity, drift of one adapted model."""
+    """Novel shape: concept fidelity, prompt fidelity, diversity, drift of one adapted model."""
     trig = SUBJECTS[name]["trigger"]
     concept, prompt, both, div, rows = [], [], [], [], []
     for k, (c, z, b) in enumerate(s.limit(SUBJECT_PROMPTS[name][:s.subject_prompts])):
@@ -321,21 +405,40 @@ def eval_subject(cf: Comfy, J, model, name, s: Settings, seed, base_drift_imgs):
             fits = o is not None and o.colour == c and d["background"] == b
             concept.append(is_c); prompt.append(fits); both.append(is_c and fits)
         div.append(pairwise_distance(imgs))
-    drift, kept = [], []
-    for k, text in enumerate(s.limit(DRIFT_PROMPTS[:s.drift_prompts])):
-        imgs = cf.sample(model, text, s.per_prompt, 5000 + k, s)
+    dr, drows = eval_drift(cf, J, model, s, base_drift_imgs)
+    return dict(fidelity=float(np.mean(concept)), prompt_fidelity=float(np.mean(prompt)),
+                both=float(np.mean(both)), diversity=float(np.mean(div)), **dr), rows + drows
+
+
+def eval_instance(cf: Comfy, J, model, trigger, s: Settings, seed, base_drift_imgs=None, prompts=None):
+    """Instance: fidelity (class shape, body colour and mark all judged right), its parts, prompt
+    fidelity (background and size as asked), both, diversity, drift."""
+    inst = INSTANCES[trigger]
+    fid, parts, prompt, both, div, rows = [], {"shape": [], "colour": [], "detail": []}, [], [], [], []
+    for k, (z, b) in enumerate(s.limit(prompts or INSTANCES[trigger]["prompts"][:s.subject_prompts])):
+        imgs = cf.sample(model, instance_caption(trigger, z, b), s.per_prompt, 2000 + 17 * seed + k, s)
         rows.append(imgs)
-        for img, ref in zip(imgs, base_drift_imgs[text]):
-            drift.append(rms(img, ref))
-            a, r = J.describe(img), J.describe(ref)
-            oa, orf = main_object(a["objects"]), main_object(r["objects"])
-            kept.append(a["background"] == r["background"] and (oa and orf and (oa.shape, oa.colour) == (orf.shape, orf.colour)) or (oa is None and orf is None))
-    return dict(concept_fidelity=float(np.mean(concept)), prompt_fidelity=float(np.mean(prompt)),
-                concept_and_prompt=float(np.mean(both)), diversity=float(np.mean(div)),
-                drift_rms=float(np.mean(drift)), drift_kept=float(np.mean(kept))), rows
+        for img in imgs:
+            r = J.instance(img, inst["shape"], inst["colour"], inst["detail"])
+            d = J.describe(img)
+            o = main_object(d["objects"])
+            fits = o is not None and o.size == z and d["background"] == b
+            fid.append(r["all"]); prompt.append(fits); both.append(r["all"] and fits)
+            for key in parts:
+                parts[key].append(r[key])
+        div.append(pairwise_distance(imgs))
+    res = dict(fidelity=float(np.mean(fid)), prompt_fidelity=float(np.mean(prompt)), both=float(np.mean(both)),
+               diversity=float(np.mean(div)), **{f"{k}_ok": float(np.mean(v)) for k, v in parts.items()})
+    if base_drift_imgs is not None:
+        dr, drows = eval_drift(cf, J, model, s, base_drift_imgs)
+        res.update(dr)
+        rows += drows
+    return res, rows
 
 
 def para_params(para) -> int:
+    if hasattr(para, "num_params"):
+        return int(para.num_params())
     return int(sum(b.numel() for b in para.B.values())) if getattr(para, "B", None) else 0
 
 
@@ -354,6 +457,41 @@ def run(out: Path, s: Settings, ckpt: Optional[Path] = None) -> Dict:
         shutil.rmtree(base_dir, ignore_errors=True)
 
 
+def _fn(prefix, label):
+    return prefix + "".join(ch if ch.isalnum() else "_" for ch in label) + ".png"
+
+
+def method_rows(s: Settings):
+    return [(label if r else f"{label} r={s.rank}", key, r or s.rank) for label, key, r in METHODS]
+
+
+def run_pilot(cf: Comfy, J, s: Settings, out: Path, md: List[str]) -> Dict[str, float]:
+    """Learning rate per method (rank s.rank) from a pilot on the instance task at a seed the
+    benchmark does not use (s.pilot_seed): the rate with the highest instance fidelity, ties
+    broken by prompt fidelity, then by the lower final loss."""
+    log("pilot")
+    imgs, caps = instance_data(IA)
+    rows, best = [], {}
+    for key in METHOD_KEYS:
+        cands = []
+        for lr in s.pilot_lrs[key]:
+            t0 = time.time()
+            model, _, loss, _ = cf.train(key, imgs, caps, s, s.pilot_seed, lr=lr)
+            r, _ = eval_instance(cf, J, model, IA, s, s.pilot_seed, prompts=INSTANCES[IA]["prompts"][:2])
+            fl = float(np.mean(loss[-10:]))
+            rows.append((key, lr, r["fidelity"], r["prompt_fidelity"], fl, time.time() - t0))
+            cands.append((r["fidelity"], r["prompt_fidelity"], -fl if math.isfinite(fl) else -1e9, lr))
+            log(f"pilot {rows[-1]}")
+        best[key] = max(cands)[3]
+    md += [f"## 0. Learning-rate pilot (instance '{IA}', seed {s.pilot_seed}, rank {s.rank}, {s.steps} steps; "
+           f"{2 * s.per_prompt} images per rate)", "",
+           "| method | lr | instance fidelity | prompt fidelity | final loss | seconds | chosen |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {k} | {lr:g} | {f:.2f} | {p:.2f} | {l:.4f} | {t:.0f} | {'**yes**' if best[k] == lr else ''} |"
+           for k, lr, f, p, l, t in rows]
+    md.append("")
+    return best
+
+
 def _run(out, s, ckpt, base_dir, t_start):
     cf = Comfy(ckpt, base_dir)
     import torch
@@ -363,133 +501,162 @@ def _run(out, s, ckpt, base_dir, t_start):
     decoder = cf.vae.first_stage_model.taesd_decoder
     judge_cache = None if s.prompts_limit else train_base.cache_dir() / f"judges_v{judges_mod.JUDGE_VERSION}_{ckpt.stat().st_mtime_ns}.pt"
     J = judges_mod.judges_for(decoder.float(), judge_cache, n=s.judge_train)
-    results: Dict = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()}}
+    results: Dict = {"settings": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                                  for k, v in s.__dict__.items()}}
     md = ["# PaRa quality benchmark", ""]
 
     # ---- judges and base model -------------------------------------------------------------
     jv = J.validate(n=s.judge_validate, decoder=decoder)
+    jv.update(instance_judge_accuracy(J, decoder, n=max(4, s.judge_validate // 10)))
     results["judges"] = jv
     log(f"judges: {jv}")
     base_acc, base_rows = base_prompt_accuracy(cf, J, s)
     results["base"] = base_acc
     grid(base_rows, out / "base_heldout.png")
     log(f"base: {base_acc}")
-
-    # ---- 1. subject personalization ---------------------------------------------------------
     shapes = patching.layer_shapes(cf.model)
     names = cf.trainer_mod.choose_layers(shapes, train_base.LIVE_LAYER_PATTERNS, "custom_layers", "SD15")
-    imgs_a, caps_a = subject_data(A)
     base_drift = {t: cf.sample(cf.model, t, s.per_prompt, 5000 + k, s) for k, t in enumerate(s.limit(DRIFT_PROMPTS[:s.drift_prompts]))}
-    lora1 = lora_param_count(shapes, names, 1)
-    rows_by_method, per_method = {}, {}
-    para_states = {}
-    lora_sds = {}
-    eq_rank = None
-    for seed in s.seeds:
-        tt = time.time()
-        m, para, loss = cf.train_para(imgs_a, caps_a, s, seed)
-        para_states[(A, seed)] = para
-        np_para = para_params(para)
-        eq_rank = max(1, int(round(np_para / lora1)))
-        log(f"PaRa seed {seed}: {time.time() - tt:.0f}s, loss {np.mean(loss[:5]):.3f} -> {np.mean(loss[-5:]):.3f}, {np_para} params")
-        r, rows = eval_subject(cf, J, m, A, s, seed, base_drift)
-        per_method.setdefault(f"PaRa r={s.rank}", []).append(dict(r, params=np_para, train_s=time.time() - tt))
-        rows_by_method.setdefault(f"PaRa r={s.rank}", rows)
-        for rank in s.extra_para_ranks:  # PaRa with more capacity (still fewer parameters than LoRA r)
-            tt = time.time()
-            m, para_x, loss = cf.train_para(imgs_a, caps_a, s, seed, rank=rank)
-            log(f"PaRa r={rank} seed {seed}: {time.time() - tt:.0f}s, loss {np.mean(loss[:5]):.3f} -> {np.mean(loss[-5:]):.3f}")
-            r, rows = eval_subject(cf, J, m, A, s, seed, base_drift)
-            per_method.setdefault(f"PaRa r={rank}", []).append(dict(r, params=para_params(para_x), train_s=time.time() - tt))
-            rows_by_method.setdefault(f"PaRa r={rank}", rows)
-        for label, rank in ((f"LoRA r={s.rank}", s.rank), (f"LoRA r={eq_rank} (equal params)", eq_rank)):
-            if label.endswith("params)") and seed not in list(s.seeds)[:s.equal_param_seeds]:
-                continue
-            tt = time.time()
-            sd, loss, npar = cf.train_lora(imgs_a, caps_a, s, seed, rank)
-            lora_sds[(label, seed)] = sd
-            log(f"{label} seed {seed}: {time.time() - tt:.0f}s, loss {np.mean(loss[:5]):.3f} -> {np.mean(loss[-5:]):.3f}, {npar} params")
-            r, rows = eval_subject(cf, J, cf.with_lora(cf.model, sd), A, s, seed, base_drift)
-            per_method.setdefault(label, []).append(dict(r, params=npar, train_s=time.time() - tt))
-            rows_by_method.setdefault(label, rows)
-    r0, rows0 = eval_subject(cf, J, cf.model, A, s, 0, base_drift)
-    per_method["base model (no adapter)"] = [dict(r0, params=0, train_s=0)]
-    rows_by_method["base model (no adapter)"] = rows0
-    results["subject"] = per_method
-    md += [f"## 1. Subject personalization (novel shape '{A}', trigger '{SUBJECTS[A]['trigger']}', {len(SUBJECTS[A]['train'])} images)", "",
-           f"Training: {s.steps} steps, batch {s.batch_size}, AdamW, lr PaRa {s.lr_para} / LoRA {s.lr_lora}, fp32, "
-           f"layers = {len(names)} live noxattn layers; seeds {list(s.seeds)}; sampling {s.sampler}/{s.scheduler} "
-           f"{s.sample_steps} steps cfg {s.cfg}, {s.per_prompt} images per prompt.",
-           f"Concept fidelity: the main object is judged a {A}. Prompt fidelity: its colour and the background "
-           f"match the prompt ({len(s.limit(SUBJECT_PROMPTS[A][:s.subject_prompts]))} prompts with colour/background "
-           "combinations absent from the training images). "
-           "Diversity: mean RMS pixel distance between images of one prompt. Drift: RMS pixel change of "
-           f"{len(s.limit(DRIFT_PROMPTS[:s.drift_prompts]))} unrelated base prompts vs the base model (same seeds); "
-           "'kept': the judged shape/colour/background of those images did not change.", "",
-           "| method | params | concept fidelity | prompt fidelity | concept & prompt | diversity | drift (RMS) | base prompts kept | grid |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for label, rs in per_method.items():
-        fn = "subject_" + "".join(ch if ch.isalnum() else "_" for ch in label) + ".png"
-        grid(rows_by_method[label], out / fn)
-        md.append(f"| {label} | {rs[0]['params']} | {fmt([r['concept_fidelity'] for r in rs])} | "
-                  f"{fmt([r['prompt_fidelity'] for r in rs])} | {fmt([r['concept_and_prompt'] for r in rs])} | "
-                  f"{fmt([r['diversity'] for r in rs])} | {fmt([r['drift_rms'] for r in rs])} | "
-                  f"{fmt([r['drift_kept'] for r in rs])} | [{fn}]({fn}) |")
-    md.append("")
+    rows_m = method_rows(s)
 
-    # ---- 2. multi-subject -------------------------------------------------------------------
-    if s.multi:
+    # ---- 0. learning-rate pilot ----------------------------------------------------------------
+    md.append(SECTION.format("pilot"))
+    if s.pilot:
+        s.lr = run_pilot(cf, J, s, out, md)
+        _atomic_write(out / "pilot_lr.json", json.dumps(s.lr))
+    elif s.lr_from:
+        s.lr = wait_for_lrs(s.lr_from)
+    results["lr"] = dict(s.lr)
+    log(f"learning rates: {s.lr}")
+    common = (f"Training: {s.steps} steps, batch {s.batch_size}, AdamW, fp32, learning rates {s.lr} "
+              f"({'from the pilot above' if s.pilot or s.lr_from else 'given'}), the {len(names)} live layers of the base "
+              f"(train_base.LIVE_LAYER_PATTERNS), seeds {list(s.seeds)}; PaRa rank_cap none, init kaiming (paper) / "
+              f"reference (reference); sampling {s.sampler}/{s.scheduler} {s.sample_steps} steps cfg {s.cfg}, "
+              f"{s.per_prompt} images per prompt. Drift: RMS pixel change of {len(s.limit(DRIFT_PROMPTS[:s.drift_prompts]))} "
+              "unrelated base prompts vs the base model (same seeds); 'kept': their judged shape/colour/background unchanged.")
+
+    def table(task, title, intro, data_fn, eval_fn, header):
+        per, rows_by, adapters = {}, {}, {}
+        imgs, caps = data_fn()
+        for seed in s.seeds:
+            for label, key, rank in rows_m:
+                tt = time.time()
+                model, adapter, loss, npar = cf.train(key, imgs, caps, s, seed, rank=rank)
+                adapters[(label, seed)] = adapter
+                r, rows = eval_fn(model, seed)
+                log(f"{task} {label} seed {seed}: {time.time() - tt:.0f}s, loss {np.mean(loss[:5]):.3f} -> "
+                    f"{np.mean(loss[-5:]):.3f}, {npar} params: {r}")
+                per.setdefault(label, []).append(dict(r, params=npar, seconds=time.time() - tt))
+                rows_by.setdefault(label, rows)
+        r0, rows0 = eval_fn(cf.model, s.seeds[0])
+        per["base model (no adapter)"] = [dict(r0, params=0, seconds=0)]
+        rows_by["base model (no adapter)"] = rows0
+        md.extend([title, "", intro, common, "",
+                   f"| method | params | {header} | prompt fidelity | both | diversity | drift (RMS) | base prompts kept | grid |",
+                   "|---|---|---|---|---|---|---|---|---|"])
+        for label, rs in per.items():
+            fn = _fn(f"{task}_", label)
+            grid(rows_by[label], out / fn)
+            md.append(f"| {label} | {rs[0]['params']} | {fmt([r['fidelity'] for r in rs])} | "
+                      f"{fmt([r['prompt_fidelity'] for r in rs])} | {fmt([r['both'] for r in rs])} | "
+                      f"{fmt([r['diversity'] for r in rs])} | {fmt([r['drift_rms'] for r in rs])} | "
+                      f"{fmt([r['drift_kept'] for r in rs])} | [{fn}]({fn}) |")
+        md.append("")
+        return per, adapters
+
+    # ---- 1. instance subject ---------------------------------------------------------------------
+    md.append(SECTION.format("instance"))
+    inst_adapters = {}
+    if s.instance:
+        log("instance subject")
+        i = INSTANCES[IA]
+        results["instance"], inst_adapters = table(
+            "instance", f"## 1. Instance subject ('{IA}': a {i['colour']} {i['shape']} with a {world.DETAIL_COLOURS[i['detail']]} "
+            f"{i['detail']}, {len(i['train_bgs'])} images)",
+            f"Instance fidelity: the main object is judged a {i['shape']}, {i['colour']}, with the "
+            f"{world.DETAIL_COLOURS[i['detail']]} {i['detail']} (the base never draws a mark). Prompt fidelity: size and "
+            f"background as asked ({len(s.limit(i['prompts'][:s.subject_prompts]))} prompts, backgrounds "
+            f"{[b for _, b in i['prompts']]}; training backgrounds {sorted(set(i['train_bgs']))}).",
+            lambda: instance_data(IA), lambda m, seed: eval_instance(cf, J, m, IA, s, seed, base_drift), "instance fidelity")
+
+    # ---- 2. novel shape ---------------------------------------------------------------------------
+    md.append(SECTION.format("concept"))
+    if s.concept:
+        log("novel shape subject")
+        results["concept"], _ = table(
+            "concept", f"## 2. Novel-shape subject ('{A}', trigger '{SUBJECTS[A]['trigger']}', {len(SUBJECTS[A]['train'])} images)",
+            f"Concept fidelity: the main object is judged a {A} (a shape the base never saw). Prompt fidelity: its colour and "
+            "the background follow the prompt (colour/background combinations absent from the training images).",
+            lambda: subject_data(A), lambda m, seed: eval_subject(cf, J, m, A, s, seed, base_drift), "concept fidelity")
+
+    # ---- 3. two instances combined without training -------------------------------------------------
+    md.append(SECTION.format("multi"))
+    if s.multi and s.instance:
         log("multi-subject")
-        imgs_b, caps_b = subject_data(B)
         seed = s.seeds[0]
-        _, para_b, _ = cf.train_para(imgs_b, caps_b, s, seed)
-        sd_b, _, _ = cf.train_lora(imgs_b, caps_b, s, seed, s.rank)
-        para_a = para_states[(A, seed)]
-        sd_a = lora_sds[(f"LoRA r={s.rank}", seed)]
-        variants = {f"PaRa merge {mode}": cf.apply(cf.merge(mode, para_a, para_b)) for mode in ("sum", "union", "sequential")}
-        variants[f"LoRA r={s.rank} stacked"] = cf.with_lora(cf.with_lora(cf.model, sd_a), sd_b)
+        imgs_b, caps_b = instance_data(IB)
+        ib = INSTANCES[IB]
+        lab = {key: label for label, key, _ in rows_m[:3]}
+        other = {key: cf.train(key, imgs_b, caps_b, s, seed)[1] for key in METHOD_KEYS}
+        mine = {key: inst_adapters[(lab[key], seed)] for key in METHOD_KEYS}
+        variants = {f"PaRa paper merge {mode}": cf.apply(cf.merge(mode, mine["para"], other["para"]))
+                    for mode in ("sum", "union", "sequential")}
+        variants["PaRa reference merge sum"] = cf.apply(cf.merge("sum", mine["para_ref"], other["para_ref"]))
+        variants[f"LoRA r={s.rank} stacked"] = cf.with_lora(cf.with_lora(cf.model, mine["lora"]), other["lora"])
         variants["base model (no adapter)"] = cf.model
         multi = {}
-        md += [f"## 2. Multi-subject ({A} '{SUBJECTS[A]['trigger']}' + {B} '{SUBJECTS[B]['trigger']}', trained separately, combined without training)", "",
-               f"Both present: the image shows a {A} and a {B} (prompts ask for both, two small objects). "
-               "Each alone: the single-subject prompts of each concept still give that concept (concept fidelity).", "",
-               f"| combination | both present | {A} alone | {B} alone | grid |", "|---|---|---|---|---|"]
+        md += [f"## 3. Two instances combined without training ('{IA}' {INSTANCES[IA]['shape']} + '{IB}': a {ib['colour']} "
+               f"{ib['shape']} with a {world.DETAIL_COLOURS[ib['detail']]} {ib['detail']}; seed {seed})", "",
+               "Each adapter trained alone (section 1's settings), then merged (PaRa Merge) or stacked (two LoRA loads). "
+               f"Prompt: 'a small {IA} {INSTANCES[IA]['shape']} and a small {IB} {ib['shape']} on a <bg> background' "
+               f"(backgrounds {MULTI_BGS}). Both present: the image shows a {INSTANCES[IA]['colour']} {INSTANCES[IA]['shape']} "
+               f"and a {ib['colour']} {ib['shape']} (class and body colour; the prompt names neither colour); with marks: "
+               "both marks judged too (hard at the small size two objects need). Alone: instance fidelity of each "
+               "instance's own large prompt under the combination.", "",
+               "| combination | both present | both with marks | " + f"'{IA}' alone | '{IB}' alone | grid |",
+               "|---|---|---|---|---|---|"]
         for label, model in variants.items():
-            both, rows = [], []
-            for k, ((ca, _), (cb, _), bg) in enumerate(s.limit(MULTI_PROMPTS[:s.multi_prompts])):
-                text = (f"a small {ca} sks and a small {cb} zwx on a {bg} background")
+            both, marks, rows = [], [], []
+            for k, bg in enumerate(s.limit(MULTI_BGS[:s.multi_prompts])):
+                text = f"a small {IA} {INSTANCES[IA]['shape']} and a small {IB} {ib['shape']} on a {bg} background"
                 imgs = cf.sample(model, text, s.per_prompt, 7000 + k, s)
                 rows.append(imgs)
                 for img in imgs:
-                    shapes_seen = {o.shape for o in J.objects(img)}
-                    both.append({A, B} <= shapes_seen)
+                    a = J.has_instance(img, INSTANCES[IA]["shape"], INSTANCES[IA]["colour"])
+                    b = J.has_instance(img, ib["shape"], ib["colour"])
+                    both.append(a and b)
+                    marks.append(J.has_instance(img, INSTANCES[IA]["shape"], INSTANCES[IA]["colour"], INSTANCES[IA]["detail"])
+                                 and J.has_instance(img, ib["shape"], ib["colour"], ib["detail"]))
             alone = {}
-            for name in (A, B):
-                c, z, b = SUBJECT_PROMPTS[name][0]
-                imgs = cf.sample(model, caption(name, c, z, b, {name: SUBJECTS[name]["trigger"]}), s.per_prompt, 7100, s)
-                rows.append(imgs)
-                alone[name] = float(np.mean([(main_object(J.objects(i)) or world.Obj("none", "", "")).shape == name for i in imgs]))
-            multi[label] = dict(both_present=float(np.mean(both)), a_alone=alone[A], b_alone=alone[B])
-            fn = "multi_" + "".join(ch if ch.isalnum() else "_" for ch in label) + ".png"
+            for trig in (IA, IB):
+                r, rr = eval_instance(cf, J, model, trig, s, seed, prompts=INSTANCES[trig]["prompts"][:1])
+                rows += rr
+                alone[trig] = r["fidelity"]
+            multi[label] = dict(both_present=float(np.mean(both)), both_with_marks=float(np.mean(marks)),
+                                a_alone=alone[IA], b_alone=alone[IB])
+            fn = _fn("multi_", label)
             grid(rows, out / fn)
-            md.append(f"| {label} | {multi[label]['both_present']:.2f} | {alone[A]:.2f} | {alone[B]:.2f} | [{fn}]({fn}) |")
+            md.append(f"| {label} | {multi[label]['both_present']:.2f} | {multi[label]['both_with_marks']:.2f} | "
+                      f"{alone[IA]:.2f} | {alone[IB]:.2f} | [{fn}]({fn}) |")
             log(f"{label}: {multi[label]}")
         results["multi"] = multi
         md.append("")
 
-    # ---- 3. single-image editing -----------------------------------------------------------
+    # ---- 4. single-image editing -------------------------------------------------------------------
+    md.append(SECTION.format("edit"))
     if s.edit:
         log("editing")
         src = world.render(EDIT_SOURCE)[None]
         src_cap = EDIT_SOURCE.caption()
-        edit_layers = "middle_block.2.out_layers.3"
-        m_para, _, _ = cf.train_para(src, [src_cap], s, 0, steps=s.edit_steps, layers=edit_layers)
-        sd_l, _, _ = cf.train_lora(src, [src_cap], s, 0, s.rank, steps=s.edit_steps, layers=edit_layers)
-        variants = {"PaRa (noxattn-hspace-last)": m_para, f"LoRA r={s.rank} (same layer)": cf.with_lora(cf.model, sd_l),
-                    "base model (no adapter)": cf.model}
+        variants = {}
+        for label, key, _ in METHODS[:3]:
+            m, _, _, _ = cf.train(key, src, [src_cap], s, 0, rank=s.edit_rank, steps=s.edit_steps)
+            variants[f"{label} r={s.edit_rank}"] = m
+        variants["base model (no adapter)"] = cf.model
         src_obj = EDIT_SOURCE.objects[0]
         edit = {}
-        md += ["## 3. Single-image editing (one image, preset noxattn-hspace-last = middle_block.2.out_layers.3)", "",
+        md += [f"## 4. Single-image editing (one image, {s.edit_steps} steps, rank {s.edit_rank}, the live layers; "
+               "the authors: 1000 steps, ranks 2/16/128, SDXL)", "",
                f"Source: '{src_cap}' (object at x={src_obj.cx:.2f}, y={src_obj.cy:.2f}). Edited prompts change the colour, "
                "the background or the size. Edit success: the edited attribute is judged as asked. Preservation: "
                "every other attribute is unchanged and the object's centre is within 0.1 image widths of the "
@@ -509,7 +676,7 @@ def _run(out, s, ckpt, base_dir, t_start):
                     succ.append(ok); pres.append(kept); bothl.append(ok and kept)
             edit[label] = dict(reconstruction=float(np.mean(recon)), edit_success=float(np.mean(succ)),
                                preservation=float(np.mean(pres)), success_and_preserved=float(np.mean(bothl)))
-            fn = "edit_" + "".join(ch if ch.isalnum() else "_" for ch in label) + ".png"
+            fn = _fn("edit_", label)
             grid(rows, out / fn)
             e = edit[label]
             md.append(f"| {label} | {e['reconstruction']:.2f} | {e['edit_success']:.2f} | {e['preservation']:.2f} | "
@@ -519,6 +686,7 @@ def _run(out, s, ckpt, base_dir, t_start):
         md.append("")
 
     # ---- summary -------------------------------------------------------------------------
+    md.append(SECTION.format("judges"))
     md += ["## Judges (accuracy on held-out ground truth; 'recon' = through the model's autoencoder)", "",
            "| judge | " + " | ".join(k for k in jv) + " |", "|---|" + "---|" * len(jv),
            "| accuracy | " + " | ".join(f"{v:.3f}" for v in jv.values()) + " |", "",
@@ -527,22 +695,127 @@ def _run(out, s, ckpt, base_dir, t_start):
            f"| {base_acc['shape']:.2f} | {base_acc['colour']:.2f} | {base_acc['size']:.2f} | {base_acc['background']:.2f} | {base_acc['all']:.2f} |",
            "", "[base_heldout.png](base_heldout.png)", ""]
     results["seconds"] = round(time.time() - t_start)
+    md.append(SECTION.format("end"))
     md.append(f"Total time: {results['seconds']} s.")
-    (out / "quality.md").write_text("\n".join(md) + "\n")
-    (out / "quality.json").write_text(json.dumps(results, indent=1, default=float))
-    sub = results["subject"]
-    pk, lk = f"PaRa r={s.rank}", f"LoRA r={s.rank}"
-    cfp = np.mean([r["concept_fidelity"] for r in sub[pk]])
-    cfl = np.mean([r["concept_fidelity"] for r in sub[lk]])
-    pfp = np.mean([r["prompt_fidelity"] for r in sub[pk]])
-    pfl = np.mean([r["prompt_fidelity"] for r in sub[lk]])
-    mb = max((v["both_present"] for k, v in results.get("multi", {}).items() if k.startswith("PaRa")), default=float("nan"))
-    es = results.get("edit", {}).get("PaRa (noxattn-hspace-last)", {}).get("edit_success", float("nan"))
-    line = (f"RESULT concept_fidelity_para={cfp:.2f} concept_fidelity_lora={cfl:.2f} prompt_fidelity_para={pfp:.2f} "
-            f"prompt_fidelity_lora={pfl:.2f} multi_both_present_para={mb:.2f} edit_success_para={es:.2f}")
-    results["result_line"] = line
-    (out / "quality.json").write_text(json.dumps(results, indent=1, default=float))
+    results["result_line"] = result_line(results, s)
+    md += ["", "    " + results["result_line"]]
+    _atomic_write(out / "quality.md", "\n".join(md) + "\n")
+    _atomic_write(out / "quality.json", json.dumps(results, indent=1, default=float))
     return results
+
+
+SECTION = "<!-- section:{} -->"
+SECTION_ORDER = ("head", "pilot", "instance", "concept", "multi", "edit", "judges", "end")
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def wait_for_lrs(path: Path, timeout: float = 3600.0) -> Dict[str, float]:
+    """The learning rates another part's pilot chose (its pilot_lr.json), waiting for them."""
+    t0 = time.time()
+    while not Path(path).is_file():
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"{path} did not appear within {timeout:.0f} s (is the part running the pilot alive?)")
+        time.sleep(10)
+    return {k: float(v) for k, v in json.loads(Path(path).read_text()).items()}
+
+
+def _sections(md_text: str) -> Dict[str, str]:
+    out, name = {}, "head"
+    for line in md_text.splitlines():
+        if line.startswith("<!-- section:"):
+            name = line[len("<!-- section:"):-len(" -->")]
+            out.setdefault(name, "")
+            continue
+        out[name] = out.get(name, "") + line + "\n"
+    return out
+
+
+def combine(parts: Sequence[Path], out: Path, s: Settings) -> Dict:
+    """One report from benchmark parts run in parallel (--only ... --out PART): each task's
+    section and results from the part that ran it; their images copied into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    results: Dict = {}
+    secs: Dict[str, str] = {}
+    seconds = []
+    for part in parts:
+        res = json.loads((part / "quality.json").read_text())
+        seconds.append(res.get("seconds", 0))
+        for k, v in res.items():
+            if k in ("instance", "concept", "multi", "edit") or k not in results:
+                results.setdefault(k, v)
+        for name, text in _sections((part / "quality.md").read_text()).items():
+            if text.strip() and not secs.get(name, "").strip():
+                secs[name] = text
+        for f in part.iterdir():
+            if f.suffix == ".png" or f.name == "pilot_lr.json":
+                if f.resolve() != (out / f.name).resolve():
+                    shutil.copyfile(f, out / f.name)
+    results["seconds"] = max(seconds)
+    results["result_line"] = result_line(results, s)
+    end = (f"Total time: {max(seconds)} s wall ({len(parts)} parts in parallel: "
+           + ", ".join(f"{x} s" for x in seconds) + ").\n\n    " + results["result_line"] + "\n")
+    text = "".join(SECTION.format(n) + "\n" + secs.get(n, "") for n in SECTION_ORDER[:-1])
+    _atomic_write(out / "quality.md", text + SECTION.format("end") + "\n" + end)
+    _atomic_write(out / "quality.json", json.dumps(results, indent=1, default=float))
+    return results
+
+
+def result_line(results, s: Settings) -> str:
+    def mean_of(task, key, field_):
+        rows = results.get(task, {})
+        label = {k: l for l, k, _ in method_rows(s)[:3]}[key]
+        return float(np.mean([r[field_] for r in rows[label]])) if label in rows else float("nan")
+    b = results["base"]
+    parts = [("base_shape_acc", b["shape"]), ("base_colour_acc", b["colour"]), ("base_size_acc", b["size"]),
+             ("base_bg_acc", b["background"])]
+    names = {"para": "para", "para_ref": "para_ref", "lora": "lora"}
+    for task, what in (("instance", "instance_fidelity"), ("concept", "concept_fidelity")):
+        parts += [(f"{what}_{names[k]}", mean_of(task, k, "fidelity")) for k in METHOD_KEYS]
+    parts += [(f"prompt_fidelity_{names[k]}", mean_of("instance", k, "prompt_fidelity")) for k in METHOD_KEYS]
+    parts += [(f"drift_{names[k]}", mean_of("instance", k, "drift_rms")) for k in METHOD_KEYS]
+    multi = results.get("multi", {})
+    parts.append(("multi_both_present_para", multi.get("PaRa paper merge sum", {}).get("both_present", float("nan"))))
+    parts.append(("multi_both_present_para_ref", multi.get("PaRa reference merge sum", {}).get("both_present", float("nan"))))
+    parts.append(("multi_both_present_lora", multi.get(f"LoRA r={s.rank} stacked", {}).get("both_present", float("nan"))))
+    edit = results.get("edit", {})
+    for k, label in zip(METHOD_KEYS, [l for l, _, _ in METHODS[:3]]):
+        parts.append((f"edit_success_{names[k]}", edit.get(f"{label} r={s.edit_rank}", {}).get("edit_success", float("nan"))))
+    return "RESULT " + " ".join(f"{k}={v:.2f}" for k, v in parts)
+
+
+def instance_judge_accuracy(J, decoder, n: int = 30, seed: int = 77) -> Dict[str, float]:
+    """The instance judge on ground truth and through the autoencoder: each instance at both sizes
+    on random backgrounds is recognised, and the plain object (no mark) is not."""
+    rng = random.Random(seed)
+    scenes, plain = [], []
+    for k in range(n):
+        trig = (IA, IB)[k % 2]
+        size = ("large", "small")[(k // 2) % 2]
+        inst = INSTANCES[trig]
+        bg = rng.choice([b for b in world.BACKGROUNDS if b != inst["colour"]])
+        o = instance_obj(trig, size, *world.place(rng, size))
+        scenes.append((trig, size, world.Scene((o,), bg)))
+        plain.append(world.Scene((world.Obj(o.shape, o.colour, size, o.cx, o.cy),), bg))
+    gt = np.stack([world.render(sc) for _, _, sc in scenes])
+    gt_plain = np.stack([world.render(sc) for sc in plain])
+    out = {}
+    for tag, imgs, imgs_plain in (("gt", gt, gt_plain), ("recon", judges_mod.reconstruct(gt, decoder),
+                                                         judges_mod.reconstruct(gt_plain, decoder))):
+        for size in ("large", "small"):
+            hits = []
+            for (trig, z, _), img, pimg in zip(scenes, imgs, imgs_plain):
+                if z != size:
+                    continue
+                inst = INSTANCES[trig]
+                hits.append(J.instance(img, inst["shape"], inst["colour"], inst["detail"])["all"])
+                hits.append(not J.instance(pimg, inst["shape"], inst["colour"], inst["detail"])["all"])
+            out[f"{tag}_instance_{size}"] = float(np.mean(hits))
+    return out
 
 
 def _edit_check(J, img, attrs, what):
@@ -581,45 +854,6 @@ def base_prompt_accuracy(cf: Comfy, J, s: Settings):
     return {k: float(np.mean(v)) for k, v in hits.items()}, rows
 
 
-def pilot(out: Path, s: Settings, lrs: Sequence[float], ckpt: Optional[Path] = None, seed: int = 100):
-    """Learning-rate pilot on a seed that the benchmark does not use: concept and prompt fidelity
-    of PaRa and LoRA (rank s.rank) after s.steps steps, for each learning rate."""
-    ckpt = ckpt or train_base.ensure_base()
-    base_dir = Path(tempfile.mkdtemp(prefix="para-quality-"))
-    cf = Comfy(ckpt, base_dir)
-    import torch
-    torch.set_grad_enabled(False)
-    decoder = cf.vae.first_stage_model.taesd_decoder
-    J = judges_mod.judges_for(decoder.float(), train_base.cache_dir() / f"judges_v{judges_mod.JUDGE_VERSION}_{ckpt.stat().st_mtime_ns}.pt",
-                              n=s.judge_train)
-    imgs, caps = subject_data(A)
-    trig = SUBJECTS[A]["trigger"]
-    rows = []
-    for lr in lrs:
-        for method in ("PaRa", "LoRA"):
-            t0 = time.time()
-            if method == "PaRa":
-                model, _, loss = cf.train_para(imgs, caps, s, seed, lr=lr)
-            else:
-                sd, loss, _ = cf.train_lora(imgs, caps, s, seed, s.rank, lr=lr)
-                model = cf.with_lora(cf.model, sd)
-            conc, fit = [], []
-            for k, (c, z, b) in enumerate(SUBJECT_PROMPTS[A][:2]):
-                for img in cf.sample(model, caption(A, c, z, b, {A: trig}), s.per_prompt, 100 + k, s):
-                    d = J.describe(img)
-                    o = main_object(d["objects"])
-                    conc.append(o is not None and o.shape == A)
-                    fit.append(o is not None and o.colour == c and d["background"] == b)
-            rows.append((method, lr, float(np.mean(conc)), float(np.mean(fit)), float(np.mean(loss[-10:])), time.time() - t0))
-            log(f"pilot {rows[-1]}")
-    text = "| method | lr | concept fidelity | prompt fidelity | final loss | seconds |\n|---|---|---|---|---|---|\n"
-    text += "\n".join(f"| {m} | {lr} | {c:.2f} | {f:.2f} | {l:.3f} | {t:.0f} |" for m, lr, c, f, l, t in rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pilot.md").write_text(text + "\n")
-    print(text)
-    shutil.rmtree(base_dir, ignore_errors=True)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None,
@@ -630,25 +864,39 @@ def main(argv=None):
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--seeds", type=int, nargs="+")
-    ap.add_argument("--lr-para", type=float)
-    ap.add_argument("--lr-lora", type=float)
-    ap.add_argument("--no-multi", action="store_true")
-    ap.add_argument("--no-edit", action="store_true")
-    ap.add_argument("--pilot", type=float, nargs="+", metavar="LR",
-                    help="only the learning-rate pilot (seed 100) at these learning rates")
+    ap.add_argument("--lr", nargs="+", metavar="METHOD=LR", default=[],
+                    help="learning rates without the pilot, e.g. para=0.02 para_ref=0.004 lora=0.004")
+    ap.add_argument("--no-pilot", action="store_true", help="skip the learning-rate pilot (use --lr or the defaults)")
+    ap.add_argument("--only", nargs="+", choices=("instance", "concept", "multi", "edit"),
+                    help="run only these tasks (multi needs instance)")
+    ap.add_argument("--lr-from", type=Path, metavar="PILOT_LR_JSON",
+                    help="no pilot here: wait for another part's pilot_lr.json and use its learning rates")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="PART",
+                    help="write one report into --out from parts run in parallel")
     args = ap.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
     if args.out is None:
         args.out = Path("quality_quick_output") if args.quick else ROOT / "bench" / "results" / "quality"
     if args.quick and args.ckpt is None:
         args.ckpt = train_base.ensure_quick_base()
-    if args.steps: s.steps = args.steps
-    if args.seeds: s.seeds = tuple(args.seeds)
-    if args.lr_para: s.lr_para = args.lr_para
-    if args.lr_lora: s.lr_lora = args.lr_lora
-    s.multi, s.edit = not args.no_multi, not args.no_edit
-    if args.pilot:
-        return pilot(args.out, s, args.pilot, args.ckpt)
+    if args.steps:
+        s.steps = args.steps
+    if args.seeds:
+        s.seeds = tuple(args.seeds)
+    for item in args.lr:
+        key, _, val = item.partition("=")
+        if key not in METHOD_KEYS:
+            ap.error(f"--lr {item}: method must be one of {METHOD_KEYS}")
+        s.lr[key] = float(val)
+    s.pilot = not args.no_pilot and not args.lr_from
+    s.lr_from = args.lr_from
+    if args.combine:
+        res = combine(args.combine, args.out, s)
+        print((args.out / "quality.md").read_text())
+        print(res["result_line"])
+        return
+    if args.only:
+        s.instance, s.concept, s.multi, s.edit = (t in args.only for t in ("instance", "concept", "multi", "edit"))
     res = run(args.out, s, args.ckpt)
     print((args.out / "quality.md").read_text())
     print(res["result_line"])

@@ -43,6 +43,13 @@ BACKGROUNDS = {
 }
 SIZES = {"small": 24, "large": 42}  # bounding-box side in pixels (jittered by +-2)
 
+# Instances (DreamBooth-like subjects): a base shape in a base colour with a mark of another
+# colour (a centre dot, a middle band) that the base world never shows.
+DETAILS = {"dot": "dot", "band": "band"}       # detail name -> how it is drawn
+DETAIL_COLOURS = {"dot": "green", "band": "yellow"}
+DOT_RADIUS = 0.25        # of the object's side
+BAND_HALF_HEIGHT = 0.17  # of the object's side
+
 # Latent scaling: latent = LATENT_GAIN * (mean colour in [0, 1] - 0.5); the 4th channel is the
 # luminance (redundant, but keeps every channel informative for the diffusion model).
 LATENT_GAIN = 3.0
@@ -56,6 +63,7 @@ class Obj:
     size: str
     cx: float = 0.5   # centre, as a fraction of the image side
     cy: float = 0.5
+    detail: str = ""  # an instance's mark (DETAILS), never in the base world
 
     def words(self, names: Optional[dict] = None) -> str:
         name = (names or {}).get(self.shape, self.shape)
@@ -108,6 +116,14 @@ def render(scene: Scene, size: int = SIZE, supersample: int = 4) -> np.ndarray:
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
         else:
             d.polygon(_polygon(o.shape, cx, cy, r), fill=col)
+        if o.detail:
+            kind, dcol = DETAILS[o.detail], OBJECT_COLOURS[DETAIL_COLOURS[o.detail]]
+            if kind == "dot":
+                q = DOT_RADIUS * 2 * r
+                d.ellipse([cx - q, cy - q, cx + q, cy + q], fill=dcol)
+            else:  # a horizontal band across the middle
+                q = BAND_HALF_HEIGHT * 2 * r
+                d.rectangle([cx - r, cy - q, cx + r, cy + q], fill=dcol)
     img = img.resize((size, size), Image.BOX)
     return np.asarray(img, dtype=np.uint8)
 
