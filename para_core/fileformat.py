@@ -52,7 +52,15 @@ ARCHITECTURES = {
     "SDXL": "stable-diffusion-xl-v1-base",
     "SDXLRefiner": "stable-diffusion-xl-v1-refiner",
     "SD3": "stable-diffusion-v3",
+    "SD35": "stable-diffusion-v3.5",
     "Flux": "flux-1-dev",
+    "FluxSchnell": "flux-1-schnell",
+    "Flux2": "flux-2",
+    "Chroma": "chroma",
+    "Lumina2": "lumina-2",
+    "ZImage": "z-image",
+    "QwenImage": "qwen-image",
+    "HiDream": "hidream-i1",
 }
 
 
