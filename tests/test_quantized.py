@@ -4,18 +4,14 @@ bake, inspect) uses the dequantized weight, or refuses with a message that says 
 import importlib
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import comfy_env
-
-sys.path.insert(0, str(comfy_env.PACK_ROOT))
-from para_core import ParaError, ParaState, build_metadata, export_lora, fingerprint, save_para  # noqa: E402
-from para_core.checkpoint import Checkpoint, bake  # noqa: E402
-from para_core.quantized import dequantize  # noqa: E402
+from para_core import ParaError, ParaState, build_metadata, export_lora, fingerprint, save_para
+from para_core.checkpoint import Checkpoint, bake
 
 P = "model.diffusion_model."
 

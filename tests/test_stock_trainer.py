@@ -136,8 +136,6 @@ def test_train_lora_node_trains_para_and_stock_loaders_load_it(comfy_server):
     q = sd["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.para_B"]
     assert tuple(q.shape) == (320, 4) and torch.isfinite(q).all()
     assert not any(k.startswith("diffusion_model.out.2") for k in para_keys), "the 4-channel output conv got a rank"
-    import sys
-    sys.path.insert(0, str(comfy_env.PACK_ROOT))
     from para_core import load_para
     st = load_para(str(path))  # PaRa's own reader takes it too (the stock trainer's diff tensors aside)
     assert st.kind == "subject" and len(st.layers) == len(para_keys)
