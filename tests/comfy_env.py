@@ -114,6 +114,19 @@ def version_tuple(version: str) -> tuple:
 _configured: dict = {}
 
 
+class _ComfyUINodesFinder:
+    """A meta path finder that resolves the top-level module `nodes` to <ComfyUI root>/nodes.py."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / "nodes.py"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "nodes" or path is not None:
+            return None
+        import importlib.util
+        return importlib.util.spec_from_file_location("nodes", self.path)
+
+
 def configure_comfy(root=None, base_directory=None, device: str | None = None) -> Path:
     """Put ComfyUI first on sys.path and set its command-line args for tests; import no torch.
 
@@ -146,6 +159,10 @@ def configure_comfy(root=None, base_directory=None, device: str | None = None) -
     while root_str in sys.path:
         sys.path.remove(root_str)
     sys.path.insert(0, root_str)
+    # Tests put the pack's root on sys.path too (to import para_core), often at the front; from
+    # then on a first `import nodes` would find the pack's nodes/ package. ComfyUI's nodes.py
+    # is `nodes` in this process whatever the path order.
+    sys.meta_path.insert(0, _ComfyUINodesFinder(root))
 
     import comfy.options  # noqa: F401  (args_parsing stays False: ComfyUI ignores sys.argv)
     from comfy.cli_args import args

@@ -172,3 +172,16 @@ def test_server_interrupt_stops_a_running_prompt(comfy_server):
     assert comfy_env.status_str(entry) == "error"
     assert comfy_server.error_message(entry) == "interrupted"
     assert max(p["value"] for p in ws.of_type("progress", prompt_id)) < 500
+
+
+def test_comfyuis_nodes_module_wins_over_the_packs_nodes_package(comfyui_path, comfy_in_process):
+    """Tests put the pack's root first on sys.path (to import para_core); `import nodes` must
+    still be ComfyUI's nodes.py, also when a test imports it for the first time after that."""
+    import subprocess
+    import sys
+    code = (f"import sys; sys.path.insert(0, {str(comfy_env.PACK_ROOT / 'tests')!r}); import comfy_env; "
+            f"comfy_env.configure_comfy({str(comfyui_path)!r}); "
+            f"sys.path.insert(0, {str(comfy_env.PACK_ROOT)!r}); import nodes; print(nodes.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip().splitlines()[-1]) == comfyui_path / "nodes.py"
