@@ -226,3 +226,44 @@ def test_a_server_that_refuses_the_upgrade_is_a_clear_error():
     with pytest.raises(comfy_client.WebSocketError, match="404 Not Found"):
         comfy_client.WebSocket(f"ws://127.0.0.1:{srv.getsockname()[1]}/ws")
     srv.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Which model the demo uses (issue 11.6). The builds take minutes, so train_base's build and
+# cache check are replaced here; the builds themselves are tested in test_quality_pipeline.py.
+# ------------------------------------------------------------------------------------------
+
+def test_the_demo_uses_the_benchmark_base_when_built_else_builds_its_own_once(monkeypatch, tmp_path):
+    import demo
+    import train_base
+    built = []
+    current = set()
+    monkeypatch.setattr(train_base, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(train_base, "checkpoint_path", lambda: tmp_path / "para_quality_base.safetensors")
+    monkeypatch.setattr(train_base, "is_current", lambda path, seed=0: Path(path) in current)
+    monkeypatch.setattr(train_base, "build", lambda path, seed=0, **kw: (built.append((Path(path), seed, kw)),
+                                                                           current.add(Path(path))))
+    logs = []
+    path, what = demo.demo_checkpoint(False, log=logs.append)
+    assert built == [(tmp_path / f"para_demo_base_u{demo.DEMO_BASE_UNET_STEPS}.safetensors", 0,
+                      {"unet_steps": demo.DEMO_BASE_UNET_STEPS})]
+    assert path == built[0][0] and "trained here" in what and "building the demo's base model once" in logs[0]
+    assert demo.demo_checkpoint(False, log=logs.append)[0] == path and len(built) == 1, "cached: built once"
+    current.add(tmp_path / "para_quality_base.safetensors")
+    path, what = demo.demo_checkpoint(False)
+    assert path.name == "para_quality_base.safetensors" and "quality benchmark" in what
+
+
+def test_quick_stays_on_random_weights_and_says_so(monkeypatch):
+    import demo
+    monkeypatch.setattr(comfy_env, "cached_sd15_checkpoint", lambda: Path("test_sd15.safetensors"))
+    path, what = demo.demo_checkpoint(True)
+    assert path.name == "test_sd15.safetensors" and "random weights" in what and "noise" in what
+
+
+def test_the_first_queue_of_workflow_5_holds_only_the_export_branch():
+    import demo
+    import api_graph
+    g = api_graph.load("5_export_as_lora")
+    part = demo.only_for(g, api_graph.find(g, "PaRa Export LoRA"))
+    assert sorted(api_graph.title(n) for n in part.values()) == ["Load Checkpoint", "PaRa Export LoRA", "PaRa Load"]
