@@ -94,7 +94,15 @@ REAL_CONFIGS = {
     "flux": dict(FLUX_DIT, depth=19, depth_single_blocks=38),
     "lumina2": dict(LUMINA2_DIT, n_layers=26),
 }
-REAL_NAMES = {"sdxl": "SDXL 1.0", "sd2v": "SD 2.1-v", "sd3": "SD3 Medium", "flux": "Flux.1-dev", "lumina2": "Lumina Image 2.0"}
+# Families only checked for detection and presets (no end-to-end run: too big to build here).
+# Z-Image (ComfyUI >= 0.33): Lumina 2's NextDiT at dim 3840, what its detection sets.
+DETECTION_ONLY = {
+    "zimage": ("ZImage", ("0.33.0",), dict(LUMINA2_DIT, dim=3840, cap_feat_dim=2560, n_layers=30, n_heads=30,
+                                            n_kv_heads=30, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+                                            rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True,
+                                            time_scale=1000.0, pad_tokens_multiple=32)),
+}
+REAL_NAMES = {"zimage": "Z-Image", "sdxl": "SDXL 1.0", "sd2v": "SD 2.1-v", "sd3": "SD3 Medium", "flux": "Flux.1-dev", "lumina2": "Lumina Image 2.0"}
 # ComfyUI tells SD2-v from SD2-eps by the spread of this bias (SD20.model_type); real v models have it.
 SD2_V_MARKER = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
@@ -138,7 +146,10 @@ def _module(name: str, real: bool = False):
     import torch
     import comfy.ops
     ops = comfy.ops.disable_weight_init
-    cfg = REAL_CONFIGS[name] if real else _config(name)
+    if name in DETECTION_ONLY:
+        cfg, real = DETECTION_ONLY[name][2], True
+    else:
+        cfg = REAL_CONFIGS[name] if real else _config(name)
     kw = dict(dtype=torch.float16 if real else torch.float32, device="meta" if real else "cpu", operations=ops)
     with torch.device(kw["device"]):
         if name in ("sdxl", "sd2v"):
@@ -153,7 +164,7 @@ def _module(name: str, real: bool = False):
             if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
                 cfg = dict(cfg, txt_ids_dims=[])  # newer ComfyUI (0.33): what its detection sets for Flux.1
             return Flux(**cfg, **kw)
-        if name == "lumina2":
+        if name in ("lumina2", "zimage"):
             from comfy.ldm.lumina.model import NextDiT
             return NextDiT(**cfg, **kw)
     raise ValueError(name)

@@ -266,6 +266,24 @@ def test_every_preset_selects_layers_on_the_small_test_models(name, comfy):
         assert select_layers(shapes, preset, family=name), preset
 
 
+@pytest.mark.parametrize("name", list(fm.DETECTION_ONLY))
+def test_families_too_big_to_build_are_detected_from_their_shapes_and_get_the_presets(name, comfy):
+    """Z-Image (ComfyUI 0.33 only): its released shapes, on the meta device, are detected by
+    ComfyUI as ZImage, and the transformer presets mean there what they mean on Lumina 2."""
+    cls, versions, _ = fm.DETECTION_ONLY[name]
+    if fm.comfyui_version() not in versions:
+        pytest.skip(f"ComfyUI {fm.comfyui_version()} has no {cls} family (added in {', '.join(versions)})")
+    import comfy.model_detection
+    from para_core import select_layers
+    sd = fm._module(name, real=True).state_dict()
+    config = comfy.model_detection.model_config_from_unet(sd, "")
+    assert type(config).__name__ == cls
+    shapes = {k[: -len(".weight")]: tuple(v.shape) for k, v in sd.items() if k.endswith(".weight")}
+    chosen = select_layers(shapes, "noxattn", family=cls)
+    assert chosen and not [n for n in chosen if TEXT_PATH.fullmatch(n) or EMBEDDERS.fullmatch(n) or MODULATION.fullmatch(n)]
+    assert select_layers(shapes, "noxattn-hspace-last", family=cls) == ["layers.15.feed_forward.w2"]
+
+
 def preset_table(real: bool = True):
     """Rows (family, preset, layers, parameters at rank 4 with the reference cap) for the README."""
     from para_core import select_layers
