@@ -9,14 +9,13 @@
   dynamic patcher's own non-dynamic delegate (``get_non_dynamic_delegate``: the model loaded
   again the classic way, kept for later runs), so every weight it reads stays put. The trained
   adapter is then applied to the model the user gave (ComfyUI patches dynamic models itself).
-- ``comfy.model_management.in_training``: set while training, as TrainLoraNode does; 0.3x models
-  and ops pick autograd-safe paths under it (no in-place RoPE caches, no INT8 fused kernels).
+- ``comfy.model_management.in_training``: TrainingRun.run sets it while training, as TrainLoraNode
+  does; 0.3x models and ops pick autograd-safe paths under it (RoPE kernels, INT8 fused kernels).
 - Out of memory comes in several forms (torch.OutOfMemoryError, an AcceleratorError with an
   out-of-memory code after an async CUDA error): ``comfy.model_management.is_oom`` knows them.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -53,20 +52,6 @@ def training_patcher(model):
     log.info("PaRa: the model uses dynamic VRAM; training on its classic (non-dynamic) copy, "
              "as ComfyUI's own trainer does")
     return delegate
-
-
-@contextlib.contextmanager
-def in_training():
-    """comfy.model_management.in_training = True for the block (where the flag exists)."""
-    if not hasattr(mm, "in_training"):
-        yield
-        return
-    before = mm.in_training
-    mm.in_training = True
-    try:
-        yield
-    finally:
-        mm.in_training = before
 
 
 def is_out_of_memory(e: BaseException) -> bool:

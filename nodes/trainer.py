@@ -23,7 +23,7 @@ import folder_paths
 from ..para_core import (PRESET_NAMES, DEFAULT_PRESET, ParaError, ParaState, PresetError, build_metadata, check_fits,
                          load_para, save_para, select_layers)
 from ..para_core.reduction import RankCap, effective_rank
-from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B
+from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B, is_linear
 from ..para_core.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
 from ..para_core.trainstate import load_trainer_state, save_trainer_state, trainer_state_path
 from .para_nodes import CATEGORY, para_files
@@ -359,7 +359,7 @@ def layer_modules(model, names, input_name: str) -> Dict[str, torch.nn.Module]:
     modules = {}
     for l in names:
         m = comfy.utils.get_attr(model.model, l)
-        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        if not (is_linear(m) or isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))):
             raise ParaError(f"input '{input_name}' selects {l}, a {type(m).__name__}; PaRa trains Linear and Conv layers only.")
         if getattr(m, "scale_weight", None) is not None:
             raise ParaError(f"layer {l} stores scaled fp8 weights, which PaRa Trainer cannot train through; load the "

@@ -32,8 +32,11 @@ import comfy.samplers
 import comfy.utils
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 
+from .dynamic_vram import is_out_of_memory
+from .patching import dequantize_tensor
+
 from ..para_core import ParaError, basis_batched
-from ..para_core.train import cheaper_side, forward_activation_side, forward_weight_side, layer_op
+from ..para_core.train import cheaper_side, forward_activation_side, forward_weight_side, is_linear, layer_op
 from ..para_core.reference import (cheaper_side_reference, forward_reference_activation_side,
                                    forward_reference_weight_side)
 
@@ -134,7 +137,8 @@ def _weight_and_bias(module, x):
     """The layer's weight and bias as its own forward would use them: ComfyUI's cast ops (dtype
     casting, low-VRAM offload, patches applied on the fly), or the plain tensors."""
     if hasattr(module, "weight_function"):
-        return comfy.ops.cast_bias_weight(module, x)
+        W0, b = comfy.ops.cast_bias_weight(module, x)
+        return dequantize_tensor(W0), b  # a quantized layer's cast may hand back its QuantizedTensor
     b = module.bias.to(x.dtype) if module.bias is not None else None
     return module.weight.to(x.dtype), b
 
@@ -203,8 +207,8 @@ class ParaForward(LayerForwards):
 
     def _forward_for(self, name, module):
         op = layer_op(module)
-        channel_dim = -1 if isinstance(module, torch.nn.Linear) else 1
-        inner = module.weight[0].numel()
+        channel_dim = -1 if is_linear(module) else 1
+        inner = math.prod(module.weight.shape[1:])
         rank = self.B[name].shape[1]
         grouped = getattr(module, "groups", 1) != 1
 
@@ -248,8 +252,8 @@ class ReferenceForward(LayerForwards):
 
     def _forward_for(self, name, module):
         op = layer_op(module)
-        channel_dim = -1 if isinstance(module, torch.nn.Linear) else 1
-        out, inner = module.weight.shape[0], module.weight[0].numel()
+        channel_dim = -1 if is_linear(module) else 1
+        out, inner = module.weight.shape[0], math.prod(module.weight.shape[1:])
         rank = self.U[name].shape[1]
         grouped = getattr(module, "groups", 1) != 1
 
@@ -517,13 +521,13 @@ class TrainingRun:
             raise ParaError(f"PaRa Trainer stopped: the {e.what} became NaN/Inf at step {e.step}. {kept} Lower "
                             f"learning_rate, {NAN_DTYPE_ADVICE[self.settings.dtype]}check the latents and "
                             "conditioning for NaN.") from None
-        except OUT_OF_MEMORY as e:
-            path = self._checkpoint("out of memory", early=True)
-            kept = f" The last finished step ({self._saved_step}) is saved in {path}." if path else ""
-            raise ParaError(f"PaRa Trainer ran {OOM_ADVICE}{kept}") from e
         except ParaError:
             raise
-        except Exception:
+        except Exception as e:
+            if is_out_of_memory(e):  # every form ComfyUI knows (comfy.model_management.is_oom)
+                path = self._checkpoint("out of memory", early=True)
+                kept = f" The last finished step ({self._saved_step}) is saved in {path}." if path else ""
+                raise ParaError(f"PaRa Trainer ran {OOM_ADVICE}{kept}") from e
             self._checkpoint("error", early=True)
             raise
 

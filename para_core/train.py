@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .reduction import basis, effective_rank, reduce_activation, RankCap
 
 __all__ = ["INIT_METHODS", "DEFAULT_INIT", "init_B", "cheaper_side", "forward_weight_side",
-           "forward_activation_side", "ParaLayer", "layer_op"]
+           "forward_activation_side", "ParaLayer", "layer_op", "is_linear"]
 
 INIT_METHODS = ("kaiming", "orthogonal", "top-singular", "bottom-singular", "reference")
 # Measured (tiny SD1.5-shaped UNet, 2 images, rank 4, AdamW, 60 steps, 3 seeds; loss on fixed
@@ -90,9 +90,19 @@ def cheaper_side(tokens: int, inner: int, *, rank: int = 1, backward: bool = Fal
     return "activation" if activation <= weight else "weight"
 
 
+def is_linear(module: torch.nn.Module) -> bool:
+    """A Linear layer: an nn.Linear, or a module that computes like one without subclassing it
+    (ComfyUI's mixed-precision Linear of quantized checkpoints: in/out_features, a 2-D weight)."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    w = getattr(module, "weight", None)
+    return (hasattr(module, "in_features") and hasattr(module, "out_features") and w is not None
+            and len(w.shape) == 2 and not isinstance(module, torch.nn.modules.conv._ConvNd))
+
+
 def layer_op(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The bias-free op of a Linear / ConvNd module, as f(x, weight)."""
-    if isinstance(module, torch.nn.Linear):
+    if is_linear(module):
         return lambda x, w: F.linear(x, w)
     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
         return lambda x, w: module._conv_forward(x, w, None)

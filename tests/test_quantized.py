@@ -223,3 +223,23 @@ def test_singular_vector_init_and_export_read_the_dequantized_weight(quantized_m
     B = train.init_B(W0, 4, "top-singular")
     U = torch.linalg.svd(W0.float(), full_matrices=False)[0][:, :4]
     torch.testing.assert_close((B.t() @ U).abs(), torch.eye(4), rtol=1e-4, atol=1e-4)
+
+
+def test_para_trainer_trains_on_a_quantized_model(quantized_model, para_pack):
+    """Every Linear of a quantized checkpoint is ComfyUI's mixed-precision Linear (not an
+    nn.Linear) holding a QuantizedTensor: the trainer reads it dequantized, as its forward does."""
+    import comfy.utils
+    mp, QT = quantized_model
+    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    assert isinstance(comfy.utils.get_attr(mp.model, LAYER + ".weight"), QT)
+    lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
+    with torch.inference_mode():
+        out_model, state, loss, steps = trainer.PaRaTrainer.execute(
+            model=mp, latents=lat, positive=pos, rank=2, layers="noxattn", rank_cap="none", steps=2,
+            learning_rate=1e-2, optimizer="AdamW", batch_size=1, seed=0, training_dtype="fp32",
+            gradient_checkpointing=False, init="top-singular", save_every=0, filename_prefix="quant",
+            resume_from="[none]", custom_layers="*attn1.to_q, *attn1.to_out.0, *proj_in").args
+    assert steps == 2 and all(torch.isfinite(torch.tensor(loss["loss"])))
+    assert LAYER in state.B and torch.isfinite(state.B[LAYER]).all()
+    assert out_model.patches
