@@ -123,13 +123,14 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
     ``*.para_U`` + ``*.para_D`` files through it."""
     name = "para_reference"
 
-    def __init__(self, loaded_keys, weights):
+    def __init__(self, loaded_keys, weights, source: Optional[str] = None):
         self.loaded_keys = loaded_keys
         self.weights = weights  # (U (out, r), D (r, in*kh*kw))
+        self.source = source  # the file, for errors
 
     @classmethod
-    def from_factors(cls, U: torch.Tensor, D: torch.Tensor) -> "ReferenceAdapter":
-        return cls(set(), (U, D))
+    def from_factors(cls, U: torch.Tensor, D: torch.Tensor, source: Optional[str] = None) -> "ReferenceAdapter":
+        return cls(set(), (U, D), source)
 
     @classmethod
     def load(cls, x: str, lora: dict, alpha: float = None, dora_scale: torch.Tensor = None,
@@ -138,8 +139,10 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
             loaded_keys = set()
         u_key, d_key = f"{x}.para_U", f"{x}.para_D"
         if u_key in lora and d_key in lora and f"{x}.para_V" not in lora:
+            source = lora_file_name()
+            check_layer_tensors(source, x, {"para_U": lora[u_key], "para_D": lora[d_key]})  # as PaRa Load
             loaded_keys.update((u_key, d_key))
-            return cls(loaded_keys, (lora[u_key], lora[d_key]))
+            return cls(loaded_keys, (lora[u_key], lora[d_key]), source)
         return None
 
     def factors(self, device) -> tuple:
@@ -149,12 +152,14 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         U, D = self.factors(weight.device)
-        if U.shape[0] != weight.shape[0] or D.shape[1] != weight[0].numel():
-            log.error("PaRa: %s: reference adapter U %s / D %s does not fit a weight of shape %s; not patched",
-                      key, tuple(U.shape), tuple(D.shape), tuple(weight.shape))
-            return weight
+        if U.shape[0] != weight.shape[0] or D.shape[1] != weight[0].numel() or U.shape[1] != D.shape[0]:
+            # a misfit stops the prompt, like ParaAdapter's (a file that silently does nothing is worse)
+            raise ParaError(f"{self.source or 'PaRa adapter'}: layer {key}: para_U {tuple(U.shape)} / para_D "
+                            f"{tuple(D.shape)} do not fit the weight of shape {tuple(weight.shape)} in this model. "
+                            "This adapter was made for another model; pick the checkpoint it was trained on.")
         # W' = W0 - s U D in float32 whatever the storage dtype.
         weight += function(reference_delta(weight.shape, U, D, strength).to(weight.dtype))
+        check_finite_result(weight, self.source or "PaRa adapter", f"the patched weight {key}")
         return weight
 
 

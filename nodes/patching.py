@@ -110,7 +110,8 @@ def apply_para(model, state: ParaState, strength: float = 1.0):
     strength = check_strength(strength)
     state = fit_to_model(state, model)
     if state.kind == "reference":  # W0 - s U D (spec section 1b)
-        patches = {l + WEIGHT: ReferenceAdapter.from_factors(state.U[l], state.D[l]) for l in state.layers}
+        patches = {l + WEIGHT: ReferenceAdapter.from_factors(state.U[l], state.D[l], state.source or state.name)
+                   for l in state.layers}
     else:
         patches = {l + WEIGHT: ParaAdapter.from_factors(U, V, state.source or state.name)
                    for l, (U, V) in state.factors().items()}

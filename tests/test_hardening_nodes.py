@@ -306,3 +306,27 @@ def test_nan_stop_advice_depends_on_the_training_dtype(mods, model, monkeypatch,
     assert advice in str(err.value)
     if not_advice:
         assert not_advice not in str(err.value)
+
+
+@pytest.mark.parametrize("case, says", [("nan", "NaN or Inf"), ("three_d", "expected \\(rank, in\\*kh\\*kw\\)"),
+                                        ("wrong_out", "do not fit the weight")])
+def test_stock_load_lora_checks_reference_files_too(mods, tiny_model, case, says):
+    import folder_paths
+    shapes = mods.patching.layer_shapes(tiny_model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    out, inner = shapes[l0][0], int(torch.tensor(shapes[l0][1:]).prod())
+    U, D = torch.randn(out, 2), torch.randn(2, inner)
+    if case == "nan":
+        D[1, 1] = float("nan")
+    elif case == "three_d":
+        D = D[:, :, None]
+    else:
+        U = torch.randn(out + 1, 2)
+    name = f"ref_{case}.safetensors"
+    write_raw(os.path.join(folder("loras"), name), {f"{l0}.para_U": U, f"{l0}.para_D": D})
+    base = patched_weights(tiny_model)
+    with pytest.raises(mods.core.ParaError, match=says) as err:
+        stock_load(tiny_model, name)
+    assert str(err.value).startswith(folder_paths.get_full_path("loras", name) + ": ")
+    after = patched_weights(tiny_model)
+    assert all(torch.equal(after[k], base[k]) for k in base)
