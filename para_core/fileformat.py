@@ -226,7 +226,12 @@ def remove_stale_temp_files(folders: Iterable[str], max_age_s: float = 24 * 3600
                     elif _OLD_TEMP_NAME.match(name):
                         stale = True
                     elif _ORPHAN_STATE.match(name):
-                        stale = name[: -len(".trainer.pt")] + ".safetensors" not in names
+                        para = name[: -len(".trainer.pt")] + ".safetensors"
+                        # unless a live process is still writing that PaRa file (a trainer in
+                        # another ComfyUI sharing the folder writes the state first)
+                        writing = any(_TEMP_NAME.match(n) and n.startswith(f".{para}.")
+                                      and _pid_alive(int(_TEMP_NAME.match(n).group(1))) for n in names)
+                        stale = para not in names and not writing
                     if stale:
                         os.unlink(full)
                         removed.append(full)

@@ -209,9 +209,12 @@ def test_cleanup_keeps_a_live_writers_temp_file_and_every_real_file(tmp_path):
         p.write_bytes(b"k")
     orphan = sub / "run_00001_step000004.trainer.pt"  # its PaRa file never got written
     orphan.write_bytes(b"o")
+    being_written = sub / "run_00001_step000006.trainer.pt"  # its PaRa file is being written right now
+    being_written.write_bytes(b"w")
+    Path(ff.temp_path_for(sub / "run_00001_step000006.safetensors")).write_bytes(b"x")
     removed = sorted(ff.remove_stale_temp_files([str(tmp_path)]))
     assert removed == sorted([str(old_style), str(orphan)])
-    assert live.exists() and all(p.exists() for p in keep)
+    assert live.exists() and being_written.exists() and all(p.exists() for p in keep)
 
 
 # ------------------------------------------------------------------------- 8. permissions
