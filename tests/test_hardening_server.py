@@ -117,3 +117,37 @@ def test_an_invalid_dtype_sent_through_the_api_is_a_clear_error(comfy_server, sd
         return
     message = comfy_server.error_message(entry) or ""
     assert "input 'dtype' is 'evil'; use one of fp32, fp16, bf16" in message, message
+
+
+def test_a_write_killed_by_sigkill_is_never_listed_and_is_gone_after_a_restart(comfyui_path, tmp_path):
+    """SIGKILL a process in the middle of writing models/para/dog.safetensors (the pack's atomic
+    write), then start ComfyUI on that folder: the leftover is not in PaRa Loader's list and the
+    pack removed it at start; a trainer state whose PaRa file never came is removed too."""
+    import signal
+    import subprocess
+    import sys
+    from test_hardening import _KILL_MID_WRITE
+    server = comfy_env.ComfyServer(comfyui_path)
+    try:
+        para_dir = server.models_dir / "para"
+        proc = subprocess.Popen([sys.executable, "-c", _KILL_MID_WRITE, str(comfy_env.PACK_ROOT), str(para_dir),
+                                 "dog.safetensors"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "writing"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        (leftover,) = [p for p in para_dir.iterdir()]
+        orphan = para_dir / "run_00001_step000004.trainer.pt"
+        orphan.write_bytes(b"state without its PaRa file")
+        sys.path.insert(0, str(comfy_env.PACK_ROOT))
+        import para_core
+        para_core.save_para(para_core.ParaState(B={"diffusion_model.x": torch.randn(4, 1)}), str(para_dir / "real.safetensors"))
+        server.start()
+        options = server.object_info("PaRaLoader")["input"]["required"]["para_name"]
+        listed = options[0] if isinstance(options[0], list) else options[1].get("options", [])
+        assert listed == ["real.safetensors"]
+        assert not leftover.exists() and not orphan.exists()
+        assert "removed 2 unfinished file(s)" in server.log_text()
+    finally:
+        server.cleanup()
