@@ -233,11 +233,16 @@ def test_a_server_that_refuses_the_upgrade_is_a_clear_error():
 # cache check are replaced here; the builds themselves are tested in test_quality_pipeline.py.
 # ------------------------------------------------------------------------------------------
 
-def test_the_demo_uses_the_benchmark_base_when_built_else_builds_its_own_once(monkeypatch, tmp_path):
+@pytest.mark.parametrize("bench_steps", [1200, 5000], ids=["small-benchmark-base", "large-benchmark-base"])
+def test_the_demo_uses_the_benchmark_base_when_built_else_builds_one_once(monkeypatch, tmp_path, bench_steps):
     import demo
     import train_base
     built = []
     current = set()
+    bench = tmp_path / "para_quality_base.safetensors"
+    monkeypatch.setattr(train_base, "UNET_STEPS", bench_steps)
+    monkeypatch.setattr(train_base, "ensure_base", lambda seed=0: (built.append((bench, seed, {})), current.add(bench),
+                                                                  bench)[-1])
     monkeypatch.setattr(train_base, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(train_base, "checkpoint_path", lambda: tmp_path / "para_quality_base.safetensors")
     monkeypatch.setattr(train_base, "is_current", lambda path, seed=0: Path(path) in current)
@@ -245,13 +250,17 @@ def test_the_demo_uses_the_benchmark_base_when_built_else_builds_its_own_once(mo
                                                                            current.add(Path(path))))
     logs = []
     path, what = demo.demo_checkpoint(False, log=logs.append)
-    assert built == [(tmp_path / f"para_demo_base_u{demo.DEMO_BASE_UNET_STEPS}.safetensors", 0,
-                      {"unet_steps": demo.DEMO_BASE_UNET_STEPS})]
-    assert path == built[0][0] and "trained here" in what and "building the demo's base model once" in logs[0]
+    if bench_steps <= demo.DEMO_BASE_UNET_STEPS:  # the benchmark's base is small: the demo builds that one
+        assert built == [(bench, 0, {})] and path == bench and "quality benchmark" in what
+        assert "building the benchmark's base model once" in logs[0]
+    else:
+        assert built == [(tmp_path / f"para_demo_base_u{demo.DEMO_BASE_UNET_STEPS}.safetensors", 0,
+                          {"unet_steps": demo.DEMO_BASE_UNET_STEPS})]
+        assert path == built[0][0] and "trained here" in what and "building the demo's base model once" in logs[0]
     assert demo.demo_checkpoint(False, log=logs.append)[0] == path and len(built) == 1, "cached: built once"
-    current.add(tmp_path / "para_quality_base.safetensors")
+    current.add(bench)
     path, what = demo.demo_checkpoint(False)
-    assert path.name == "para_quality_base.safetensors" and "quality benchmark" in what
+    assert path == bench and "quality benchmark" in what
 
 
 def test_quick_stays_on_random_weights_and_says_so(monkeypatch):

@@ -67,9 +67,10 @@ BASE_NAME = "demo_base.safetensors"
 RESULT_NAMES = {"sks": "demo_sks.safetensors", "zwx": "demo_zwx.safetensors", "merged": "demo_merged.safetensors",
                 "lora": "demo_sks_lora.safetensors"}
 
-# The demo's own small base when the benchmark's is not built: bench/train_base.build at fewer
-# UNet steps (its decoder stage is the benchmark's, cached and shared).
-DEMO_BASE_UNET_STEPS = 1000
+# The most UNet steps the demo spends on a base it builds. When the benchmark's own default build
+# is no longer than that (bench/train_base.UNET_STEPS: 1200 today) the demo builds exactly that
+# base, so one cached model serves both; else its own, shorter, with the same builder.
+DEMO_BASE_UNET_STEPS = 1200
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,15 +109,19 @@ def demo_checkpoint(quick: bool, log=print) -> tuple[Path, str]:
     """The checkpoint the demo uses when none is given, as (path, description).
 
     --quick: the random-weight SD1.5-format test model (built in seconds). Otherwise a model
-    that draws the world's shapes and colours: the quality benchmark's base when it is built
-    and current, else the demo's own smaller base, built here once with the benchmark's builder
-    (bench/train_base.build, fewer UNet steps) and cached beside it."""
+    that draws the world's shapes and colours: the quality benchmark's base, built here once
+    when it is missing and small enough (see DEMO_BASE_UNET_STEPS), else the demo's own smaller
+    base, built once with the benchmark's builder (bench/train_base.build) and cached beside it."""
     if quick:
         return comfy_env.cached_sd15_checkpoint(), RANDOM_BASE
     import train_base  # noqa: PLC0415
     bench = train_base.checkpoint_path()
+    what = "the quality benchmark's trained base model of the shapes world (bench/train_base.py)"
     if train_base.is_current(bench):
-        return bench, "the quality benchmark's trained base model of the shapes world (bench/train_base.py)"
+        return bench, what
+    if getattr(train_base, "UNET_STEPS", DEMO_BASE_UNET_STEPS + 1) <= DEMO_BASE_UNET_STEPS:
+        log(f"building the benchmark's base model once (bench/train_base.py; cached as {bench}) ...")
+        return train_base.ensure_base(), what
     path = demo_base_path()
     what = (f"a small model of the shapes world trained here ({DEMO_BASE_UNET_STEPS} UNet steps; "
             "python bench/train_base.py builds the benchmark's larger one, which the demo then uses)")
