@@ -243,3 +243,31 @@ def test_para_trainer_trains_on_a_quantized_model(quantized_model, para_pack):
     assert steps == 2 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert LAYER in state.B and torch.isfinite(state.B[LAYER]).all()
     assert out_model.patches
+
+
+def test_bypass_loading_works_on_a_quantized_model(quantized_model, para_pack):
+    """Load LoRA (Bypass) leaves the quantized weights alone; its result is weight patching's up
+    to the fp8 rounding that patching adds when it requantizes W'."""
+    import comfy.sd
+    if not hasattr(comfy.sd, "load_bypass_lora_for_models"):
+        pytest.skip("no bypass loading in this ComfyUI")
+    import comfy.utils
+    mp, QT = quantized_model
+    patching = importlib.import_module(para_pack.__name__ + ".nodes.patching")
+    shapes = patching.layer_shapes(mp)
+    g = torch.Generator().manual_seed(8)
+    layers = [l for l in shapes if l.endswith((".to_q", ".to_v", ".ff.net.2", ".proj_in"))]
+    lora = {f"{l}.para_B": torch.randn(shapes[l][0], 4, generator=g) for l in layers}
+    stored = lambda l: comfy.utils.get_attr(mp.model, l + ".weight")
+    quantized = [l for l in layers if isinstance(stored(l), QT)]
+    assert quantized
+    raw = {l: stored(l).dequantize().clone() for l in quantized}
+    pos, neg = comfy_env.random_conditioning(1, dim=768), comfy_env.random_conditioning(2, dim=768)
+    run = lambda m: comfy_env.sample_latent(m, pos, neg, seed=1, steps=2, cfg=2.0)
+    base = run(mp)
+    bypassed = run(comfy.sd.load_bypass_lora_for_models(mp, None, lora, 1.0, 0)[0])
+    for l in quantized:  # still the same quantized weight
+        assert isinstance(stored(l), QT) and torch.equal(stored(l).dequantize(), raw[l]), f"bypass rewrote {l}"
+    patched = run(comfy.sd.load_lora_for_models(mp, None, lora, 1.0, 0)[0])
+    change, gap = (patched - base).norm(), (bypassed - patched).norm()
+    assert change > 0 and gap < 0.2 * change, f"bypass differs from patching by {gap:.4f} (PaRa's change {change:.4f})"
