@@ -196,4 +196,6 @@ def test_load_lora_bypass_node_equals_para_loader_through_the_server(comfy_serve
         bypass = run(f"bp_bypass_{s}", {"class_type": "LoraLoaderBypassModelOnly", "inputs": {
             "model": ["ckpt", 0], "lora_name": name, "strength_model": s}})
         assert (para - base).abs().max() > 1e-3, "PaRa changed nothing (test is not sensitive)"
+        print(f"strength {s}: |PaRa - base| max {(para - base).abs().max():.4g}, "
+              f"|bypass - PaRa Loader| max {(bypass - para).abs().max():.3g}")
         torch.testing.assert_close(bypass, para, rtol=1e-3, atol=1e-3, msg=lambda m: f"strength {s}: {m}")
