@@ -22,8 +22,13 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Co
 # The canvas part of a screenshot (left of it: the side bar, whose open-workflow count changes;
 # above it: the menu bar with the workflow's name).
 CANVAS_BOX = (64, 40)
+# Visible dialogs (0.3.64's frontend reports missing nodes in one), and 0.33's notification
+# panel, whose title reads "Missing node: <type>".
 DIALOGS_JS = ("Array.from(document.querySelectorAll('.p-dialog')).filter(d => d.offsetParent !== null)"
-              ".map(d => d.innerText.trim().slice(0, 400))")
+              ".map(d => d.innerText.trim().slice(0, 400)).concat("
+              "Array.from(document.querySelectorAll('span, div')).filter(e => e.children.length === 0 && "
+              "e.offsetParent !== null && /^Missing node/.test((e.innerText || '').trim()))"
+              ".map(e => e.innerText.trim().slice(0, 400)))")
 
 
 def frontend_present() -> bool:
@@ -59,7 +64,11 @@ def browser(comfy_server, sd15_checkpoint):
 def load(browser, workflow: dict, name: str):
     mark = len(browser.events)
     browser.evaluate("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); true")
-    browser.evaluate(f"app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)}).then(() => true)")
+    # 0.33's frontend resolves loadGraphData only once its missing-nodes dialog is closed: wait
+    # for the promise or for a dialog, whichever comes first.
+    browser.evaluate(f"window.__paraLoaded = false; app.loadGraphData({json.dumps(workflow)}, true, true, "
+                     f"{json.dumps(name)}).then(() => {{ window.__paraLoaded = true; }}); true")
+    browser.wait_for(f"window.__paraLoaded || ({DIALOGS_JS}).length > 0", timeout=60)
     time.sleep(0.8)  # dialogs open and the canvas draws after the promise resolves
     return browser.console_errors(mark), browser.evaluate(DIALOGS_JS)
 

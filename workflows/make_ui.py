@@ -44,6 +44,9 @@ NODE_W, GAP, TITLE_H = 300, 40, 30
 # side bar and top menu take the rest); the browser test takes its screenshots in such a window.
 WINDOW = (1600, 900)
 CANVAS, MARGIN = (1536, 825), 16
+# 0.33's frontend draws the canvas under its side bar and its floating top bar (0.3.64's starts
+# beside and below them, 1536 x 825): the view keeps clear of both, so it fits in either.
+CANVAS_CLEAR = (64, 56)
 
 # What to change, per workflow; the first note is the "read me first" one. Keep them short:
 # they are shown inside the graph.
@@ -310,15 +313,16 @@ def api_to_ui(name: str, api: dict, object_info: dict, notes: list[str] | None =
 
 def fit_view(ui_nodes: list[dict]) -> dict:
     """extra.ds (LiteGraph's view: canvas = (pos + offset) * scale) that shows every node in
-    the CANVAS area, never zoomed in past 1."""
+    the CANVAS area less CANVAS_CLEAR, never zoomed in past 1."""
     x0 = min(n["pos"][0] for n in ui_nodes)
     y0 = min(n["pos"][1] for n in ui_nodes) - TITLE_H
     x1 = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
     y1 = max(n["pos"][1] + n["size"][1] for n in ui_nodes)
-    avail_w, avail_h = CANVAS[0] - 2 * MARGIN, CANVAS[1] - 2 * MARGIN
+    left, top = CANVAS_CLEAR[0] + MARGIN, CANVAS_CLEAR[1] + MARGIN
+    avail_w, avail_h = CANVAS[0] - MARGIN - left, CANVAS[1] - MARGIN - top
     scale = min(1.0, avail_w / (x1 - x0), avail_h / (y1 - y0))
-    off_x = (MARGIN + (avail_w - (x1 - x0) * scale) / 2) / scale - x0
-    off_y = MARGIN / scale - y0
+    off_x = (left + (avail_w - (x1 - x0) * scale) / 2) / scale - x0
+    off_y = top / scale - y0
     return {"scale": round(scale, 4), "offset": [round(off_x, 1), round(off_y, 1)]}
 
 
