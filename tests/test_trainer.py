@@ -351,8 +351,10 @@ def test_loss_output_plots_with_comfyui_loss_graph(mods, model, comfy_base_dir):
     import folder_paths
     os.makedirs(folder_paths.get_temp_directory(), exist_ok=True)  # the server makes it at start
     _, _, loss, _ = train(mods, model, steps=3)
-    out = LossGraphNode().plot_loss(loss, "para_loss_test")
-    image = out["ui"]["images"][0]
+    if hasattr(LossGraphNode, "plot_loss"):  # ComfyUI 0.3.64: V1 node
+        image = LossGraphNode().plot_loss(loss, "para_loss_test")["ui"]["images"][0]
+    else:  # 0.3x: V3 node, its classmethod execute returns a NodeOutput with a preview
+        image = LossGraphNode.execute(loss, "para_loss_test").ui.as_dict()["images"][0]
     assert os.path.isfile(os.path.join(folder_paths.get_temp_directory(), image["filename"]))
 
 
