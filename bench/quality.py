@@ -5,9 +5,10 @@ training, and edits from a single image?
     python bench/quality.py [--out DIR] [--quick] [--ckpt FILE] [--steps N] [--seeds S ...]
                             [--lr para=.. para_ref=.. lora=..] [--no-pilot] [--only TASK ...]
     # the same in two processes (two CPU cores), then one report:
-    python bench/quality.py --only instance multi --out A &
-    python bench/quality.py --only concept edit --lr-from A/pilot_lr.json --out B
-    python bench/quality.py --combine A B
+    python bench/quality.py --only instance --out A &
+    python bench/quality.py --only concept --lr-from A/pilot_lr.json --out B &
+    python bench/quality.py --only multi edit --lr-from A/pilot_lr.json --out C
+    python bench/quality.py --combine A B C
 
 Everything runs through ComfyUI's own nodes, called in-process: CheckpointLoaderSimple,
 CLIPTextEncode, VAEEncode, KSampler (common_ksampler), VAEDecode, LoraLoader's loader
@@ -78,12 +79,12 @@ METHOD_KEYS = ("para", "para_ref", "lora")
 @dataclass
 class Settings:
     rank: int = 4
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 2
     # learning rates when no pilot runs (--no-pilot); a full run takes them from its pilot
     lr: Dict[str, float] = field(default_factory=lambda: {"para": 2e-2, "para_ref": 5e-3, "lora": 5e-3})
     pilot_lrs: Dict[str, Sequence[float]] = field(default_factory=lambda: {
-        "para": (0.005, 0.02, 0.08), "para_ref": (0.001, 0.004, 0.016), "lora": (0.001, 0.004, 0.016)})
+        "para": (0.01, 0.04), "para_ref": (0.002, 0.008), "lora": (0.002, 0.008)})
     pilot: bool = True
     lr_from: Optional[Path] = None  # another part's pilot_lr.json (parts run in parallel)
     pilot_seed: int = 100
@@ -94,8 +95,8 @@ class Settings:
     sampler: str = "dpmpp_2m"
     scheduler: str = "karras"
     # single-image editing at the authors' settings, scaled: they train 1000 steps at ranks
-    # 2/16/128 on SDXL; here 300 steps at rank 2 (the smallest) on the base's live layers
-    edit_steps: int = 300
+    # 2/16/128 on SDXL; here 200 steps at rank 2 (the smallest) on the base's live layers
+    edit_steps: int = 200
     edit_rank: int = 2
     instance: bool = True
     concept: bool = True
@@ -104,7 +105,7 @@ class Settings:
     base_eval_prompts: int = 12   # held-out captions for the base model's prompt accuracy
     prompts_limit: int = 0        # > 0: only that many prompts per list (tests)
     subject_prompts: int = 3      # recontextualization prompts per subject
-    drift_prompts: int = 3
+    drift_prompts: int = 2
     multi_prompts: int = 2
     judge_train: int = 1500       # ground-truth scenes the shape judge is trained on
     judge_validate: int = 300
@@ -591,14 +592,17 @@ def _run(out, s, ckpt, base_dir, t_start):
 
     # ---- 3. two instances combined without training -------------------------------------------------
     md.append(SECTION.format("multi"))
-    if s.multi and s.instance:
+    if s.multi:
         log("multi-subject")
         seed = s.seeds[0]
+        imgs_a, caps_a = instance_data(IA)
         imgs_b, caps_b = instance_data(IB)
         ib = INSTANCES[IB]
         lab = {key: label for label, key, _ in rows_m[:3]}
         other = {key: cf.train(key, imgs_b, caps_b, s, seed)[1] for key in METHOD_KEYS}
-        mine = {key: inst_adapters[(lab[key], seed)] for key in METHOD_KEYS}
+        # section 1's adapters when it ran in this process, else the same training again
+        mine = {key: inst_adapters[(lab[key], seed)] if (lab[key], seed) in inst_adapters
+                else cf.train(key, imgs_a, caps_a, s, seed)[1] for key in METHOD_KEYS}
         variants = {f"PaRa paper merge {mode}": cf.apply(cf.merge(mode, mine["para"], other["para"]))
                     for mode in ("sum", "union", "sequential")}
         variants["PaRa reference merge sum"] = cf.apply(cf.merge("sum", mine["para_ref"], other["para_ref"]))
@@ -868,7 +872,7 @@ def main(argv=None):
                     help="learning rates without the pilot, e.g. para=0.02 para_ref=0.004 lora=0.004")
     ap.add_argument("--no-pilot", action="store_true", help="skip the learning-rate pilot (use --lr or the defaults)")
     ap.add_argument("--only", nargs="+", choices=("instance", "concept", "multi", "edit"),
-                    help="run only these tasks (multi needs instance)")
+                    help="run only these tasks")
     ap.add_argument("--lr-from", type=Path, metavar="PILOT_LR_JSON",
                     help="no pilot here: wait for another part's pilot_lr.json and use its learning rates")
     ap.add_argument("--combine", type=Path, nargs="+", metavar="PART",

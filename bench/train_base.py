@@ -263,6 +263,7 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
     sooner."""
     import torch
     torch.manual_seed(seed)
+    full_names = {p: n for n, p in unet.named_parameters()}  # before the swap (snapshots)
     fast = FastGraph(unet, live_resblocks)
     params = [p for p in unet.parameters() if p.requires_grad]
     # only parameters on the live path get gradients; AdamW ignores the others (grad None)
@@ -302,9 +303,9 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
                     if p.grad is not None or step == 0:
                         e.lerp_(p, 1 - d)
             losses.append(loss.item())
-            if snapshot is not None and (step + 1) % max(1, steps // 4) == 0 and step + 1 < steps:
+            if snapshot is not None and steps >= 400 and (step + 1) % (steps // 4) == 0 and step + 1 < steps:
                 # the EMA weights so far (to judge a long build while it runs; not a cache)
-                snapshot(step + 1, {n: ema[p].half() for n, p in unet.named_parameters()})
+                snapshot(step + 1, {full_names[p]: e.half() for p, e in ema.items()})
             if step % log_every == 0 or step == steps - 1:
                 log(f"unet step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f}s)")
     finally:
