@@ -151,7 +151,7 @@ def train_decoder(dec, steps: int, batch: int, seed: int, lr: float = 2e-3):
             for p in dec[i].parameters():
                 p.zero_()
     fast = torch.nn.Sequential(*[torch.nn.ReLU() if i in DEAD_DECODER_BLOCKS else m for i, m in enumerate(dec)])
-    params = [p for i, m in enumerate(dec) if i not in DEAD_DECODER_BLOCKS for p in m.parameters()]
+    params = [p.requires_grad_(True) for i, m in enumerate(dec) if i not in DEAD_DECODER_BLOCKS for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
@@ -265,7 +265,8 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
     torch.manual_seed(seed)
     full_names = {p: n for n, p in unet.named_parameters()}  # before the swap (snapshots)
     fast = FastGraph(unet, live_resblocks)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    # ComfyUI 0.33 builds its modules with requires_grad off; only the live graph is trained
+    params = [p.requires_grad_(True) for p in unet.parameters()]
     # only parameters on the live path get gradients; AdamW ignores the others (grad None)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # warm-up 5% (at least 3 steps: OneCycleLR divides by zero on a warm-up of under 2 steps)
@@ -318,7 +319,8 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
 
 def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: int = 16,
           unet_steps: int = UNET_STEPS, unet_batch: int = 16, lr: float = UNET_LR, world_limit: int = 0,
-          live_resblocks: bool = False, min_snr: float = MIN_SNR, unet_only: bool = False) -> Path:
+          live_resblocks: bool = False, min_snr: float = MIN_SNR, unet_only: bool = False,
+          snapshots: bool = False) -> Path:
     """world_limit > 0 keeps only that many single- and two-object captions (tests: a tiny,
     fast, meaningless model of the same format). unet_only: train and cache only the UNet stage
     (it does not depend on the decoder; two processes can build the two stages at once)."""
@@ -396,7 +398,8 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
         log_every = max(25, unet_steps // 40)
         losses = train_unet(unet, base.model_sampling, w, emb, unet_steps, unet_batch, seed + 4, lr,
                             log_every=log_every, live_resblocks=live_resblocks, min_snr=min_snr,
-                            snapshot=lambda k, sd: _save_stage(sd, unet_cache.with_name(unet_cache.stem + f".snap{k}.pt")))
+                            snapshot=(lambda k, sd: _save_stage(sd, unet_cache.with_name(unet_cache.stem + f".snap{k}.pt")))
+                            if snapshots else None)
         stage = {"state": {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()},
                  "final_loss": round(float(np.mean(losses[-log_every:])), 4),
                  "seconds": round(time.time() - t_unet)}
@@ -458,12 +461,16 @@ def main(argv=None):
     ap.add_argument("--live-resblocks", action="store_true",
                     help="train every ResBlock of the UNet (about 1.6x slower per step)")
     ap.add_argument("--min-snr", type=float, default=MIN_SNR, help="Min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--snapshots", action="store_true",
+                    help="also save the UNet's EMA weights at 1/4, 1/2, 3/4 of its schedule (stage_unet_*.snapN.pt), "
+                         "to judge a long build while it runs")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     path = args.out or (checkpoint_path() if args.seed == 0 else cache_dir() / f"para_quality_base_s{args.seed}.safetensors")
     if args.force or not is_current(path, args.seed):
         build(path, args.seed, decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
-              unet_batch=args.unet_batch, lr=args.lr, live_resblocks=args.live_resblocks, min_snr=args.min_snr)
+              unet_batch=args.unet_batch, lr=args.lr, live_resblocks=args.live_resblocks, min_snr=args.min_snr,
+              snapshots=args.snapshots)
     else:
         log(f"up to date: {path}")
     print(path)
