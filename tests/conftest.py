@@ -12,6 +12,7 @@ The pack itself is imported with comfy_env.import_pack() (fixture `para_pack`), 
 """
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -154,3 +155,26 @@ def para_pack(comfy_in_process):
     """This pack imported in-process the way ComfyUI imports a custom node (its __init__.py as a
     package), e.g. para_pack.NODE_CLASS_MAPPINGS."""
     return comfy_env.import_pack()
+
+
+@pytest.fixture(autouse=True)
+def torch_grad_mode_is_restored(request):
+    """Every test starts with torch's grad mode as the session had it. A test that calls code
+    which switches it off process-wide (``torch.set_grad_enabled(False)``, e.g. bench/quality.py's
+    run, called in-process) would otherwise make every later gradient test fail with "element 0
+    of tensors does not require grad" far from the cause; the guard restores it and names the
+    test that leaked it."""
+    torch = sys.modules.get("torch")
+    before = torch.is_grad_enabled() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    if before is None:
+        before = True  # torch was first imported by this test: its default is grad enabled
+    if torch.is_grad_enabled() != before:
+        torch.set_grad_enabled(before)
+        import warnings
+        warnings.warn(f"{request.node.nodeid} left torch grad mode {'on' if not before else 'off'} process-wide "
+                      "(torch.set_grad_enabled); restored for the next tests. Scope it with torch.no_grad() instead.",
+                      pytest.PytestWarning)
