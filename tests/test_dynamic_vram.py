@@ -8,6 +8,7 @@ carries ModelPatcherDynamic's own get_non_dynamic_delegate: the rest (the checkp
 cached_patcher_init, the reload, the trainer) is the real code."""
 import importlib
 import os
+import re
 
 import pytest
 import torch
@@ -110,6 +111,6 @@ def test_every_out_of_memory_form_stops_with_advice_and_keeps_the_last_step(mods
             trainer.PaRaTrainer.execute(model=tiny_model, latents=lat, positive=comfy_env.random_conditioning(1),
                                         **dict(SETTINGS, steps=10, save_every=100, filename_prefix=prefix))
     import folder_paths
-    saved = sorted(f for f in os.listdir(folder_paths.get_folder_paths("para")[0])
-                   if f.startswith(prefix + "_") and f.endswith(".safetensors"))
+    mine = re.compile(re.escape(prefix) + r"_\d{5}_step\d{6}\.safetensors")  # exactly this prefix's files
+    saved = sorted(f for f in os.listdir(folder_paths.get_folder_paths("para")[0]) if mine.fullmatch(f))
     assert saved and saved[-1].endswith("step000002.safetensors")

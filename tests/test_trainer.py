@@ -3,6 +3,7 @@ torch.inference_mode() like the server runs nodes, then through the real server.
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -67,7 +68,10 @@ def para_dir():
 
 
 def checkpoints(prefix):
-    return sorted(f for f in os.listdir(para_dir()) if f.startswith(prefix + "_") and f.endswith(".safetensors"))
+    """This prefix's checkpoints, <prefix>_<run>_step<N>.safetensors: exactly, so another test's
+    prefix that starts with this one (test_dynamic_vram's oom_<form>) is not counted."""
+    pattern = re.compile(re.escape(prefix) + r"_\d{5}_step\d{6}\.safetensors")
+    return sorted(f for f in os.listdir(para_dir()) if pattern.fullmatch(f))
 
 
 def snapshot(model):
@@ -267,22 +271,26 @@ def test_a_para_file_alone_warm_starts_B(mods, model):
 
 # ------------------------------------------------------------------------- stopping
 
-def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, model):
+def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, model, monkeypatch):
     import comfy.model_management as mm
-    import comfy.utils
+    real, calls = mods.training.basis_batched, []
 
-    def hook(value, total, preview, node_id=None):
-        if value == 3:  # the Cancel button, pressed during step 4
+    # The Cancel button, pressed during step 4 (Q is computed once at the start of each step).
+    # Not from a progress-bar hook: ComfyUI 0.33 throttles those (at most one per 100 ms), so on
+    # fast steps the hook never sees step 3 and a test keyed on it never cancels.
+    def basis_batched(B):
+        calls.append(1)
+        if len(calls) == 4:
             mm.interrupt_current_processing(True)
+        return real(B)
 
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
+    monkeypatch.setattr(mods.training, "basis_batched", basis_batched)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             train(mods, model, steps=50, filename_prefix="cancel")
     finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
         mm.interrupt_current_processing(False)
+    assert len(calls) == 4  # it stopped in step 4, not later
     assert checkpoints("cancel") == ["cancel_00001_step000003.safetensors"]
     path = os.path.join(para_dir(), checkpoints("cancel")[0])
     st = mods.core.load_para(path)
