@@ -452,9 +452,12 @@ def run(out: Path, s: Settings, ckpt: Optional[Path] = None) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt or train_base.ensure_base()
     base_dir = Path(tempfile.mkdtemp(prefix="para-quality-"))
+    import torch
+    grad = torch.is_grad_enabled()  # _run turns it off; callers in the same process (tests) get it back
     try:
         return _run(out, s, ckpt, base_dir, t_start)
     finally:
+        torch.set_grad_enabled(grad)
         shutil.rmtree(base_dir, ignore_errors=True)
 
 
