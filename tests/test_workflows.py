@@ -296,6 +296,21 @@ def test_api_5_export_as_lora_runs_in_two_queues_as_its_note_says(client, comfy_
     assert len(images_of(res, g, "Save Image")) == 1
 
 
+def test_ui_5_first_queue_validates_before_the_lora_exists(client, comfy_server):
+    """The UI file ships the LoRA half muted (mode 2, which the frontend leaves out of the prompt):
+    its first queue validates although the LoRA it loads is not exported yet (issue 13.12)."""
+    ui = ui_workflows()["5_export_as_lora"]
+    muted = {str(n["id"]) for n in ui["nodes"] if n.get("mode") == make_ui.MODE_MUTED}
+    g = api_graph.shrink(api_graph.load("5_export_as_lora"), **SMALL)
+    assert api_graph.find(g, "Load LoRA (exported file)") in muted and api_graph.find(g, "PaRa Export LoRA") not in muted
+    api_graph.set_input(g, "Load LoRA (exported file).lora_name", "PaRa/not_exported_yet.safetensors")
+    first = {nid: node for nid, node in g.items() if nid not in muted}
+    assert all(not (isinstance(v, list) and v and v[0] in muted) for n in first.values() for v in n["inputs"].values())
+    assert run_ok(client, first).node_errors == {}
+    # unmuted, the same graph shows the validation error users read as a failure
+    assert client.run(g, timeout=600).node_errors
+
+
 def core_metadata(path):
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:

@@ -108,8 +108,9 @@ NOTES: dict[str, list[str]] = {
         "PaRa: export a PaRa file as a standard LoRA\n\n"
         "1. Pick the base checkpoint the PaRa file was trained on, and the PaRa file in 'PaRa Load'.\n"
         "2. Queue once: 'PaRa Export LoRA' writes models/loras/<prefix>_NNNNN_.safetensors "
-        "(the image part waits for step 3).\n"
-        "3. Press R, pick the exported file in 'Load LoRA (exported file)', Queue again.\n\n"
+        "(the image part is muted, greyed out, until step 3: the LoRA it loads does not exist yet).\n"
+        "3. Press R, pick the exported file in 'Load LoRA (exported file)', select the greyed nodes, "
+        "press Ctrl+M to unmute them, Queue again.\n\n"
         "The LoRA is exact (same weights as the PaRa file at the same strength) but only on the "
         "base it was exported from; on other models use the PaRa file itself (PaRa Loader, or "
         "the stock Load LoRA reads PaRa files too when this pack is installed).",
@@ -196,6 +197,12 @@ def _depths(api: dict) -> dict[str, int]:
     return depth
 
 
+# Nodes shipped muted (LiteGraph mode 2: not queued) so that the first queue validates: workflow 5
+# loads a LoRA that its own first queue creates (issue 13.12). The note says how to unmute them.
+MUTED = {"5_export_as_lora": {"4", "5", "6", "7", "8", "9", "10"}}
+MODE_MUTED = 2
+
+
 def api_to_ui(name: str, api: dict, object_info: dict, notes: list[str] | None = None) -> dict:
     """The UI-format workflow (LiteGraph 0.4, as the ComfyUI frontend saves it) of an API graph.
 
@@ -256,7 +263,8 @@ def api_to_ui(name: str, api: dict, object_info: dict, notes: list[str] | None =
         ui_node = {
             "id": int(nid), "type": node["class_type"], "pos": [0, 0],
             "size": [NODE_W, _node_height(max(len(inputs), len(outputs)), widget_specs)],
-            "flags": {}, "order": order[nid], "mode": 0, "inputs": inputs, "outputs": outputs,
+            "flags": {}, "order": order[nid], "mode": MODE_MUTED if nid in MUTED.get(name, ()) else 0,
+            "inputs": inputs, "outputs": outputs,
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets_values,
         }
         title = (node.get("_meta") or {}).get("title")
