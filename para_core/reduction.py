@@ -19,6 +19,7 @@ __all__ = [
     "reduce_weight_general",
     "reduction_delta",
     "reduce_activation",
+    "add_bias",
 ]
 
 
@@ -130,3 +131,12 @@ def reduce_activation(h: torch.Tensor, Q: torch.Tensor, channel_dim: int) -> tor
     hm = h.movedim(channel_dim, -1)
     hm = hm - (hm @ Qd) @ Qd.t()
     return hm.movedim(-1, channel_dim)
+
+
+def add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int) -> torch.Tensor:
+    """y + b along ``channel_dim`` (the layer's bias, added after the reduced op: spec section 1)."""
+    if bias is None:
+        return y
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    return y + bias.to(y.dtype).reshape(shape)

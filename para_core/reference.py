@@ -20,7 +20,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .reduction import basis
+from .reduction import add_bias, basis
 
 __all__ = [
     "KIND",
@@ -160,19 +160,11 @@ def cheaper_side_reference(tokens: int, out: int, inner: int, *, rank: int = 1, 
     return "activation" if activation <= weight else "weight"
 
 
-def _add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int) -> torch.Tensor:
-    if bias is None:
-        return y
-    shape = [1] * y.dim()
-    shape[channel_dim] = -1
-    return y + bias.to(y.dtype).reshape(shape)
-
-
 def forward_reference_weight_side(op, x, W0, bias, U, D, channel_dim: int, strength: float = 1.0):
     """op(x, W0 - s U D) + b. Works for grouped convs too (U D has W0's shape)."""
     Ud, Dd = U.to(W0.dtype), D.to(W0.dtype)
     W = W0 - strength * (Ud @ Dd).reshape(W0.shape)
-    return _add_bias(op(x, W), bias, channel_dim)
+    return add_bias(op(x, W), bias, channel_dim)
 
 
 def forward_reference_activation_side(op, x, W0, bias, U, D, channel_dim: int, strength: float = 1.0):
@@ -182,4 +174,4 @@ def forward_reference_activation_side(op, x, W0, bias, U, D, channel_dim: int, s
     z = op(x, D.to(h.dtype).reshape(D.shape[0], *W0.shape[1:]))
     hm, zm = h.movedim(channel_dim, -1), z.movedim(channel_dim, -1)
     hm = hm - strength * (zm @ U.to(h.dtype).t())
-    return _add_bias(hm.movedim(-1, channel_dim), bias, channel_dim)
+    return add_bias(hm.movedim(-1, channel_dim), bias, channel_dim)

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .reduction import basis, effective_rank, reduce_activation, RankCap
+from .reduction import RankCap, add_bias, basis, effective_rank, reduce_activation
 
 __all__ = ["INIT_METHODS", "DEFAULT_INIT", "init_B", "cheaper_side", "forward_weight_side",
            "forward_activation_side", "ParaLayer", "layer_op", "is_linear"]
@@ -109,19 +109,11 @@ def layer_op(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], 
     raise TypeError(f"PaRa adapts Linear and Conv layers, not {type(module).__name__}")
 
 
-def _add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int) -> torch.Tensor:
-    if bias is None:
-        return y
-    shape = [1] * y.dim()
-    shape[channel_dim] = -1
-    return y + bias.to(y.dtype).reshape(shape)
-
-
 def forward_weight_side(op, x, W0, bias, Q, channel_dim: int, strength: float = 1.0):
     Wm = W0.reshape(W0.shape[0], -1)
     Qd = Q.to(Wm.dtype)
     W = (Wm - strength * (Qd @ (Qd.t() @ Wm))).reshape(W0.shape)
-    return _add_bias(op(x, W), bias, channel_dim)
+    return add_bias(op(x, W), bias, channel_dim)
 
 
 def forward_activation_side(op, x, W0, bias, Q, channel_dim: int, strength: float = 1.0):
@@ -129,7 +121,7 @@ def forward_activation_side(op, x, W0, bias, Q, channel_dim: int, strength: floa
     Qd = Q.to(h.dtype)
     hm = h.movedim(channel_dim, -1)
     hm = hm - strength * ((hm @ Qd) @ Qd.t())
-    return _add_bias(hm.movedim(-1, channel_dim), bias, channel_dim)
+    return add_bias(hm.movedim(-1, channel_dim), bias, channel_dim)
 
 
 class ParaLayer(torch.nn.Module):
