@@ -13,6 +13,9 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+pytest.importorskip("scipy", reason="the benchmark's judges need scipy (ComfyUI installs it; or pip install scipy)")
+pytest.importorskip("PIL", reason="the benchmark's world draws with Pillow (ComfyUI installs it; or pip install pillow)")
+
 import world  # noqa: E402
 import judges  # noqa: E402
 
