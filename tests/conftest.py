@@ -178,3 +178,15 @@ def torch_grad_mode_is_restored(request):
         warnings.warn(f"{request.node.nodeid} left torch grad mode {'on' if not before else 'off'} process-wide "
                       "(torch.set_grad_enabled); restored for the next tests. Scope it with torch.no_grad() instead.",
                       pytest.PytestWarning)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (use with pytest.mark.usefixtures): the tiny test models' ops
+    are too small to gain from threads, and on a shared 2-core machine two spinning OpenMP threads
+    make every training step several times slower."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

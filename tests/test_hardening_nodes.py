@@ -11,15 +11,7 @@ import torch
 
 import comfy_env
 
-pytestmark = pytest.mark.comfyui
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,11 @@ import torch
 
 import comfy_env
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
 BASE = dict(rank=4, layers="noxattn", rank_cap="none", steps=3, learning_rate=1e-2, optimizer="AdamW",
             batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="reference",
             save_every=0, filename_prefix="ref", resume_from="[none]", parametrization="reference")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
