@@ -401,14 +401,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PARA_TEST_CACHE") or Path.home() / ".cache" / "comfyui-para").expanduser()
 
 
-def _checkpoint_is_current(path: Path, seed: int, vae: str) -> bool:
-    if not path.is_file():
-        return False
+def cached_metadata(path: Path) -> dict | None:
+    """The safetensors metadata of a cached test model, or None when it is missing or unreadable
+    (then the caller rebuilds it)."""
+    if not Path(path).is_file():
+        return None
     try:
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception:
+        return None
+
+
+def _checkpoint_is_current(path: Path, seed: int, vae: str) -> bool:
+    meta = cached_metadata(path)
+    if meta is None:
         return False
     return (meta.get("para_test.builder_version") == SD15_BUILDER_VERSION
             and meta.get("para_test.seed") == str(seed) and meta.get("para_test.vae") == vae)

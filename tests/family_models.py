@@ -210,13 +210,9 @@ def file_name(name: str) -> str:
 
 
 def _is_current(path: Path, name: str, seed: int) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:
+    import comfy_env
+    meta = comfy_env.cached_metadata(path)
+    if meta is None:
         return False
     return (meta.get("para_test.family") == name and meta.get("para_test.builder_version") == BUILDER_VERSION
             and meta.get("para_test.seed") == str(seed) and meta.get("para_test.config") == _config_tag(name))
