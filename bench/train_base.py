@@ -14,17 +14,23 @@ What the checkpoint holds (keys as in build_sd15_checkpoint of tests/comfy_env.p
   output projections are zero (local_text_encoder_): every layer is the identity, so each word's
   embedding is its own (token + position). A plain random CLIP entangles the words and the UNet
   cannot generalize to held-out captions (stage 2, 5000 steps: shape right on 0.48 of them).
+  Layer 0's attention is then set by hand (summary_text_encoder_) so that the end and padding
+  tokens carry the mean of the caption's words while every word token stays its own: with
+  word-local tokens only, the UNet read the colour word and ignored the shape word.
 - UNet: ComfyUI's SD1.5 UNet in the smallest shape ComfyUI still detects as SD1.5
   (model_channels 320, one level; tests/comfy_env.SD15_SMALL_UNET_CONFIG), eps-prediction with
-  ComfyUI's own SD1.5 noise schedule, trained with Min-SNR-5 loss weights. To train quickly on 2
-  CPU cores, only part of it is live: conv_in, the input transformer and the middle block
-  (ResBlock, transformer, ResBlock; the transformers' feed-forwards excepted), the output skip
-  projections and the output conv (`--live-resblocks` also trains the other three ResBlocks).
-  The other blocks are set to exact identities (DEAD_*: their output projection is zero, so a
-  ResBlock returns its skip path and a transformer its input) and are skipped while training.
-  ComfyUI still computes them at sampling time, to the same result.
+  ComfyUI's own SD1.5 noise schedule, trained with Min-SNR-5 loss weights times
+  clamp(sigma^2, 1, 25) (from sigma = 1 up, the error of the clean latent: see train_unet). To
+  train quickly on 2 CPU cores, only part of it is live: conv_in, the input transformer and the
+  middle block (ResBlock, transformer, ResBlock; the transformers' feed-forwards excepted), the
+  output skip projections and the output conv (`--live-resblocks` also trains the other three
+  ResBlocks). The other blocks are set to exact identities (DEAD_*: their output projection is
+  zero, so a ResBlock returns its skip path and a transformer its input) and are skipped while
+  training. ComfyUI still computes them at sampling time, to the same result.
+- World: objects at fixed places (world.place: one object at the centre, two at top-left and
+  bottom-right, jittered by a pixel); with random places the base never learned its shapes.
 
-Default build (seed 0): decoder 800 steps x 16 images, UNet 1200 steps x 16 at lr 1e-3 (see
+Default build (seed 0): decoder 800 steps x 16 images, UNet 3000 steps x 16 at lr 1e-3 (see
 README "Quality" for the measured time and held-out accuracy). Each stage is cached beside the
 checkpoint under its own version (stage_*.pt), so a change to one stage retrains only that
 stage; `build(..., unet_only=True)` trains the UNet stage alone (it does not need the decoder,
@@ -51,15 +57,16 @@ sys.path.insert(0, str(HERE))
 
 import world  # noqa: E402
 
-BUILDER_VERSION = "4"
+BUILDER_VERSION = "5"
 # Each stage is cached under its own version, bumped when what it depends on changes: the decoder
 # sees every shape of the world (base and novel); the captions and the UNet only the base world.
 DECODER_STAGE = "3"
-CAPTION_STAGE = "3"
-UNET_STAGE = "3"
-UNET_STEPS = 1200
+CAPTION_STAGE = "4"
+UNET_STAGE = "5"
+UNET_STEPS = 3000
 UNET_LR = 1e-3
 MIN_SNR = 5.0
+HIGH_NOISE = 25.0
 CHECKPOINT_NAME = "para_quality_base.safetensors"
 
 # Identity blocks: zeroed output projection, skipped in training (see module docstring).
@@ -136,6 +143,56 @@ def local_text_encoder_(clip):
             if name.endswith("self_attn.out_proj") or name.endswith("mlp.fc2"):
                 m.weight.zero_()
                 m.bias.zero_()
+    return clip
+
+
+def summary_text_encoder_(clip, gain: float = 1.0):
+    """Make layer 0's self-attention (after local_text_encoder_) copy a summary of the caption into
+    the end and padding tokens, and leave the word tokens alone: every end/padding token adds
+    `gain` x the mean of the caption's word tokens (layer-normed), each word token attends to the
+    start token, whose value is zero. Each word keeps its own embedding (compositional, as
+    before), and 68 of the 77 tokens also carry the whole caption.
+
+    Why: with word-local embeddings the UNet read the colour word but not the shape word. Its
+    clean-latent prediction at sigma = 10 moved by 0.37 (mean square) between "yellow" and
+    "green" and by 0.001 between "circle", "square" and "triangle", after 300 steps and after
+    1200: a word in one token of 77 was found or not, by the luck of the UNet's attention. Real
+    CLIP models also put a summary of the caption into the end and padding tokens.
+
+    Built by hand with the causal mask (a token sees the tokens before it), on the directions of
+    the start token (d_bos: position 0 is always the start token) and of the end token (d_eos; a
+    padding token is the end token at another position). Per head (the same in each of 12):
+    query dim 0 = 1 - 0.1 s_eos, key dim 0 = 4 s_bos; query dim 1 = 0.5 s_eos, key dim 1 =
+    -0.5 s_eos, where s_x = LN(token) . d_x (about 27.7 for the token itself, about 20 for an end/
+    padding token on d_eos, about +-1 for any other). A word token's logits favour the start token
+    by ~14; an end/padding token's disfavour the start token (~-14) and every end/padding token
+    (~-12), so it averages the words. The value projection removes d_bos (the start token's value
+    is exactly zero); the output projection is gain x identity."""
+    import torch
+    tm = clip.transformer.text_model
+    start, end = clip.special_tokens["start"], clip.special_tokens["end"]
+    layer = tm.encoder.layers[0]
+    attn, ln = layer.self_attn, layer.layer_norm1
+    with torch.no_grad():
+        tok = tm.embeddings.token_embedding.weight.float()
+        pos = tm.embeddings.position_embedding.weight.float()
+        x_bos = ln(tok[start] + pos[0])
+        d_bos = x_bos / x_bos.norm()
+        x_eos = ln(tok[end])
+        d_eos = x_eos / x_eos.norm()
+        dim, heads = tok.shape[1], attn.heads
+        hd = dim // heads
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+            lin.weight.zero_(); lin.bias.zero_()
+        for h in range(heads):
+            a, b = h * hd, h * hd + 1
+            attn.q_proj.bias[a] = 1.0
+            attn.q_proj.weight[a] = -0.1 * d_eos
+            attn.k_proj.weight[a] = 4.0 * d_bos
+            attn.q_proj.weight[b] = 0.5 * d_eos
+            attn.k_proj.weight[b] = -0.5 * d_eos
+        attn.v_proj.weight.copy_(torch.eye(dim) - torch.outer(d_bos, d_bos))
+        attn.out_proj.weight.copy_(gain * torch.eye(dim))
     return clip
 
 
@@ -226,7 +283,7 @@ class _ZeroOut(__import__("torch").nn.Module):
 class FastGraph:
     """Swap the dead blocks for cheap equivalents while training; restore() puts them back."""
 
-    def __init__(self, unet, live_resblocks: bool = False):
+    def __init__(self, unet, live_resblocks: bool = False, live_ff: bool = False):
         import torch
         self.unet, self.saved = unet, {}
         for path in dead_resblocks(live_resblocks):
@@ -237,7 +294,7 @@ class FastGraph:
         for path in DEAD_TRANSFORMERS:
             self.saved[path] = _get(unet, path)
             _set(unet, path, torch.nn.Identity())
-        for path in DEAD_FF:
+        for path in ([] if live_ff else DEAD_FF):
             self.saved[path] = _get(unet, path)
             _set(unet, path, _ZeroOut())
 
@@ -256,15 +313,21 @@ def encode_captions(clip, captions):
 
 
 def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_every=25,
-               live_resblocks: bool = False, min_snr: float = 0.0, snapshot=None):
+               live_resblocks: bool = False, min_snr: float = 0.0, snapshot=None, live_ff: bool = False,
+               high_noise: float = 0.0):
     """min_snr > 0: Min-SNR-gamma loss weights (Hang et al. 2023; for eps-prediction the weight
     is min(SNR, gamma) / SNR = min(1, gamma sigma^2)): low-noise steps, where predicting the noise
-    is about exact pixel values, stop dominating the gradient, so the layout (shape) is learned
-    sooner."""
+    is about exact pixel values, stop dominating the gradient.
+    high_noise > 1: the weight is also multiplied by clamp(sigma^2, 1, high_noise): from sigma = 1
+    up, the loss is the error of the predicted clean latent (eps error x sigma^2), capped. With the
+    plain noise-prediction loss, the error of the clean latent at high noise counts 1/sigma^2: the
+    model gained almost nothing by reading the shape word (the only source of the shape at high
+    noise; at low noise the noisy latent shows it), and it did not: its prediction barely changed
+    between "circle", "square" and "triangle" (see README "Quality")."""
     import torch
     torch.manual_seed(seed)
     full_names = {p: n for n, p in unet.named_parameters()}  # before the swap (snapshots)
-    fast = FastGraph(unet, live_resblocks)
+    fast = FastGraph(unet, live_resblocks, live_ff)
     # ComfyUI 0.33 builds its modules with requires_grad off; only the live graph is trained
     params = [p.requires_grad_(True) for p in unet.parameters()]
     # only parameters on the live path get gradients; AdamW ignores the others (grad None)
@@ -293,6 +356,8 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
             per = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
             if min_snr > 0:
                 per = per * torch.clamp(min_snr * sigma.float() ** 2, max=1.0)
+            if high_noise > 1:
+                per = per * torch.clamp(sigma.float() ** 2, min=1.0, max=high_noise)
             loss = per.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -320,7 +385,7 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
 def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: int = 16,
           unet_steps: int = UNET_STEPS, unet_batch: int = 16, lr: float = UNET_LR, world_limit: int = 0,
           live_resblocks: bool = False, min_snr: float = MIN_SNR, unet_only: bool = False,
-          snapshots: bool = False) -> Path:
+          snapshots: bool = False, live_ff: bool = False, high_noise: float = HIGH_NOISE) -> Path:
     """world_limit > 0 keeps only that many single- and two-object captions (tests: a tiny,
     fast, meaningless model of the same format). unet_only: train and cache only the UNet stage
     (it does not depend on the decoder; two processes can build the two stages at once)."""
@@ -337,7 +402,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
 
     # 1. text encoder (random, frozen) and autoencoder
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-    local_text_encoder_(comfy_env.init_weights_(clip, seed + 1))
+    summary_text_encoder_(local_text_encoder_(comfy_env.init_weights_(clip, seed + 1)))
     tensors = {}
     for k, v in clip.state_dict().items():
         if k not in ("logit_scale", "transformer.text_projection.weight"):
@@ -388,7 +453,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
 
     # 4. train (the UNet never sees the decoder: its stage is independent of the decoder's)
     unet_cache = path.with_name(f"stage_unet_v{UNET_STAGE}_s{seed}_{unet_steps}x{unet_batch}_lr{lr:g}"
-                                f"_w{world_limit}_rb{int(live_resblocks)}_snr{min_snr:g}.pt")
+                                f"_w{world_limit}_rb{int(live_resblocks)}{'_ff' if live_ff else ''}_snr{min_snr:g}_hn{high_noise:g}.pt")
     if unet_cache.is_file():
         stage = torch.load(unet_cache, weights_only=True)
         log(f"UNet from {unet_cache}")
@@ -397,7 +462,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
         t_unet = time.time()
         log_every = max(25, unet_steps // 40)
         losses = train_unet(unet, base.model_sampling, w, emb, unet_steps, unet_batch, seed + 4, lr,
-                            log_every=log_every, live_resblocks=live_resblocks, min_snr=min_snr,
+                            log_every=log_every, live_resblocks=live_resblocks, min_snr=min_snr, live_ff=live_ff, high_noise=high_noise,
                             snapshot=(lambda k, sd: _save_stage(sd, unet_cache.with_name(unet_cache.stem + f".snap{k}.pt")))
                             if snapshots else None)
         stage = {"state": {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()},
@@ -414,7 +479,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
         "para_quality.seed": str(seed),
         "para_quality.train": json.dumps(dict(decoder_steps=decoder_steps, decoder_batch=decoder_batch,
                                               unet_steps=unet_steps, unet_batch=unet_batch, lr=lr,
-                                              live_resblocks=live_resblocks, min_snr=min_snr,
+                                              live_resblocks=live_resblocks, live_ff=live_ff, min_snr=min_snr, high_noise=high_noise,
                                               final_loss=stage["final_loss"], unet_seconds=stage["seconds"],
                                               seconds=round(time.time() - t_start))),
         "para_quality.live_layers": LIVE_LAYER_PATTERNS,
@@ -461,6 +526,8 @@ def main(argv=None):
     ap.add_argument("--live-resblocks", action="store_true",
                     help="train every ResBlock of the UNet (about 1.6x slower per step)")
     ap.add_argument("--min-snr", type=float, default=MIN_SNR, help="Min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--high-noise", type=float, default=HIGH_NOISE,
+                    help="weight the loss by clamp(sigma^2, 1, this): the clean-latent error from sigma = 1 up (<= 1: off)")
     ap.add_argument("--snapshots", action="store_true",
                     help="also save the UNet's EMA weights at 1/4, 1/2, 3/4 of its schedule (stage_unet_*.snapN.pt), "
                          "to judge a long build while it runs")
@@ -470,7 +537,7 @@ def main(argv=None):
     if args.force or not is_current(path, args.seed):
         build(path, args.seed, decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
               unet_batch=args.unet_batch, lr=args.lr, live_resblocks=args.live_resblocks, min_snr=args.min_snr,
-              snapshots=args.snapshots)
+              snapshots=args.snapshots, high_noise=args.high_noise)
     else:
         log(f"up to date: {path}")
     print(path)

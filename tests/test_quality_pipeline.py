@@ -43,6 +43,29 @@ def test_held_out_captions_never_in_training():
     assert not any(s in c for c in train for s in world.NOVEL_SHAPES)
 
 
+def test_base_world_keeps_its_layout_and_the_judges_world_does_not():
+    """The base model's scenes sit at the layout's places (one object: the centre; two: top-left,
+    bottom-right), jittered by at most LAYOUT_JITTER; the autoencoder's and judges' scenes
+    (random_scene) put objects anywhere."""
+    import random
+    w, j = world.BaseWorld(0), world.LAYOUT_JITTER
+    singles = pairs = 0
+    for i in range(200):
+        objs = w.sample(i).objects
+        centres = [(0.5, 0.5)] if len(objs) == 1 else list(world.PAIR_CENTRES)
+        for o, (x, y) in zip(objs, centres):
+            assert abs(o.cx - x) <= j and abs(o.cy - y) <= j, (i, o)
+        singles += len(objs) == 1
+        pairs += len(objs) == 2
+    assert singles and pairs
+    # two small objects at the pair places never touch
+    pair = w.sample(next(i for i in range(200) if len(w.sample(i).objects) == 2))
+    assert len(judges.object_masks(world.render(pair))) == 2
+    rng = random.Random(3)
+    xs = [world.random_scene(rng).objects[0].cx for _ in range(100)]
+    assert max(xs) - min(xs) > 0.3
+
+
 def test_render_matches_caption_attributes():
     scene = world.Scene((world.Obj("square", "red", "large", 0.5, 0.5),), "blue")
     img = world.render(scene)
@@ -124,6 +147,36 @@ def test_base_builder_writes_an_sd15_checkpoint_with_the_world_latent(comfy_in_p
         z = vae.encode(torch.from_numpy(img.astype(np.float32) / 255))
     z_model = comfy.latent_formats.SD15().process_in(z)
     assert np.allclose(z_model.detach().float().numpy(), world.encode(img), atol=1e-3)
+
+
+def test_base_text_encoder_keeps_each_word_and_gives_the_padding_the_caption(comfy_in_process):
+    """The base's frozen CLIP (train_base.local_text_encoder_ + summary_text_encoder_), run by
+    ComfyUI's own SD1 CLIP: a word token depends on its word alone (changing another word leaves
+    it as it was), and the end/padding tokens change with every word of the caption."""
+    import torch
+    import comfy.sd1_clip
+    import comfy_env
+    import train_base
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    train_base.summary_text_encoder_(train_base.local_text_encoder_(comfy_env.init_weights_(clip, 1)))
+    tok = comfy.sd1_clip.SDTokenizer()
+
+    def enc(text):
+        with torch.no_grad():
+            return clip([[t for t, _ in tok.tokenize_with_weights(text)[0]]])[0][0]
+
+    a = enc("a large yellow circle on a red background")
+    b = enc("a large yellow square on a red background")
+    c = enc("a large green circle on a red background")
+    n_words = 9  # start token + 8 words; position 9 is the end token
+    for other, pos in ((b, 4), (c, 3)):
+        d = (a - other).norm(dim=-1)
+        assert d[pos] > 20                                    # the changed word
+        assert torch.all(d[:n_words][torch.arange(n_words) != pos] < 0.01)  # every other word as it was (of ~27.7)
+        assert torch.all(d[n_words:] > 5)                     # end and padding carry the caption
+    # padding tokens carry the caption, not only their position: two padding tokens of one
+    # caption are closer to each other than one padding token is across captions
+    assert (a[20] - a[60]).norm() < (a[20] - b[20]).norm()
 
 
 @pytest.mark.slow
