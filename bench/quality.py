@@ -84,7 +84,7 @@ class Settings:
     # learning rates when no pilot runs (--no-pilot); a full run takes them from its pilot
     lr: Dict[str, float] = field(default_factory=lambda: {"para": 2e-2, "para_ref": 5e-3, "lora": 5e-3})
     pilot_lrs: Dict[str, Sequence[float]] = field(default_factory=lambda: {
-        "para": (0.01, 0.04), "para_ref": (0.002, 0.008), "lora": (0.002, 0.008)})
+        "para": (0.01, 0.04, 0.1, 0.25), "para_ref": (0.002, 0.008, 0.02), "lora": (0.002, 0.008, 0.02)})
     pilot: bool = True
     lr_from: Optional[Path] = None  # another part's pilot_lr.json (parts run in parallel)
     pilot_seed: int = 100
@@ -132,9 +132,11 @@ SUBJECT_PROMPTS = {
 }
 # Instance subjects (DreamBooth-like): a specific object of a class the base knows, with a mark
 # the base never draws. Trained on 4 large images on white and gray backgrounds, named
-# "a large <trigger> <class>"; asked for on other backgrounds.
+# "a large <trigger> <class>"; asked for on other backgrounds. Both are squares: the base draws
+# large circles as rounded squares (with a yellow-circle instance, PaRa paper's seed 0 drew the
+# mark in 10 of 12 images and a circle in none), and a dot or band does not fit inside a triangle.
 INSTANCES = {
-    "sks": {"shape": "circle", "colour": "yellow", "detail": "dot", "train_bgs": ("white", "gray", "white", "gray"),
+    "sks": {"shape": "square", "colour": "yellow", "detail": "dot", "train_bgs": ("white", "gray", "white", "gray"),
             "prompts": [("large", "red"), ("large", "blue"), ("large", "gray")]},
     "zwx": {"shape": "square", "colour": "red", "detail": "band", "train_bgs": ("white", "gray", "white", "gray"),
             "prompts": [("large", "blue"), ("large", "gray"), ("large", "white")]},
