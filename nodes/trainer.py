@@ -131,7 +131,9 @@ class PaRaTrainer(io.ComfyNode):
                                tooltip="paper: train B, W' = W0 - Q(Q^T W0) with Q = QR(B) (the paper's equation, "
                                        "r*out parameters per layer). reference: what the authors' code trains: U and "
                                        "D free, W' = W0 - U D, starting at U0 = QR(B0), D0 = U0^T W0 "
-                                       "(r*(out + in*k*k) parameters; saved as a para_U/para_D file)."),
+                                       "(r*(out + in*k*k) parameters; saved as a para_U/para_D file). On the pack's "
+                                       "quality benchmark reference learned subjects far better (instance 0.97 vs "
+                                       "0.36 of images) and changed unrelated prompts more (README, Quality)."),
                 io.Int.Input("rank_ratio", default=RankCap.DEFAULT_RATIO, min=1, max=4096, optional=True,
                              tooltip="The ratio of rank_cap's reference rules (the code's --loraRatio, default 40)."),
             ],
