@@ -526,6 +526,8 @@ def main(argv=None):
     ap.add_argument("--live-resblocks", action="store_true",
                     help="train every ResBlock of the UNet (about 1.6x slower per step)")
     ap.add_argument("--min-snr", type=float, default=MIN_SNR, help="Min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--live-ff", action="store_true",
+                    help="also train the two live transformers' feed-forwards (slower; untested for accuracy)")
     ap.add_argument("--high-noise", type=float, default=HIGH_NOISE,
                     help="weight the loss by clamp(sigma^2, 1, this): the clean-latent error from sigma = 1 up (<= 1: off)")
     ap.add_argument("--snapshots", action="store_true",
@@ -537,7 +539,7 @@ def main(argv=None):
     if args.force or not is_current(path, args.seed):
         build(path, args.seed, decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
               unet_batch=args.unet_batch, lr=args.lr, live_resblocks=args.live_resblocks, min_snr=args.min_snr,
-              snapshots=args.snapshots, high_noise=args.high_noise)
+              snapshots=args.snapshots, high_noise=args.high_noise, live_ff=args.live_ff)
     else:
         log(f"up to date: {path}")
     print(path)
