@@ -22,10 +22,10 @@ import scipy.ndimage as ndi
 import world
 
 MIN_AREA = 25
-SIZE_SPLIT = 33
+SIZE_SPLIT = 38
 MASK_THRESHOLD = 110  # sum of |RGB - background| per pixel
 CROP = 16
-JUDGE_VERSION = "3"
+JUDGE_VERSION = "4"
 
 _BG_NAMES = list(world.BACKGROUNDS)
 _BG = np.array([world.BACKGROUNDS[k] for k in _BG_NAMES], dtype=np.float32)

@@ -139,7 +139,7 @@ def test_base_builder_writes_an_sd15_checkpoint_with_the_world_latent(comfy_in_p
     import train_base
     monkeypatch.setenv("PARA_QUALITY_CACHE", str(tmp_path))
     ckpt = train_base.build(tmp_path / "tiny_base.safetensors", seed=0, decoder_steps=1, decoder_batch=2,
-                            unet_steps=1, unet_batch=2, world_limit=1)
+                            unet_steps=8, unet_batch=2, world_limit=1)
     model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=False)
     assert type(model.model.model_config).__name__ == "SD15"
     img = world.render(world.Scene((world.Obj("column", "blue", "large", 0.4, 0.6),), "white"))[None]
@@ -147,6 +147,15 @@ def test_base_builder_writes_an_sd15_checkpoint_with_the_world_latent(comfy_in_p
         z = vae.encode(torch.from_numpy(img.astype(np.float32) / 255))
     z_model = comfy.latent_formats.SD15().process_in(z)
     assert np.allclose(z_model.detach().float().numpy(), world.encode(img), atol=1e-3)
+    # the live transformers' feed-forwards are trained (their output projections start at zero, as
+    # does the transformer's proj_out, so they move visibly only after a few steps); the dead output
+    # transformers stay exact identities
+    from safetensors.torch import load_file
+    sd = load_file(str(ckpt))
+    for path in train_base.DEAD_FF:
+        assert sd[f"model.diffusion_model.{path}.net.2.weight"].abs().max() > 0, path
+    for path in train_base.DEAD_TRANSFORMERS:
+        assert sd[f"model.diffusion_model.{path}.proj_out.weight"].abs().max() == 0, path
 
 
 def test_base_text_encoder_keeps_each_word_and_gives_the_padding_the_caption(comfy_in_process):

@@ -126,7 +126,7 @@ def demo_checkpoint(quick: bool, log=print) -> tuple[Path, str]:
     what = (f"a small model of the shapes world trained here ({DEMO_BASE_UNET_STEPS} UNet steps; "
             "python bench/train_base.py builds the benchmark's larger one, which the demo then uses)")
     if not train_base.is_current(path):
-        log(f"building the demo's base model once (about 15 minutes on 2 CPU cores; cached as {path}) ...")
+        log(f"building the demo's base model once (about 25 minutes on 2 CPU cores; cached as {path}) ...")
         train_base.build(path, 0, unet_steps=DEMO_BASE_UNET_STEPS)
     return path, what
 
