@@ -162,8 +162,11 @@ def test_stopping_the_batch_removes_its_waiting_job_and_interrupts_its_running_o
     # two slow jobs on one server: the first runs, the second waits in ComfyUI's queue
     cmd = [sys.executable, str(WORKFLOWS_DIR / "batch.py"), WORKFLOW, "--size", "512", "--steps", "500",
            "--seeds", "1,2", "--server", server.url, "--max-queued", "2", "--out", str(tmp_path)]
+    # SIG_DFL: a test run started in the background (`cmd &` without job control, nohup) ignores
+    # SIGINT, the child would inherit that and Python would then never raise KeyboardInterrupt
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while True:
