@@ -91,7 +91,7 @@ class Settings:
     seeds: Sequence[int] = (0, 1, 2)
     per_prompt: int = 4          # images per prompt (one KSampler batch, one noise seed)
     sample_steps: int = 8
-    cfg: float = 2.0   # the base draws its shapes best there (held-out shape 0.73; cfg 4: 0.65)
+    cfg: float = 2.0   # the previous base drew its shapes best there (held-out shape 0.73; cfg 4: 0.65)
     sampler: str = "dpmpp_2m"
     scheduler: str = "karras"
     # single-image editing at the authors' settings, scaled: they train 1000 steps at ranks
@@ -132,8 +132,8 @@ SUBJECT_PROMPTS = {
 }
 # Instance subjects (DreamBooth-like): a specific object of a class the base knows, with a mark
 # the base never draws. Trained on 4 large images on white and gray backgrounds, named
-# "a large <trigger> <class>"; asked for on other backgrounds. Both are squares: the base draws
-# large circles as rounded squares (with a yellow-circle instance, PaRa paper's seed 0 drew the
+# "a large <trigger> <class>"; asked for on other backgrounds. Both are squares: the previous base
+# drew large circles as rounded squares (with a yellow-circle instance, PaRa paper's seed 0 drew the
 # mark in 10 of 12 images and a circle in none), and a dot or band does not fit inside a triangle.
 INSTANCES = {
     "sks": {"shape": "square", "colour": "yellow", "detail": "dot", "train_bgs": ("white", "gray", "white", "gray"),
