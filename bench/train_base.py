@@ -26,9 +26,9 @@ What the checkpoint holds (keys as in build_sd15_checkpoint of tests/comfy_env.p
   output skip projections and the output conv (`--live-resblocks` also trains the other three
   ResBlocks). The feed-forwards (GEGLU, right after the cross-attention) are what let it tell a
   circle from a square: without them (`--no-live-ff`, at the previous object sizes) the base drew
-  every large circle as a square and every small square as a circle. The other blocks are set to exact identities (DEAD_*: their output projection is
-  zero, so a ResBlock returns its skip path and a transformer its input) and are skipped while
-  training. ComfyUI still computes them at sampling time, to the same result.
+  every large circle as a square and every small square as a circle. The other blocks are set to
+  exact identities (DEAD_*: their output projection is zero, so a ResBlock returns its skip path
+  and a transformer its input) and are skipped while training. ComfyUI still computes them at sampling time, to the same result.
 - World: objects at fixed places (world.place: one object at the centre, two at top-left and
   bottom-right, jittered by a pixel); with random places the base never learned its shapes.
 
@@ -531,8 +531,8 @@ def main(argv=None):
                     help="train every ResBlock of the UNet (about 1.6x slower per step)")
     ap.add_argument("--min-snr", type=float, default=MIN_SNR, help="Min-SNR-gamma loss weighting (0: off)")
     ap.add_argument("--live-ff", action=argparse.BooleanOptionalAction, default=LIVE_FF,
-                    help="train the two live transformers' feed-forwards (default; --no-live-ff: about 1.4x "
-                         "faster per step, and the base never separates large circles from squares)")
+                    help="train the two live transformers' feed-forwards (default; --no-live-ff: faster per "
+                         "step, and at the previous object sizes the base drew every large circle as a square)")
     ap.add_argument("--high-noise", type=float, default=HIGH_NOISE,
                     help="weight the loss by clamp(sigma^2, 1, this): the clean-latent error from sigma = 1 up (<= 1: off)")
     ap.add_argument("--snapshots", action="store_true",
