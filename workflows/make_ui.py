@@ -85,7 +85,10 @@ NOTES: dict[str, list[str]] = {
         "1. Pick your checkpoint (the base the PaRa file was trained on, or a fine-tune of it).\n"
         "2. Pick the PaRa file in 'PaRa Loader' (files in models/para; press R to refresh).\n"
         "3. Use the trigger word in the prompt, then Queue.\n\n"
-        "strength 1.0 = the paper; 0 = the base model; 0.5 = halfway.",
+        "strength 1.0 = the paper; 0 = the base model; 0.5 = halfway.\n\n"
+        "Size: 512x512 is for SD1.5 checkpoints. The demo's model (demo_base.safetensors) draws "
+        "64x64 pictures: set 'Empty Latent Image' to 64 x 64 for it (the demo samples it with "
+        "20 steps, cfg 4, dpmpp_2m, karras).",
     ],
     "3_merge_two_subjects": [
         "PaRa: two subjects in one image, no training\n\n"
