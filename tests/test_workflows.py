@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from workflow_helpers import UI_DIR, WORKFLOWS_DIR, api_workflows, install_placeholders, ui_workflows
+from workflow_helpers import UI_DIR, api_workflows, install_placeholders, ui_workflows
 
 import api_graph  # noqa: E402  (workflows/, put on sys.path by workflow_helpers)
 import comfy_client  # noqa: E402
@@ -31,50 +31,9 @@ def test_ui_workflow_has_notes_and_uses_only_stock_and_pack_nodes(name):
     assert {n["type"] for n in ui["nodes"]} - FRONTEND_ONLY == {n["class_type"] for n in api.values()}
 
 
-@pytest.mark.parametrize("name", EXPECTED)
-def test_each_template_has_the_picture_the_templates_menu_shows(name):
-    """ComfyUI's templates menu (0.3.64's and 0.33's frontends) shows <name>.jpg from the folder
-    of <name>.json on each template's card."""
-    image = pytest.importorskip("PIL.Image")
-    path = UI_DIR / f"{name}.jpg"
-    assert path.is_file(), f"no {path.name} beside {name}.json (python workflows/make_ui.py --thumbnails)"
-    with image.open(path) as im:
-        assert im.format == "JPEG" and min(im.size) >= 256
-
-
 # ------------------------------------------------------------------------------------------
 # Against the server
 # ------------------------------------------------------------------------------------------
-
-def test_templates_route_lists_and_serves_the_shipped_workflows_and_no_tool(comfy_server):
-    """GET /api/workflow_templates lists this pack's templates, and /api/workflow_templates/<pack>/
-    serves each one's JSON and picture; the Python tools, API graphs, sweeps and screenshots in
-    workflows/ (a folder name ComfyUI also serves templates from) are neither listed nor served."""
-    import urllib.error
-    import urllib.request
-
-    import comfy_env
-
-    def get(path):
-        try:
-            with urllib.request.urlopen(comfy_server.url + path, timeout=30) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, b""
-
-    status, body = get("/api/workflow_templates")
-    assert status == 200
-    pack = comfy_env.PACK_DIR_NAME
-    assert sorted(json.loads(body)[pack]) == EXPECTED
-    for name in EXPECTED:
-        assert get(f"/api/workflow_templates/{pack}/{name}.json") == (200, (UI_DIR / f"{name}.json").read_bytes())
-        assert get(f"/api/workflow_templates/{pack}/{name}.jpg") == (200, (UI_DIR / f"{name}.jpg").read_bytes())
-    tools = sorted(p.relative_to(WORKFLOWS_DIR).as_posix() for p in WORKFLOWS_DIR.rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts)
-    assert "demo.py" in tools and "batch.py" in tools
-    served = [t for t in tools if get(f"/api/workflow_templates/{pack}/{t}")[0] != 404]
-    assert served == []
-
 
 @pytest.fixture(scope="module")
 def placed(comfy_server, sd15_checkpoint):
