@@ -25,7 +25,8 @@ from ..para_core import (PRESET_NAMES, DEFAULT_PRESET, ParaError, ParaState, Pre
 from ..para_core.reduction import RankCap, effective_rank
 from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B, is_linear
 from ..para_core.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
-from ..para_core.trainstate import load_trainer_state, save_trainer_state, trainer_state_path
+from ..para_core.trainstate import (check_optimizer_state, check_scaler_state, load_trainer_state, save_trainer_state,
+                                    trainer_state_path)
 from .para_nodes import CATEGORY, para_files
 from .patching import apply_para, layer_shapes, model_family, model_fingerprint, original_weight
 from .training import (OPTIMIZERS, TRAINING_DTYPES, ParaForward, ReferenceForward, TrainSettings, TrainingRun,
@@ -432,6 +433,7 @@ def load_resume(resume_from, model, shapes, family) -> Optional[Resume]:
             trainer = None
         else:
             check_optimizer_shapes(trainer, para, tpath, resume_from)
+            check_whole_state(trainer, para, tpath, resume_from)
     if trainer:
         log.info("PaRa: resuming %s exactly from step %d", resume_from, int(trainer["step"]))
     else:
@@ -469,6 +471,24 @@ def check_optimizer_shapes(trainer: dict, para: ParaState, tpath: str, resume_fr
     if problem:
         raise ParaError(f"input 'resume_from': {tpath} does not belong to {resume_from}: {problem}. Delete the "
                         ".trainer.pt to warm-start from the PaRa file alone, or pick the checkpoint it was saved with.")
+
+
+def check_whole_state(trainer: dict, para: ParaState, tpath: str, resume_from: str) -> None:
+    """The optimizer and GradScaler state as a whole (para_core.trainstate): a damaged
+    .trainer.pt is an error naming resume_from before the run starts, never a TypeError or
+    KeyError at the first step, nor a flag like amsgrad="yes" that silently changes the run."""
+    layers = list(trainer["layers"])
+    if para.kind == "reference":
+        params = [(f"{l}.{n}", tuple(t[l].shape)) for l in layers for n, t in (("para_U", para.U), ("para_D", para.D))]
+    else:
+        params = [(f"{l}.para_B", tuple(para.B[l].shape)) for l in layers]
+    try:
+        opt_cls = OPTIMIZERS.get(trainer.get("optimizer_name"))
+        if trainer.get("optimizer") is not None and opt_cls is not None:  # another optimizer: unused, fresh start
+            check_optimizer_state(trainer["optimizer"], opt_cls, [s for _, s in params], tpath, [n for n, _ in params])
+        check_scaler_state(trainer.get("scaler"), tpath)
+    except ParaError as e:
+        raise ParaError(f"input 'resume_from' ({resume_from}): {e}") from None
 
 
 # ------------------------------------------------------------------------- metadata, checkpoints, progress
