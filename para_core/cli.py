@@ -10,7 +10,9 @@ import datetime as _dt
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import textwrap
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -39,13 +41,27 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def printable(text) -> str:
+    """``text`` with every control or other non-printable character written as its escape
+    (``\\x1b``, ``\\n``, ``\\ud800``): a file name that holds ANSI escapes or line breaks cannot
+    recolour the terminal, forge an output line or fail to encode."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fail(message: str) -> int:
-    sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
+    sys.stderr.write("error: " + printable(" ".join(str(message).split())) + "\n")
     return 1
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write("warning: " + " ".join(str(message).split()) + "\n")
+    sys.stderr.write("warning: " + printable(" ".join(str(message).split())) + "\n")
+
+
+def _print(line: str) -> None:
+    print(printable(line))
 
 
 # -------------------------------------------------------------------------------- arguments
@@ -79,8 +95,10 @@ def _finite(text: str) -> float:
 
 def _check_output(out: str, inputs: Sequence[str]) -> None:
     from .fileformat import ParaError
+    from .fileformat import check_replaceable
     if os.path.isdir(out):
         raise ParaError(f"{out}: is a folder; give an output file name (e.g. {os.path.join(out, 'out.safetensors')})")
+    check_replaceable(out)
     for p in inputs:
         if os.path.exists(out) and os.path.exists(p) and os.path.samefile(out, p):
             raise ParaError(f"{out}: the output would overwrite an input file; choose another output path")
@@ -251,7 +269,7 @@ def cmd_merge(args) -> int:
     _check_output(args.output, paths)
     merged = merge_states([st for st, _ in items], [s for _, s in items], args.mode)
     save_para(merged, args.output)
-    print(f"wrote {args.output}: {len(merged.layers)} layers, merge mode {args.mode}, "
+    _print(f"wrote {args.output}: {len(merged.layers)} layers, merge mode {args.mode}, "
           f"inputs {', '.join(f'{st.name}:{s:g}' for st, s in items)}")
     return 0
 
@@ -299,7 +317,7 @@ def cmd_export_lora(args) -> int:
         if "para.train" in state.metadata:
             metadata["para.train"] = state.metadata["para.train"]
     atomic_save_safetensors(tensors, args.output, metadata)
-    print(f"wrote {args.output}: LoRA of {len(ranks)} layers, rank up to {max(ranks)}, {args.dtype}, "
+    _print(f"wrote {args.output}: LoRA of {len(ranks)} layers, rank up to {max(ranks)}, {args.dtype}, "
           f"strength {args.strength:g}; only fits {ckpt.name}")
     return 0
 
@@ -314,7 +332,7 @@ def cmd_bake(args) -> int:
         report = bake(ckpt, items, args.mode, args.output)
     for m in report["warnings"]:
         _warn(m)
-    print(f"wrote {args.output}: {report['layers']} layers of {os.path.basename(args.base)} reduced by "
+    _print(f"wrote {args.output}: {report['layers']} layers of {os.path.basename(args.base)} reduced by "
           f"{', '.join(f'{st.name}:{s:g}' for st, s in items)}" + (f" ({args.mode})" if len(items) > 1 else ""))
     return 0
 
@@ -387,7 +405,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so the temporary file of a write is removed."""
+
+
+# main()'s status when SIGTERM stopped it; __main__ then ends the process by that signal.
+TERMINATED = 128 + signal.SIGTERM
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns the exit status. SIGTERM is turned into an exception while it
+    runs (when called from the main thread), so an interrupted write leaves nothing behind."""
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if installed else None
+    try:
+        return _main(argv)
+    except Terminated:  # arrived outside the commands' own handling
+        _fail("terminated (SIGTERM); no output was written")
+        return TERMINATED
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_inputs(args)
@@ -407,6 +452,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         return _fail("interrupted")
+    except Terminated:
+        _fail("terminated (SIGTERM); no output was written")
+        return TERMINATED
     except Exception as e:  # no traceback for users; PARA_DEBUG=1 shows it
         if os.environ.get("PARA_DEBUG"):
             raise

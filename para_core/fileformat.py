@@ -155,30 +155,53 @@ def temp_path_for(path: str) -> str:
     return os.path.join(folder, f".{name[:-30] if len(name) > 150 else name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
+def check_replaceable(path: str) -> None:
+    """Writing over ``path`` replaces it (the write goes to a temporary file that is then renamed
+    onto it). A file that exists and is read-only (no write permission bit, e.g. 0444, or one this
+    user may not write) is refused instead: read-only is how a user says "keep this", and the
+    rename would otherwise replace it silently (renaming needs only the folder's permission)."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        return
+    if not st.st_mode & 0o222 or not os.access(path, os.W_OK):
+        raise ParaError(f"{path}: the file exists and is read-only (mode {stat.S_IMODE(st.st_mode):04o}), so it was not "
+                        f"replaced. Make it writable (chmod u+w) or delete it to write over it, or choose another "
+                        "output path.")
+
+
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> str:
     """Call ``write(tmp)`` on a temporary file in the same folder, then rename it to ``path``:
     a crash or an error never leaves a half-written file (the old one, if any, stays), and the
     temporary name is never listed by ComfyUI. The file gets the permissions any other writer
     would give it (0666 minus the umask, or those of the file it replaces), not mkstemp's 0600.
-    ``suffix`` is accepted for older callers and ignored."""
+    A read-only ``path`` is not replaced (check_replaceable). ``suffix`` is accepted for older
+    callers and ignored."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    check_replaceable(path)
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = None
-    tmp = temp_path_for(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    tmp = temp_path_for(path)  # pid + 32 random bits: no other writer has this name
     try:
-        if mode is None:
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 minus the umask, read without changing it
-    finally:
-        os.close(fd)
-    try:
+        # Everything from here on is inside the try: an exception (a signal turned into one, see
+        # cli.main) at any point removes the temporary file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+        try:
+            if mode is None:
+                mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 minus the umask, read without changing it
+        finally:
+            os.close(fd)
         write(tmp)
         # safetensors' save_file (0.8) recreates the file as 0600 itself: set the mode afterwards.
         os.chmod(tmp, mode)
+        check_replaceable(path)  # made read-only while we wrote
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -359,3 +359,69 @@ def test_a_folder_given_as_a_file_is_named(files, capsys):
 def test_the_merge_mode_choices_are_the_merge_modes():
     from para_core import cli, merge
     assert cli.MERGE_MODES == merge.MERGE_MODES
+
+
+# ------------------------------------------------------------------------- signals, read-only outputs, odd names
+
+def _big_checkpoint(path):
+    """The tiny checkpoint plus 400 MB of other tensors: bake's save takes long enough to be
+    stopped in the middle of writing."""
+    from safetensors.torch import save_file
+    tensors = {k: v for k, v in load_file(str(path)).items()}
+    for i in range(4):
+        tensors[f"first_stage_model.filler.{i}.weight"] = torch.zeros(25_000_000)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("sig, status, says", [("SIGTERM", -15, "terminated"), ("SIGINT", 1, "interrupted")])
+def test_a_signal_during_bake_leaves_no_temporary_file(files, sig, status, says):
+    import signal
+    import time
+    _big_checkpoint(files["ckpt"])
+    out = files["out"] / "baked.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "para_core", "bake", "--base", str(files["ckpt"]), "--para",
+                             str(files["a"]), "-o", str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background ignores SIGINT, and a child inherits that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.endswith(".para-tmp") for p in files["out"].iterdir()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "bake never started writing"
+            time.sleep(0.005)
+        proc.send_signal(getattr(signal, sig))
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert os.listdir(files["out"]) == []
+    assert proc.returncode == status, stderr
+    assert says in _one_error_line(stderr)
+
+
+@pytest.mark.parametrize("command", ["merge", "export-lora", "bake"])
+def test_a_read_only_output_is_refused_and_kept(files, capsys, command):
+    out = files["out"] / "keep.safetensors"
+    out.write_bytes(b"the user's file")
+    os.chmod(out, 0o444)
+    argv = {"merge": ["merge", "--mode", "sum", str(files["a"]), str(files["b"]), "-o", str(out)],
+            "export-lora": ["export-lora", "--base", str(files["ckpt"]), "--para", str(files["a"]), "-o", str(out)],
+            "bake": ["bake", "--base", str(files["ckpt"]), "--para", str(files["a"]), "-o", str(out)]}[command]
+    assert main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(out) in line and "read-only" in line and "chmod u+w" in line
+    assert out.read_bytes() == b"the user's file" and (out.stat().st_mode & 0o777) == 0o444
+    assert sorted(os.listdir(files["out"])) == ["keep.safetensors"]
+    os.chmod(out, 0o644)  # writable again: it is replaced as before
+    assert main(argv) == 0
+    assert out.read_bytes() != b"the user's file"
+
+
+def test_control_characters_in_a_path_are_escaped_in_the_one_error_line(files, capsys):
+    evil = str(files["out"] / "x\x1b[31mred\x07\rline.safetensors")
+    assert main(["inspect", evil]) == 1
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert "\x1b" not in err and "\r" not in err and "\x07" not in err
+    assert "x\\x1b[31mred\\x07 line.safetensors" in line  # escaped; a line break becomes a space
