@@ -42,7 +42,8 @@ def remove_crash_leftovers() -> List[str]:
     folders = list(folder_paths.get_folder_paths("para")) + list(folder_paths.get_folder_paths("loras"))
     removed = remove_stale_temp_files(folders)
     if removed:
-        log.info("PaRa: removed %d unfinished file(s) left by an interrupted write: %s", len(removed), ", ".join(removed))
+        log.info("PaRa: removed %d unfinished file(s) left by an interrupted write: %s", len(removed),
+                 ", ".join(map(repr, removed)))
     return removed
 
 
@@ -213,7 +214,7 @@ class PaRaSave(io.ComfyNode):
         path = _save_path(folder, filename_prefix)
         save_para(para, path, DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
         rel = os.path.relpath(path, folder)
-        log.info("PaRa: saved %s", path)
+        log.info("PaRa: saved %r", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/para/{rel}"))
 
 
@@ -258,7 +259,7 @@ class PaRaExportLoRA(io.ComfyNode):
         path = _save_path(folder, filename_prefix)
         atomic_save_safetensors(tensors, path, md)
         rel = os.path.relpath(path, folder)
-        log.info("PaRa: exported LoRA %s", path)
+        log.info("PaRa: exported LoRA %r", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}"))
 
 

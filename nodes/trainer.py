@@ -72,12 +72,15 @@ class PaRaTrainer(io.ComfyNode):
                 "Trains a PaRa adapter (paper: Personalizing Text-to-Image Diffusion via Parameter Rank Reduction): "
                 "for every selected layer it learns an r-dimensional output subspace Q and removes it, "
                 "W' = W0 - Q(Q^T W0) (parametrization paper; with parametrization reference it trains what the authors' "
-                "code trains: U and D free, W' = W0 - U D). Feed it the latents of your subject's images (VAE Encode) and their "
-                "conditioning (one for all, or one per image). Shows the loss while it runs, saves checkpoints "
+                "code trains: U and D free, W' = W0 - U D). Feed it the latents of your subject's images (VAE Encode, or the "
+                "lists of the dataset nodes: Make Training Dataset, Resolution Bucket, Load Training Dataset) and "
+                "their conditioning (one for all, or one per image). Shows the loss while it runs, saves checkpoints "
                 "into models/para, stops cleanly on Cancel (keeping the last finished step) and can resume."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to personalize (any model ComfyUI can sample)."),
-                io.Latent.Input("latents", tooltip="The training images as latents (VAE Encode of a batch of images)."),
+                io.Latent.Input("latents", tooltip="The training images as latents: VAE Encode of a batch of images, or the "
+                                                "lists of ComfyUI's dataset nodes (Make Training Dataset, Resolution "
+                                                "Bucket, Load Training Dataset), whose images may differ in size."),
                 io.Conditioning.Input("positive", tooltip="The caption conditioning: one for all images, or one per image "
                                                           "in the same order (put your trigger word in it)."),
                 io.Int.Input("rank", default=4, min=1, max=1024,
@@ -87,7 +90,7 @@ class PaRaTrainer(io.ComfyNode):
                                        "resampling layers except cross-attention; on transformers (SD3, Flux, Lumina 2) "
                                        "the image path's attention and MLP weights, not the text path. "
                                        "noxattn-hspace-last: one layer in the middle of the network (single-image "
-                                       "editing). See the README's preset table per family."),
+                                       "editing). See docs/presets.md for each preset per model family."),
                 io.Combo.Input("rank_cap", options=list(RankCap.MODES), default=RankCap.REFERENCE,
                                tooltip="reference: a layer with fewer than rank_ratio*rank outputs gets rank "
                                        "out//rank_ratio (at least 1). reference-code: exactly the authors' code: "
@@ -135,7 +138,7 @@ class PaRaTrainer(io.ComfyNode):
                                        "(r*(out + in*k*k) parameters; saved as a para_U/para_D file). On the pack's "
                                        "quality benchmark both learned a known-class subject (instance 0.92 paper, "
                                        "1.00 reference, LoRA 0.89); only reference learned a new shape (0.33 vs 0.00) "
-                                       "and it drifted more (README, Quality)."),
+                                       "and it drifted more (bench/README.md, Quality)."),
                 io.Int.Input("rank_ratio", default=RankCap.DEFAULT_RATIO, min=1, max=4096, optional=True,
                              tooltip="The ratio of rank_cap's reference rules (the code's --loraRatio, default 40)."),
             ],
@@ -170,7 +173,7 @@ class PaRaTrainer(io.ComfyNode):
         shapes = layer_shapes(model)
         resume = load_resume(resume_from, model, shapes, family)
         if resume is not None and resume.parametrization != parametrization:
-            log.warning("PaRa: %s was trained with parametrization %s; continuing it as %s (input 'parametrization' "
+            log.warning("PaRa: %r was trained with parametrization %s; continuing it as %s (input 'parametrization' "
                         "is %s).", resume_from, resume.parametrization, resume.parametrization, parametrization)
             parametrization = resume.parametrization
         reference = parametrization == "reference"
@@ -228,7 +231,7 @@ class PaRaTrainer(io.ComfyNode):
                           scaler_state=trainer_state.get("scaler") if trainer_state else None,
                           loss_history=trainer_state.get("loss_history") if trainer_state else None,
                           on_checkpoint=checkpoints, on_step=progress)
-        log.info("PaRa: training %d layers of this %s model (%s), ranks %s, %d trainable parameters, steps %d -> %d",
+        log.info("PaRa: training %d layers of this %s model (%r), ranks %s, %d trainable parameters, steps %d -> %d",
                  len(names), family, spec, rank_summary(ranks), sum(p.numel() for p in adapter.parameters()), start,
                  steps)
         run.run()
@@ -397,14 +400,14 @@ class Resume:
         if self.trainer.get("data_fingerprint") not in (None, info.data_fingerprint):
             diff.append("other latents")
         if diff:
-            log.warning("PaRa: resuming %s with %s: the result will differ from an uninterrupted run.",
+            log.warning("PaRa: resuming %r with %s: the result will differ from an uninterrupted run.",
                         self.name, ", ".join(diff))
 
     def optimizer_state(self, optimizer: str):
         if not self.trainer:
             return None
         if self.trainer.get("optimizer_name") != optimizer:
-            log.warning("PaRa: %s was trained with %s, this run uses %s: the optimizer starts fresh (not an exact resume).",
+            log.warning("PaRa: %r was trained with %r, this run uses %s: the optimizer starts fresh (not an exact resume).",
                         self.name, self.trainer.get("optimizer_name"), optimizer)
             return None
         return self.trainer.get("optimizer")
@@ -429,15 +432,15 @@ def load_resume(resume_from, model, shapes, family) -> Optional[Resume]:
         except ParaError as e:
             raise ParaError(f"input 'resume_from': {e}") from None
         if sorted(trainer["layers"]) != sorted(para.layers):
-            log.warning("PaRa: %s does not match its PaRa file's layers; warm start from the PaRa file only.", tpath)
+            log.warning("PaRa: %r does not match its PaRa file's layers; warm start from the PaRa file only.", tpath)
             trainer = None
         else:
             check_optimizer_shapes(trainer, para, tpath, resume_from)
             check_whole_state(trainer, para, tpath, resume_from)
     if trainer:
-        log.info("PaRa: resuming %s exactly from step %d", resume_from, int(trainer["step"]))
+        log.info("PaRa: resuming %r exactly from step %d", resume_from, int(trainer["step"]))
     else:
-        log.info("PaRa: warm start from %s (no trainer state beside it: fresh optimizer, step 0)", resume_from)
+        log.info("PaRa: warm start from %r (no trainer state beside it: fresh optimizer, step 0)", resume_from)
     return Resume(para, trainer, resume_from)
 
 
@@ -589,7 +592,7 @@ class Checkpoints:
                     pass
             raise
         self.last_name = os.path.relpath(path, self.folder)
-        log.info("PaRa: step %d: saved checkpoint %s (%s)", run.step, path, reason)
+        log.info("PaRa: step %d: saved checkpoint %r (%s)", run.step, path, reason)
         return path
 
 

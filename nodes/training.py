@@ -615,13 +615,13 @@ class TrainingRun:
             path = self.on_checkpoint(self, reason)
         except Exception as e:  # never let a failed save hide the reason the run stopped
             if early:
-                log.error("PaRa: could not save a checkpoint after '%s': %s", reason, e)
+                log.error("PaRa: could not save a checkpoint after '%s': %r", reason, str(e))
                 return None
             # A full disk or a name the file system refuses must not throw the run away: keep
             # training (the state stays in memory and is returned), retry at the next save.
             self.save_errors.append(f"step {self.step}: {e}")
-            log.warning("PaRa: could not write the checkpoint of step %d (%s); training goes on, the next save "
-                        "retries and the final result is returned in memory either way.", self.step, e)
+            log.warning("PaRa: could not write the checkpoint of step %d (%r); training goes on, the next save "
+                        "retries and the final result is returned in memory either way.", self.step, str(e))
             return None
         self.last_checkpoint, self._saved_step = path, self.step
         return path
