@@ -16,7 +16,7 @@ from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetens
                          load_para, merge_states, save_para)
 from ..para_core.fileformat import remove_stale_temp_files
 from .patching import apply_para, check_strength, fit_to_model, model_family, model_fingerprint, original_weight
-from .types import PARA
+from .types import PARA, check_model, check_para
 
 log = logging.getLogger("ComfyUI-PaRa")
 CATEGORY = "PaRa"
@@ -54,15 +54,21 @@ def check_choice(value, options, input_name: str):
     return value
 
 
-_cache: Dict[str, Tuple[Tuple[float, int], ParaState]] = {}
+_cache: Dict[str, Tuple[tuple, ParaState]] = {}
+
+
+def _file_key(st: os.stat_result) -> tuple:
+    """What tells one file from another at a path: a file replaced by another of the same size
+    and mtime (``cp -p``, ``rsync -a``, a backup restored) has a new inode or at least a new
+    ctime, which no tool can set back."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def load_para_cached(name: str) -> ParaState:
     path = folder_paths.get_full_path("para", name)
     if path is None:
         raise ParaError(f"PaRa file {name!r} not found in models/para ({', '.join(folder_paths.get_folder_paths('para'))}).")
-    st = os.stat(path)
-    key = (st.st_mtime_ns, st.st_size)
+    key = _file_key(os.stat(path))
     hit = _cache.get(path)
     if hit is None or hit[0] != key:
         _cache.clear()  # keep one file's tensors, not every file ever loaded
@@ -76,8 +82,7 @@ def file_stamp(name: str):
     path = folder_paths.get_full_path("para", name)
     if path is None:
         return name
-    st = os.stat(path)
-    return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+    return f"{path}:" + ":".join(map(str, _file_key(os.stat(path))))
 
 
 def para_files():
@@ -126,7 +131,7 @@ class PaRaApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, para, strength) -> io.NodeOutput:
-        return io.NodeOutput(apply_para(model, para, strength))
+        return io.NodeOutput(apply_para(check_model(model), check_para(para), strength))
 
 
 class PaRaLoader(io.ComfyNode):
@@ -145,6 +150,7 @@ class PaRaLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, para_name, strength) -> io.NodeOutput:
+        check_model(model)
         check_strength(strength)
         return io.NodeOutput(apply_para(model, load_para_cached(para_name), strength))
 
@@ -180,7 +186,7 @@ class PaRaMerge(io.ComfyNode):
             p = kw.get(f"para_{i}")
             if p is None:
                 continue
-            states.append(p)
+            states.append(check_para(p, f"para_{i}"))
             strengths.append(check_strength(kw.get(f"strength_{i}", 1.0), f"strength_{i}"))
         if len(states) < 2:
             raise ParaError("PaRa Merge needs at least two connected PARA inputs (para_1 and para_2).")
@@ -210,6 +216,7 @@ class PaRaSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, para, filename_prefix, dtype) -> io.NodeOutput:
+        check_para(para)
         folder = folder_paths.get_folder_paths("para")[0]
         path = _save_path(folder, filename_prefix)
         save_para(para, path, DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
@@ -238,6 +245,8 @@ class PaRaExportLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, para, filename_prefix, strength, dtype) -> io.NodeOutput:
+        check_model(model)
+        check_para(para)
         strength = check_strength(strength)
         state = fit_to_model(para, model)
         tensors = export_lora(state, lambda l: original_weight(model, l), strength,

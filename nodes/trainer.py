@@ -32,7 +32,7 @@ from .patching import apply_para, layer_shapes, model_family, model_fingerprint,
 from .training import (OPTIMIZERS, TRAINING_DTYPES, ParaForward, ReferenceForward, TrainSettings, TrainingRun,
                        generator_for)
 from .dynamic_vram import training_patcher
-from .types import PARA
+from .types import PARA, check_model
 
 log = logging.getLogger("ComfyUI-PaRa")
 NONE = "[none]"
@@ -160,6 +160,7 @@ class PaRaTrainer(io.ComfyNode):
                 seed, training_dtype, gradient_checkpointing, init, save_every, filename_prefix, resume_from,
                 custom_layers="", trigger_words="", parametrization=DEFAULT_PARAMETRIZATION,
                 rank_ratio=RankCap.DEFAULT_RATIO) -> io.NodeOutput:
+        check_model(model)
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
         custom = (custom_layers or "").strip()
