@@ -193,9 +193,72 @@ class PaRaMerge(io.ComfyNode):
         return io.NodeOutput(merge_states(states, strengths, check_choice(mode, list(MERGE_MODES), "mode")))
 
 
-def _save_path(folder: str, prefix: str) -> str:
-    full_folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(prefix, folder)
+# The name a save adds after the prefix's last part: "_00001_.safetensors".
+SAVE_TAIL = len("_00001_.safetensors")
+# ComfyUI's date/size variables in a prefix (folder_paths.get_save_image_path) and their widths.
+_PREFIX_VARS = {"%year%": 4, "%month%": 2, "%day%": 2, "%hour%": 2, "%minute%": 2, "%second%": 2, "%width%": 1,
+                "%height%": 1}
+
+
+def _name_max(folder: str) -> int:
+    """The longest file name (in bytes) the file system of ``folder`` takes (255 nearly everywhere)."""
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return int(os.pathconf(folder or ".", "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def check_prefix(prefix, folder: str, tail: int = SAVE_TAIL, input_name: str = "filename_prefix") -> str:
+    """A file name prefix a file can be written under, checked before any work: text; no NUL
+    (no file name can hold one); no lone surrogate (it cannot be encoded, it comes from broken
+    text); every folder name and the final file name (the prefix's last part + ``tail`` bytes
+    the save adds) within the file system's limit. Every error names the input."""
+    if not isinstance(prefix, str):
+        raise ParaError(f"input '{input_name}' is a {type(prefix).__name__}; give a text (a file name prefix).")
+    if "\x00" in prefix:
+        raise ParaError(f"input '{input_name}' {prefix!r:.80} contains a NUL character (\\x00), which no file name "
+                        "can hold; remove it.")
+    try:
+        prefix.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParaError(f"input '{input_name}' contains a lone surrogate ({prefix[e.start]!r} at character {e.start}), "
+                        "which cannot be written as a file name (it comes from broken text); remove it.") from None
+    text = prefix
+    for var, width in _PREFIX_VARS.items():
+        text = text.replace(var, "0" * width)
+    parts = [p for p in os.path.normpath(text).replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    limit = _name_max(folder)
+    for part in parts[:-1]:
+        n = len(os.fsencode(part))
+        if n > limit:
+            raise ParaError(f"input '{input_name}': the folder name {part[:40]!r}... is too long ({n} bytes; the file "
+                            f"system takes at most {limit} per name); shorten it.")
+    last = len(os.fsencode(parts[-1])) if parts else 0
+    if last + tail > limit:
+        raise ParaError(f"input '{input_name}' is too long: its last part is {last} bytes and the file name it gives "
+                        f"would be {last + tail} bytes (the file system takes at most {limit}); use at most "
+                        f"{limit - tail} bytes there (a non-ASCII character takes 2 to 4).")
+    return prefix
+
+
+def save_target(folder: str, prefix: str, input_name: str = "filename_prefix"):
+    """(full folder, file name stem, first counter) for ``prefix`` inside ``folder``, through
+    ComfyUI's own rules (subfolders, %date% variables, no way out of the folder)."""
+    try:
+        full_folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(prefix, folder)
+    except OSError as e:
+        raise ParaError(f"input '{input_name}' {prefix!r:.80}: its folder cannot be made ({e.strerror}).") from None
+    except Exception:
+        raise ParaError(f"input '{input_name}' {prefix!r:.80} points outside {folder}; use a plain name or a "
+                        "subfolder.") from None
     os.makedirs(full_folder, exist_ok=True)
+    return full_folder, filename, counter
+
+
+def _save_path(folder: str, prefix: str) -> str:
+    full_folder, filename, counter = save_target(folder, check_prefix(prefix, folder))
     return os.path.join(full_folder, f"{filename}_{counter:05}_.safetensors")
 
 

@@ -27,7 +27,7 @@ from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B, is_linear
 from ..para_core.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
 from ..para_core.trainstate import (check_optimizer_state, check_scaler_state, load_trainer_state, save_trainer_state,
                                     trainer_state_path)
-from .para_nodes import CATEGORY, para_files
+from .para_nodes import CATEGORY, check_prefix, para_files, save_target
 from .patching import apply_para, layer_shapes, model_family, model_fingerprint, original_weight
 from .training import (OPTIMIZERS, TRAINING_DTYPES, ParaForward, ReferenceForward, TrainSettings, TrainingRun,
                        generator_for)
@@ -168,6 +168,9 @@ class PaRaTrainer(io.ComfyNode):
         samples, positive = training_data(latents, positive, model)
         check_settings(steps, learning_rate, batch_size, save_every, optimizer, training_dtype, init, rank_cap,
                        parametrization, rank_ratio)
+        trigger_words = check_trigger_words(trigger_words)
+        check_prefix(filename_prefix or "PaRa", folder_paths.get_folder_paths("para")[0],
+                     len(f"_00001_step{int(steps):06}.safetensors"))
         given = model
         model = training_patcher(model)  # dynamic VRAM: train on a classic copy (nodes/dynamic_vram.py)
         family = model_family(model)
@@ -345,6 +348,30 @@ def check_settings(steps, learning_rate, batch_size, save_every, optimizer, trai
             raise ParaError(f"input '{name}' is {value!r}; use one of {', '.join(options)}.")
     if rank_ratio is None or int(rank_ratio) < 1:
         raise ParaError(f"input 'rank_ratio' is {rank_ratio}; use at least 1 (the reference code uses 40).")
+
+
+# Trigger words go into the metadata three times (title, modelspec.trigger_phrase, para.train);
+# safetensors refuses a header over 100 MB. A phrase is words, not a document.
+MAX_TRIGGER_WORDS_BYTES = 65536
+
+
+def check_trigger_words(trigger_words) -> str:
+    """The trigger words as they will be stored, checked before training (a problem here would
+    otherwise fail every checkpoint): text, encodable, at most MAX_TRIGGER_WORDS_BYTES."""
+    if trigger_words is None:
+        return ""
+    if not isinstance(trigger_words, str):
+        raise ParaError(f"input 'trigger_words' is a {type(trigger_words).__name__}; give a text.")
+    try:
+        n = len(trigger_words.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ParaError(f"input 'trigger_words' contains a lone surrogate ({trigger_words[e.start]!r} at character "
+                        f"{e.start}), which cannot be stored in the file's metadata (it comes from broken text); "
+                        "remove it.") from None
+    if n > MAX_TRIGGER_WORDS_BYTES:
+        raise ParaError(f"input 'trigger_words' is {n:,} bytes; the file's metadata takes at most "
+                        f"{MAX_TRIGGER_WORDS_BYTES:,} (trigger words are a short phrase, e.g. 'sks dog').")
+    return trigger_words
 
 
 def choose_layers(shapes, spec: str, input_name: str, family: str) -> List[str]:
@@ -567,11 +594,9 @@ class Checkpoints:
 
     def __init__(self, prefix: str, info: RunInfo):
         folder = os.path.abspath(folder_paths.get_folder_paths("para")[0])
-        try:
-            full, filename, counter, _, _ = folder_paths.get_save_image_path(prefix or "PaRa", folder)
-        except Exception:
-            raise ParaError(f"input 'filename_prefix' {prefix!r} points outside models/para; use a plain name "
-                            "or a subfolder.") from None
+        # the longest name a run writes: <prefix>_00001_step<steps>.safetensors
+        tail = len(f"_00001_step{info.settings.steps:06}.safetensors")
+        full, filename, counter = save_target(folder, check_prefix(prefix or "PaRa", folder, tail))
         self.folder, self.stem, self.info = folder, os.path.join(full, f"{filename}_{counter:05}"), info
         self.last_name: Optional[str] = None
 

@@ -231,8 +231,12 @@ def test_resume_with_a_new_learning_rate_uses_it(mods, model, monkeypatch):
     assert seen == [[0.5]]
 
 
-def test_a_checkpoint_that_cannot_be_written_warns_and_the_run_goes_on(mods, model, caplog):
-    prefix = "p" * 250  # too long for the file system (255 bytes per name)
+def test_a_checkpoint_that_cannot_be_written_warns_and_the_run_goes_on(mods, model, caplog, monkeypatch):
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mods.trainer, "save_para", disk_full)
+    prefix = "ppp_full"
     out = train(mods, model, steps=3, save_every=1, filename_prefix=prefix)
     _, para, loss, steps = out.args
     assert steps == 3 and len(loss["loss"]) == 3 and para.layers
