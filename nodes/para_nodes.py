@@ -14,7 +14,7 @@ import folder_paths
 
 from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetensors, build_metadata, export_lora,
                          load_para, merge_states, save_para)
-from ..para_core.fileformat import remove_stale_temp_files
+from ..para_core.fileformat import numbered, remove_stale_temp_files
 from .patching import apply_para, check_strength, fit_to_model, model_family, model_fingerprint, original_weight
 from .types import PARA, check_model, check_para
 
@@ -257,9 +257,13 @@ def save_target(folder: str, prefix: str, input_name: str = "filename_prefix"):
     return full_folder, filename, counter
 
 
-def _save_path(folder: str, prefix: str) -> str:
+def _save_names(folder: str, prefix: str) -> List[str]:
+    """The names a save under ``prefix`` may take, in order: ComfyUI's next counter, then the ones
+    after it. The save claims the first free one atomically (para_core.fileformat.atomic_write,
+    exclusive): two ComfyUIs sharing the folder never write over each other's files, even when
+    both listed the folder at the same moment."""
     full_folder, filename, counter = save_target(folder, check_prefix(prefix, folder))
-    return os.path.join(full_folder, f"{filename}_{counter:05}_.safetensors")
+    return numbered(lambda n: os.path.join(full_folder, f"{filename}_{n:05}_.safetensors"), counter)
 
 
 class PaRaSave(io.ComfyNode):
@@ -281,8 +285,8 @@ class PaRaSave(io.ComfyNode):
     def execute(cls, para, filename_prefix, dtype) -> io.NodeOutput:
         check_para(para)
         folder = folder_paths.get_folder_paths("para")[0]
-        path = _save_path(folder, filename_prefix)
-        save_para(para, path, DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
+        names = _save_names(folder, filename_prefix)
+        path = save_para(para, names, DTYPES[check_choice(dtype, list(DTYPES), "dtype")], exclusive=True)
         rel = os.path.relpath(path, folder)
         log.info("PaRa: saved %r", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/para/{rel}"))
@@ -311,6 +315,7 @@ class PaRaExportLoRA(io.ComfyNode):
         check_model(model)
         check_para(para)
         strength = check_strength(strength)
+        names = _save_names(folder_paths.get_folder_paths("loras")[0], filename_prefix)
         state = fit_to_model(para, model)
         tensors = export_lora(state, lambda l: original_weight(model, l), strength,
                               DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
@@ -328,8 +333,7 @@ class PaRaExportLoRA(io.ComfyNode):
         md["modelspec.architecture"] = md["modelspec.architecture"].replace("/para", "/lora")
         md.pop("para.kind", None)
         folder = folder_paths.get_folder_paths("loras")[0]
-        path = _save_path(folder, filename_prefix)
-        atomic_save_safetensors(tensors, path, md)
+        path = atomic_save_safetensors(tensors, names, md, exclusive=True)
         rel = os.path.relpath(path, folder)
         log.info("PaRa: exported LoRA %r", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}"))

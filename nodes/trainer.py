@@ -25,6 +25,7 @@ from ..para_core import (PRESET_NAMES, DEFAULT_PRESET, ParaError, ParaState, Pre
 from ..para_core.reduction import RankCap, effective_rank
 from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B, is_linear
 from ..para_core.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
+from ..para_core.fileformat import NameTaken, claim_run, refresh_run, release_run
 from ..para_core.trainstate import (check_optimizer_state, check_scaler_state, load_trainer_state, save_trainer_state,
                                     trainer_state_path)
 from .para_nodes import CATEGORY, check_prefix, para_files, save_target
@@ -238,7 +239,10 @@ class PaRaTrainer(io.ComfyNode):
         log.info("PaRa: training %d layers of this %s model (%r), ranks %s, %d trainable parameters, steps %d -> %d",
                  len(names), family, spec, rank_summary(ranks), sum(p.numel() for p in adapter.parameters()), start,
                  steps)
-        run.run()
+        try:
+            run.run()
+        finally:
+            checkpoints.close()
 
         state = info.state(run)
         out_model = apply_para(given, state, 1.0)
@@ -590,28 +594,45 @@ class RunInfo:
 
 
 class Checkpoints:
-    """Writes <prefix>_<run>_step<N>.safetensors (+ .trainer.pt) into models/para, atomically."""
+    """Writes <prefix>_<run>_step<N>.safetensors (+ .trainer.pt) into models/para, atomically.
+
+    The run number is claimed at the first checkpoint (fileformat.claim_run), so two ComfyUIs
+    sharing models/para never write into one run's name, and every file is written exclusively:
+    nothing another writer made is ever replaced. close() gives the run number's claim back."""
 
     def __init__(self, prefix: str, info: RunInfo):
         folder = os.path.abspath(folder_paths.get_folder_paths("para")[0])
         # the longest name a run writes: <prefix>_00001_step<steps>.safetensors
         tail = len(f"_00001_step{info.settings.steps:06}.safetensors")
         full, filename, counter = save_target(folder, check_prefix(prefix or "PaRa", folder, tail))
-        self.folder, self.stem, self.info = folder, os.path.join(full, f"{filename}_{counter:05}"), info
+        self.folder, self.info = folder, info
+        self._target = (full, filename, counter)
+        self.stem: Optional[str] = None
+        self._claim: Optional[str] = None
         self.last_name: Optional[str] = None
 
+    def close(self) -> None:
+        release_run(self._claim)
+        self._claim = None
+
     def __call__(self, run: TrainingRun, reason: str) -> str:
+        if self.stem is None:
+            self.stem, self._claim = claim_run(*self._target)
+        refresh_run(self._claim)
         path = f"{self.stem}_step{run.step:06}.safetensors"
         tpath = trainer_state_path(path)
+        wrote_state = False
         if run.optimizer_state_valid:
             # Trainer state first: the PaRa file, which the resume list shows, appears last, so a
             # listed checkpoint always has its state (a crash in between leaves an unlisted
             # .trainer.pt, removed at the next start: fileformat.remove_stale_temp_files).
-            save_trainer_state(self.info.trainer_state(run, os.path.basename(path), reason), tpath)
+            save_trainer_state(self.info.trainer_state(run, os.path.basename(path), reason), tpath, exclusive=True)
+            wrote_state = True
         try:
-            save_para(self.info.state(run, reason), path)
-        except BaseException:
-            if run.optimizer_state_valid and not os.path.exists(path):
+            save_para(self.info.state(run, reason), path, exclusive=True)
+        except BaseException as e:
+            # our state must not stay beside a PaRa file that is not ours, nor alone
+            if wrote_state and (isinstance(e, NameTaken) or not os.path.exists(path)):
                 try:
                     os.unlink(tpath)
                 except OSError:

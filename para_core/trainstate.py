@@ -33,9 +33,11 @@ def trainer_state_path(para_path: str) -> str:
     return (root if ext == ".safetensors" else os.fspath(para_path)) + SUFFIX
 
 
-def save_trainer_state(state: Dict[str, Any], path: str) -> str:
-    """torch.save to a temporary file in the same folder, then rename (never half-written)."""
-    return atomic_write(path, lambda tmp: torch.save(dict(state, version=TRAINER_STATE_VERSION), tmp), SUFFIX)
+def save_trainer_state(state: Dict[str, Any], path: str, exclusive: bool = False) -> str:
+    """torch.save to a temporary file in the same folder, then rename (never half-written); with
+    ``exclusive`` an existing file is never replaced (NameTaken, see fileformat.atomic_write)."""
+    return atomic_write(path, lambda tmp: torch.save(dict(state, version=TRAINER_STATE_VERSION), tmp), SUFFIX,
+                        exclusive=exclusive)
 
 
 def load_trainer_state(path: str) -> Dict[str, Any]:
