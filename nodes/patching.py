@@ -12,6 +12,7 @@ import comfy.model_patcher
 import comfy.utils
 
 from ..para_core import ParaError, ParaState, check_fingerprint, check_fits, fingerprint
+from ..para_core.fileformat import printable
 from .adapter import ParaAdapter, ReferenceAdapter
 
 log = logging.getLogger("ComfyUI-PaRa")
@@ -100,7 +101,7 @@ def fit_to_model(state: ParaState, model) -> ParaState:
     state = check_fits(state, shapes, family=f"this {model_family(model)} model")
     msg = check_fingerprint(state, model_fingerprint(model, state.layers)) if state.metadata.get("para.base_fingerprint") else None
     if msg:
-        log.warning("PaRa: %s", msg)
+        log.warning("PaRa: %s", printable(msg))
     return state
 
 

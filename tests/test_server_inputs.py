@@ -217,6 +217,13 @@ def test_control_characters_in_names_reach_the_log_escaped(comfy_server, fitting
     before = len(comfy_server.log_text())
     comfy_server.run(save_graph(fitting, evil), timeout=120)
     comfy_server.run(trainer_graph(filename_prefix=evil + "2", steps=1), timeout=300)
+    # a file whose name holds escapes, and an error that names it (ComfyUI logs the message)
+    bad = "bad\x1b[31mRED\nFORGED LINE.safetensors"
+    (comfy_server.models_dir / "para" / bad).write_bytes(b"not a safetensors file at all")
+    message = run_error(comfy_server, {"load": {"class_type": "PaRaLoad", "inputs": {"para_name": bad}},
+                                       "save": {"class_type": "PaRaSave", "inputs": {
+                                           "para": ["load", 0], "filename_prefix": "never", "dtype": "fp32"}}})
+    assert "not a safetensors file" in message and "\\x1b[31mRED" in message, message
     log = comfy_server.log_text()[before:]
     assert "\x1b[31mRED" not in log, log[-2000:]  # (ComfyUI 0.33 colours its own log lines)
     assert not [l for l in log.splitlines() if l.startswith("FORGED LINE")], log[-2000:]
