@@ -49,7 +49,7 @@ def browser(comfy_server, sd15_checkpoint):
     req = urllib.request.Request(comfy_server.url + "/settings", data=json.dumps(SETTINGS).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     urllib.request.urlopen(req, timeout=30).read()
-    import make_ui
+    from workflows import make_ui
     b = cdp.Browser(*make_ui.WINDOW)
     try:
         b.navigate(comfy_server.url + "/")
@@ -81,8 +81,8 @@ def test_page_loads_the_pack_without_errors(browser):
 
 @pytest.mark.parametrize("name", sorted(ui_workflows()))
 def test_workflow_loads_in_the_frontend(browser, name, comfyui_version):
-    import api_graph
-    import make_ui
+    from workflows import api_graph
+    from workflows import make_ui
     chosen = api_graph.for_comfyui(name, comfyui_version)
     if chosen != name:  # its nodes are not in this ComfyUI (test_workflows checks that)
         pytest.skip(f"{name} is not for ComfyUI {comfyui_version}: {chosen} is")

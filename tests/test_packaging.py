@@ -1,18 +1,16 @@
 """Registry packaging (issue 12 item 7): pyproject.toml read the way ComfyUI's own comfy_config
 reads a custom node's, and the workflow templates where the server serves them."""
-import json
-import urllib.request
 
 import pytest
 
-import comfy_env
+from harness import comfyui
 
 pytestmark = pytest.mark.comfyui
 
 
 def test_comfy_config_reads_the_registry_fields(comfy_in_process):
     from comfy_config import config_parser
-    cfg = config_parser.extract_node_configuration(str(comfy_env.PACK_ROOT))
+    cfg = config_parser.extract_node_configuration(str(comfyui.PACK_ROOT))
     assert cfg.project.name == "comfyui-para"
     assert cfg.project.urls.repository.startswith("https://github.com/")
     assert cfg.tool_comfy.publisher_id and cfg.tool_comfy.display_name == "ComfyUI-PaRa"
@@ -24,11 +22,8 @@ def test_comfy_config_reads_the_registry_fields(comfy_in_process):
 
 def test_the_server_lists_and_serves_the_ui_workflows_as_templates(comfy_server):
     from workflow_helpers import UI_DIR, ui_workflows
-    with urllib.request.urlopen(comfy_server.url + "/workflow_templates", timeout=30) as r:
-        listed = json.loads(r.read())
-    assert sorted(listed.get(comfy_env.PACK_DIR_NAME, [])) == sorted(ui_workflows())
+    listed = comfy_server.client.get("/workflow_templates")
+    assert sorted(listed.get(comfyui.PACK_DIR_NAME, [])) == sorted(ui_workflows())
     assert UI_DIR.name == "example_workflows"
     name = "2_generate_with_para_file"
-    url = f"{comfy_server.url}/api/workflow_templates/{comfy_env.PACK_DIR_NAME}/{name}.json"
-    with urllib.request.urlopen(url, timeout=30) as r:
-        assert json.loads(r.read()) == ui_workflows()[name]
+    assert comfy_server.client.get(f"/api/workflow_templates/{comfyui.PACK_DIR_NAME}/{name}.json") == ui_workflows()[name]
