@@ -9,6 +9,11 @@ for tests (CPU, a temporary --base-directory): nothing is imported from ComfyUI 
 module may then `import comfy...` / `import nodes` (ComfyUI's nodes.py) at module level.
 The pack itself is imported with harness.comfyui.import_pack() (fixture `para_pack`), never as
 `import nodes`.
+
+The repository root holds the pack's __init__.py (what ComfyUI imports); pytest would collect the
+root as a package and import that file as a test module, which fails when the folder's name is
+not a Python name (custom_nodes/ComfyUI-PaRa, as the README installs it). The plugin below makes
+the root a plain directory for pytest, whatever its name.
 """
 
 import shutil
@@ -20,6 +25,8 @@ import pytest
 
 from harness import comfyui, models, server
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 # Fixtures that need a ComfyUI checkout; tests using them get the `comfyui` marker.
 COMFY_FIXTURES = {"comfyui_path", "comfyui_version", "comfy_in_process", "comfy_base_dir", "tiny_model",
                   "tiny_model_factory", "sd15_checkpoint", "comfy_server", "para_pack"}
@@ -28,7 +35,18 @@ SERVER_FIXTURES = {"comfy_server"}
 _state = {"root": None, "base_dir": None, "version": None}
 
 
+class _RepoRootIsADirectory:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if Path(path).resolve() == REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
 def pytest_configure(config):
+    # Registered as a plugin (not a conftest hook): pytest asks the hooks of a directory's
+    # parent how to collect it, and no conftest lies above the root.
+    config.pluginmanager.register(_RepoRootIsADirectory(), "para-repo-root-is-a-directory")
     config.addinivalue_line("markers", "comfyui: needs a ComfyUI checkout (skipped when none is found)")
     config.addinivalue_line("markers", "server: starts a ComfyUI server subprocess")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

@@ -1,8 +1,11 @@
 """harness.comfyui: which ComfyUI the tests and tools use, and that it is the one imported."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from harness import comfyui
 
@@ -94,3 +97,24 @@ def test_comfyuis_nodes_module_wins_over_the_packs_nodes_package(comfyui_path, c
     assert out.returncode == 0, out.stderr[-2000:]
     assert Path(out.stdout.strip().splitlines()[-1]) == comfyui_path / "nodes.py"
 
+
+@pytest.mark.slow  # (and so never run again by the suite it starts, which runs no slow test)
+def test_the_suite_runs_from_a_checkout_in_custom_nodes_named_as_the_readme_says(tmp_path, comfyui_path):
+    """The README installs the pack as ComfyUI/custom_nodes/ComfyUI-PaRa: a folder name that is not
+    a Python name, holding the pack's __init__.py, inside a ComfyUI that the harness then finds
+    too. Tests collected and run from there (a copy of this checkout) pass."""
+    import shutil
+    holder = fake_comfyui(tmp_path / "ComfyUI")
+    checkout = holder / "custom_nodes" / comfyui.PACK_DIR_NAME
+    shutil.copytree(comfyui.PACK_ROOT, checkout, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "results", "screenshots"))
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path))
+    env.pop("PYTHONPATH", None)
+    # every test module is collected (imported); the ones that run are quick and need no server
+    out = subprocess.run([sys.executable, "-m", "pytest", str(checkout / "tests"), "-q", "-p", "no:cacheprovider",
+                          "-m", "not server and not slow", "-k", "test_harness_comfyui or test_core_presets"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    tail = (out.stdout + out.stderr)[-3000:]
+    assert out.returncode == 0, tail
+    summary = tail.strip().splitlines()[-1]
+    assert re.fullmatch(r"=* ?\d+ passed, \d+ deselected in .*", summary), tail
