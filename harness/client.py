@@ -182,7 +182,7 @@ class _Connection:
         self.closed = False
         self.error: str | None = None
         self.ws = None
-        self.task = None
+        self.task = None  # the reader task (held here: the loop keeps only a weak reference)
 
     @property
     def count(self) -> int:
@@ -216,9 +216,9 @@ class Messages:
     """The /ws messages that arrived after this view was made (Client.listen()). A context manager
     for symmetry with the code that uses it; leaving it changes nothing on the connection."""
 
-    def __init__(self, conn: _Connection):
+    def __init__(self, conn: _Connection, start: int | None = None):
         self._conn = conn
-        self._start = self._drained = conn.count
+        self._start = self._drained = self._next = conn.count if start is None else start
 
     @property
     def messages(self) -> list[dict]:
@@ -251,7 +251,7 @@ class Messages:
     def wait_next(self, predicate, timeout: float) -> dict | None:
         """The next matching message after those the previous wait_next() looked at (from the
         view's start the first time); None at the timeout or once the connection has closed."""
-        found, self._next = self._wait(predicate, timeout, getattr(self, "_next", self._start))
+        found, self._next = self._wait(predicate, timeout, self._next)
         return found
 
     def _wait(self, predicate, timeout: float, seen: int) -> tuple[dict | None, int]:
@@ -514,9 +514,7 @@ class Client:
                                       getattr(e, "status", None)) from None
                 # ComfyUI files the socket under the client id right after the handshake and then
                 # sends "status": once it came, the prompts queued from here report to it.
-                first = Messages(conn)
-                first._start = 0
-                if first.wait_next(lambda m: m.get("type") == "status", timeout) is None:
+                if Messages(conn, start=0).wait_next(lambda m: m.get("type") == "status", timeout) is None:
                     self.ws_error = conn.error or "no status message"
                     raise ServerError(f"{self.url}/ws sent no status message in {timeout} s ({self.ws_error})")
                 self._held["conn"] = conn

@@ -179,7 +179,7 @@ def test_stopping_the_batch_removes_its_waiting_job_and_interrupts_its_running_o
     while server.client.get("/queue")["queue_running"] and time.monotonic() < deadline:
         time.sleep(0.2)
     q = server.client.get("/queue")
-    assert q["queue_running"] == [] and q["queue_pending"] == [], q
+    assert q["queue_running"] == [] and q["queue_pending"] == [], (f"running {running}, waiting {waiting}", q, out)
     history = server.client.get(f"/history/{running}")[running]
     assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
     assert server.client.get(f"/history/{waiting}") == {}, "the waiting job never ran"
