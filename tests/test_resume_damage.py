@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -66,7 +66,7 @@ def para_folder():
 def train(mods, model, **kw):
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     with torch.inference_mode():
-        return mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=comfy_env.random_conditioning(1),
+        return mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=models.random_conditioning(1),
                                                 **dict(BASE, **kw))
 
 
@@ -74,7 +74,7 @@ def train(mods, model, **kw):
 def source(mods, comfy_in_process):
     """One fp16 run with a checkpoint (optimizer + GradScaler state) to damage copies of."""
     with torch.inference_mode():
-        model = comfy_env.make_tiny_model(seed=0)
+        model = models.make_tiny_model(seed=0)
     train(mods, model, steps=2, save_every=2, training_dtype="fp16", filename_prefix="rd_src")
     (name,) = [f for f in os.listdir(para_folder()) if f.startswith("rd_src_") and f.endswith(".safetensors")]
     path = os.path.join(para_folder(), name)
@@ -127,7 +127,7 @@ def test_a_damaged_trainer_state_is_an_error_naming_resume_from(mods, source, ca
 
 
 def resume_graph(image, name, dtype="fp32"):
-    g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+    g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}},
          "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks", "clip": ["ckpt", 1]}},
          "load": {"class_type": "LoadImage", "inputs": {"image": image}},
          "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["ckpt", 2]}},
@@ -155,9 +155,9 @@ def test_a_damaged_trainer_state_through_the_server(comfy_server):
         s = copy.deepcopy(state)
         damage(s)
         torch.save(s, str(para_dir / name)[: -len(".safetensors")] + ".trainer.pt")
-        entry = comfy_server.wait(comfy_server.queue(resume_graph("resume_damage.png", name, dtype)), timeout=600)
-        message = comfy_server.error_message(entry) or ""
-        assert comfy_server.status_str(entry) == "error", case_id
+        entry = comfy_server.wait(comfy_server.client.queue(resume_graph("resume_damage.png", name, dtype)), timeout=600)
+        message = entry.message or ""
+        assert entry.status == "error", case_id
         assert f"input 'resume_from' ({name})" in message and says in message, (case_id, message)
     # and the server keeps serving: the undamaged checkpoint resumes
     comfy_server.run(resume_graph("resume_damage.png", first.name, "fp16"), timeout=600)

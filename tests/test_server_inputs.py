@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-import comfy_env
+from harness import comfyui, models
+from harness.client import PromptRejected
+from harness.server import load_latent
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.server]
 
@@ -18,7 +20,7 @@ IMAGE = "server_inputs.png"
 @pytest.fixture(scope="module")
 def para_core():
     import sys
-    sys.path.insert(0, str(comfy_env.PACK_ROOT))
+    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     return para_core
 
@@ -51,11 +53,11 @@ def fitting(comfy_server, sd15_checkpoint, para_core):
 def run_error(server, graph, timeout=300):
     """The exception message of a prompt that must fail (rejected at validation counts too)."""
     try:
-        entry = server.wait(server.queue(graph), timeout=timeout)
-    except comfy_env.PromptRejected as e:
+        entry = server.wait(server.client.queue(graph), timeout=timeout)
+    except PromptRejected as e:
         return json.dumps(e.body)
-    assert server.status_str(entry) == "error", f"the prompt succeeded: {entry.get('outputs')}"
-    return server.error_message(entry) or ""
+    assert entry.status == "error", f"the prompt succeeded: {entry.outputs}"
+    return entry.message or ""
 
 
 _served = [0]
@@ -68,7 +70,7 @@ def still_serving(server, fitting):
          "save": {"class_type": "PaRaSave", "inputs": {"para": ["load", 0], "filename_prefix": f"after_bad{_served[0]}",
                                                        "dtype": "fp16"}}}
     entry = server.run(g, timeout=120)
-    assert server.status_str(entry) == "success"
+    assert entry.status == "success"
 
 
 def trainer_inputs(**kw):
@@ -81,7 +83,7 @@ def trainer_inputs(**kw):
 
 
 def base_graph():
-    return {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+    return {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}},
             "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks", "clip": ["ckpt", 1]}},
             "load_image": {"class_type": "LoadImage", "inputs": {"image": IMAGE}},
             "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["load_image", 0], "vae": ["ckpt", 2]}}}
@@ -148,7 +150,7 @@ BAD_PREFIXES = [
 
 
 def save_graph(fitting, prefix, node="PaRaSave"):
-    g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+    g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}},
          "load": {"class_type": "PaRaLoad", "inputs": {"para_name": fitting}}}
     if node == "PaRaSave":
         g["out"] = {"class_type": "PaRaSave", "inputs": {"para": ["load", 0], "filename_prefix": prefix, "dtype": "fp32"}}
@@ -235,7 +237,7 @@ def test_control_characters_in_names_reach_the_log_escaped(comfy_server, fitting
 # ------------------------------------------------------------------------- a replaced file
 
 def sample_graph(loader):
-    g = comfy_env.txt2img_graph(save="latent", prefix=f"swap_{loader}", steps=1, seed=5)
+    g = models.txt2img_graph(save="latent", prefix=f"swap_{loader}", steps=1, seed=5)
     if loader == "PaRaLoader":
         g["para"] = {"class_type": "PaRaLoader", "inputs": {"model": ["ckpt", 0], "para_name": "swap.safetensors",
                                                             "strength": 1.0}}
@@ -259,17 +261,17 @@ def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_reloaded(comfy_ser
     para_core.save_para(states[0], str(path))
     para_core.save_para(states[1], str(other))
     assert path.stat().st_size == other.stat().st_size
-    first = comfy_server.load_latent(comfy_server.output_files(comfy_server.run(sample_graph(loader), 300), "latents")[0])
+    first = load_latent(comfy_server.output_files(comfy_server.run(sample_graph(loader), 300), "latents")[0])
     st = path.stat()
     with open(path, "r+b") as f:  # what cp does onto an existing file: same inode, new bytes
         f.write(other.read_bytes())
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    second = comfy_server.load_latent(comfy_server.output_files(comfy_server.run(sample_graph(loader), 300), "latents")[0])
+    second = load_latent(comfy_server.output_files(comfy_server.run(sample_graph(loader), 300), "latents")[0])
     # the reference: the second adapter loaded fresh under another name
     ref_graph = sample_graph(loader)
     key = "para" if loader == "PaRaLoader" else "load"
     ref_graph[key]["inputs"]["para_name"] = "swap_other.safetensors"
-    ref = comfy_server.load_latent(comfy_server.output_files(comfy_server.run(ref_graph, 300), "latents")[0])
+    ref = load_latent(comfy_server.output_files(comfy_server.run(ref_graph, 300), "latents")[0])
     assert not torch.equal(first, ref)
     assert torch.equal(second, ref), "the replaced file's old adapter was used"

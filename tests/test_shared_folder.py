@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import comfy_env
+from harness import comfyui, models
+from harness.server import ComfyServer
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.server, pytest.mark.slow]
 
@@ -28,7 +29,7 @@ def layers_of(sd15_checkpoint):
 @pytest.fixture(scope="module")
 def two_servers(comfy_server, comfyui_path, sd15_checkpoint):
     """The session's server and a second one whose models/para and models/loras are the first's."""
-    other = comfy_env.ComfyServer(comfyui_path, checkpoints=[sd15_checkpoint])
+    other = ComfyServer(comfyui_path, checkpoints=[sd15_checkpoint])
     for sub in ("para", "loras"):
         (other.models_dir / sub).rmdir()
         (other.models_dir / sub).symlink_to(comfy_server.models_dir / sub, target_is_directory=True)
@@ -57,7 +58,7 @@ def sources(folder: Path, layers, tag: str, value: float, para_core):
 
 
 def save_graph(names):
-    g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}}}
+    g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}}}
     for i, name in enumerate(names):
         g[f"load{i}"] = {"class_type": "PaRaLoad", "inputs": {"para_name": name}}
         g[f"save{i}"] = {"class_type": "PaRaSave", "inputs": {"para": [f"load{i}", 0], "filename_prefix": "race/save",
@@ -70,7 +71,7 @@ def save_graph(names):
 
 def reported(entry, node_id):
     """The file name a PaRa Save / Export LoRA node reported ("saved models/<folder>/<name>")."""
-    text = "".join(entry["outputs"][node_id]["text"])
+    text = "".join(entry.texts()[node_id])
     return text.split("saved models/", 1)[1].split("/", 1)[1]
 
 
@@ -80,7 +81,7 @@ def at_once(servers, graphs, timeout=900):
 
     def go(i):
         barrier.wait()
-        ids[i] = servers[i].queue(graphs[i])
+        ids[i] = servers[i].client.queue(graphs[i])
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(servers))]
     for t in threads:
@@ -92,7 +93,7 @@ def at_once(servers, graphs, timeout=900):
 
 def test_two_servers_saving_under_one_prefix_never_overwrite_each_other(two_servers, sd15_checkpoint):
     import sys
-    sys.path.insert(0, str(comfy_env.PACK_ROOT))
+    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     from safetensors import safe_open
     a, b = two_servers
@@ -103,7 +104,7 @@ def test_two_servers_saving_under_one_prefix_never_overwrite_each_other(two_serv
     entries = at_once([a, b], graphs)
     claimed = {}  # file -> (server, source index)
     for tag, entry in zip("ab", entries):
-        assert comfy_env.status_str(entry) == "success", comfy_env.error_message(entry)
+        assert entry.status == "success", entry.error
         for i in range(SAVES):
             for kind in ("save", "lora"):
                 name = f"{kind}:{reported(entry, f'{kind}{i}')}"
@@ -127,7 +128,7 @@ def test_two_servers_saving_under_one_prefix_never_overwrite_each_other(two_serv
 
 
 def train_graph(seed):
-    return {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+    return {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}},
             "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks", "clip": ["ckpt", 1]}},
             "load": {"class_type": "LoadImage", "inputs": {"image": IMAGE}},
             "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["ckpt", 2]}},
@@ -147,8 +148,8 @@ def test_two_servers_training_under_one_prefix_keep_each_runs_checkpoints_togeth
     entries = at_once([a, b], [train_graph(1), train_graph(2)])
     finals = []
     for seed, entry in zip((1, 2), entries):
-        assert comfy_env.status_str(entry) == "success", comfy_env.error_message(entry)
-        text = "".join(entry["outputs"]["train"]["text"])
+        assert entry.status == "success", entry.error
+        text = "".join(entry.texts()["train"])
         finals.append(re.search(r"saved (\S+\.safetensors)", text).group(1))
     assert finals[0] != finals[1], f"both runs report {finals[0]}"
     folder = a.models_dir / "para"
