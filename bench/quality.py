@@ -186,8 +186,8 @@ class Comfy:
         self.pack.nodes.setup()
         from importlib import import_module
         self.pn = import_module(self.pack.__name__ + ".nodes.para_nodes")
-        self.trainer_mod = import_module(self.pack.__name__ + ".nodes.trainer")
-        self.training = import_module(self.pack.__name__ + ".nodes.training")
+        self.trainer_mod = import_module(self.pack.__name__ + ".nodes.trainer_node")
+        self.training = import_module(self.pack.__name__ + ".nodes.training_loop")
         self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt.name)[:3]
         self._cond = {}
 

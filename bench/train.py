@@ -3,7 +3,7 @@
 Builds the full SD1.5 UNet shape (random weights, no download), or with --family a model that
 ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (tests/family_models.py; --size real for the
 released shape, conditioning of the family's shape made in-process), and trains, on the same layers
-(a preset, default noxattn) at the same rank, through the same loop (nodes/training.py: ComfyUI's
+(a preset, default noxattn) at the same rank, through the same loop (nodes/training_loop.py: ComfyUI's
 Guider_Basic, the model's own model_sampling, AdamW):
 - PaRa: the PaRa Trainer's path (B per layer, activation-side forward, batched QR per step);
 - LoRA: ComfyUI's training adapter (comfy.weight_adapter LoRA ``create_train``) installed with
@@ -116,8 +116,8 @@ def main(argv=None):
     importlib.import_module(pack.__name__ + ".nodes").setup()
     core = importlib.import_module(pack.__name__ + ".para_core")
     patching = importlib.import_module(pack.__name__ + ".nodes.patching")
-    training = importlib.import_module(pack.__name__ + ".nodes.training")
-    trainer = importlib.import_module(pack.__name__ + ".nodes.trainer")
+    training = importlib.import_module(pack.__name__ + ".nodes.training_loop")
+    trainer = importlib.import_module(pack.__name__ + ".nodes.trainer_node")
     ptrain = importlib.import_module(pack.__name__ + ".para_core.train")
 
     device = mm.get_torch_device()

@@ -14,7 +14,7 @@ log = logging.getLogger("ComfyUI-PaRa")
 def all_nodes() -> list:
     nodes = list(NODES)
     try:
-        from .trainer import PaRaTrainer
+        from .trainer_node import PaRaTrainer
         nodes.insert(0, PaRaTrainer)
     except ImportError as e:  # only while the trainer is being developed
         log.warning("PaRa: trainer unavailable: %s", e)

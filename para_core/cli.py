@@ -141,7 +141,7 @@ def _decoded_metadata(md: Dict[str, str]) -> Dict[str, object]:
 
 def _inspect_data(args) -> Tuple[Dict, List[str]]:
     import torch
-    from .checkpoint import Checkpoint, fit_states
+    from .base_model import Checkpoint, fit_states
     from .fileformat import load_para
     from .reduction import reduce_weight_general
     from .reference import reduce_weight_reference
@@ -260,7 +260,7 @@ def cmd_merge(args) -> int:
 
 def cmd_export_lora(args) -> int:
     import torch
-    from .checkpoint import Checkpoint, fit_states
+    from .base_model import Checkpoint, fit_states
     from .export import export_lora
     from .fileformat import ARCHITECTURES, ParaError, atomic_save_safetensors, load_para
     state = load_para(args.para)
@@ -307,7 +307,7 @@ def cmd_export_lora(args) -> int:
 # -------------------------------------------------------------------------------- bake
 
 def cmd_bake(args) -> int:
-    from .checkpoint import Checkpoint, bake
+    from .base_model import Checkpoint, bake
     items, paths = _load_all(args.para)
     _check_output(args.output, paths + [args.base])
     with Checkpoint(args.base) as ckpt:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from core_helpers import CKPT_LAYERS, PARA_LAYERS, REPO_ROOT, make_checkpoint, save_subject
 from para_core import load_para, merge_states, reduce_weight_general
-from para_core.checkpoint import Checkpoint
+from para_core.base_model import Checkpoint
 from para_core.cli import main, parse_file_strength
 from para_core.export import lora_keys
 

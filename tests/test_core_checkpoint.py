@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from core_helpers import CKPT_LAYERS, PARA_LAYERS, make_checkpoint, make_subject, save_subject
 from para_core import ParaError, merge_states, reduce_weight_general
-from para_core.checkpoint import Checkpoint, bake
+from para_core.base_model import Checkpoint, bake
 
 LAYERS = {"diffusion_model." + k: v for k, v in CKPT_LAYERS.items()}
 

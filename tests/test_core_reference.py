@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from core_helpers import CKPT_LAYERS, PARA_LAYERS, dense_reduce, make_checkpoint, make_subject, randn
 from para_core import (ParaError, ParaState, effective_rank, export_lora, init_reference, load_para, lora_keys,
                        merge_states, reduce_weight_reference, reference_state, save_para)
-from para_core.checkpoint import Checkpoint
+from para_core.base_model import Checkpoint
 from para_core.cli import main
 from para_core.reduction import RankCap
 from para_core.reference import (forward_reference_activation_side, forward_reference_weight_side,

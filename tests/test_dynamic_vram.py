@@ -25,7 +25,7 @@ SETTINGS = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rat
 def mods(para_pack):
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return get("nodes.trainer"), get("nodes.training"), get("nodes.dynamic_vram"), get("para_core")
+    return get("nodes.trainer_node"), get("nodes.training_loop"), get("nodes.dynamic_vram"), get("para_core")
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_training_loss_is_the_familys_own_objective(loaded, para_pack):
     the network's raw prediction against the family's target: eps (SDXL), v (SD2-v), flow
     velocity noise - x0 (SD3, Flux, Lumina 2)."""
     import importlib
-    training = importlib.import_module(para_pack.__name__ + ".nodes.training")
+    training = importlib.import_module(para_pack.__name__ + ".nodes.training_loop")
     name, model = loaded
     ms = model.model.model_sampling
     g = torch.Generator().manual_seed(0)
@@ -216,7 +216,7 @@ def test_trainer_trains_flux_blocks_that_update_their_input_in_place(checkpointi
     with and without gradient checkpointing, and both must give the same loss and B."""
     import importlib
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
     results = []
     for gc in sorted({False, checkpointing}):
         with torch.inference_mode():

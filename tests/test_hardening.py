@@ -248,7 +248,7 @@ def test_cli_outputs_get_the_umasks_permissions(tmp_path, umask_022):
 
 
 def test_trainer_state_gets_the_umasks_permissions(tmp_path, umask_022):
-    from para_core.trainstate import save_trainer_state
+    from para_core.trainer_state import save_trainer_state
     p = tmp_path / "x.trainer.pt"
     save_trainer_state({"step": 1, "layers": ["a"]}, str(p))
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
@@ -347,7 +347,7 @@ def test_inspect_shows_deeply_nested_metadata_as_stored(tmp_path, capsys, depth)
     ("version", "one", "field 'version'"),
 ])
 def test_trainer_state_with_wrong_field_types_is_a_clear_error(tmp_path, field, value, says):
-    from para_core.trainstate import load_trainer_state
+    from para_core.trainer_state import load_trainer_state
     good = {"step": 4, "layers": ["diffusion_model.a"], "loss_history": [0.1] * 4, "optimizer_name": "AdamW",
             "optimizer": {"state": {}, "param_groups": []}, "settings": {"lr": 0.1}, "scaler": None, "version": 1}
     p = tmp_path / "x.trainer.pt"

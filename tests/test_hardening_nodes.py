@@ -21,8 +21,8 @@ def mods(para_pack):
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
     return SimpleNamespace(pn=get("nodes.para_nodes"), patching=get("nodes.patching"), core=get("para_core"),
-                           trainer=get("nodes.trainer"), training=get("nodes.training"), nodes=get("nodes"),
-                           trainstate=get("para_core.trainstate"), fileformat=get("para_core.fileformat"))
+                           trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"), nodes=get("nodes"),
+                           trainer_state=get("para_core.trainer_state"), fileformat=get("para_core.fileformat"))
 
 
 def folder(kind):
@@ -259,13 +259,13 @@ def test_a_failed_save_is_retried_at_the_next_one(mods, model, monkeypatch):
 def resumable(mods, model, prefix):
     train(mods, model, steps=2, save_every=2, filename_prefix=prefix)
     (name,) = [f for f in os.listdir(folder("para")) if f.startswith(prefix + "_") and f.endswith(".safetensors")]
-    return name, mods.trainstate.trainer_state_path(os.path.join(folder("para"), name))
+    return name, mods.trainer_state.trainer_state_path(os.path.join(folder("para"), name))
 
 
 def test_trainer_state_of_another_rank_is_a_clear_error(mods, model):
     name, tpath = resumable(mods, model, "rank2")
     other, other_t = resumable(mods, model, "rank1_src")
-    state = mods.trainstate.load_trainer_state(other_t)
+    state = mods.trainer_state.load_trainer_state(other_t)
     for st in state["optimizer"]["state"].values():
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import comfy_env
 from para_core import ParaError, ParaState, build_metadata, export_lora, fingerprint, save_para
-from para_core.checkpoint import Checkpoint, bake
+from para_core.base_model import Checkpoint, bake
 
 P = "model.diffusion_model."
 
@@ -230,7 +230,7 @@ def test_para_trainer_trains_on_a_quantized_model(quantized_model, para_pack):
     nn.Linear) holding a QuantizedTensor: the trainer reads it dequantized, as its forward does."""
     import comfy.utils
     mp, QT = quantized_model
-    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
     assert isinstance(comfy.utils.get_attr(mp.model, LAYER + ".weight"), QT)
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]

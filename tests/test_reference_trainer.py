@@ -25,7 +25,7 @@ def mods(para_pack):
     from types import SimpleNamespace
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer"), training=get("nodes.training"),
+    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
                            patching=get("nodes.patching"), core=get("para_core"),
                            reference=get("para_core.reference"))
 

@@ -29,7 +29,7 @@ def mods(pack):
     import importlib
     from types import SimpleNamespace
     get = lambda m: importlib.import_module(f"{pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer"), training=get("nodes.training"),
+    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
                            patching=get("nodes.patching"), core=get("para_core"))
 
 
@@ -227,7 +227,7 @@ def test_checkpoints_are_valid_para_files_with_metadata_and_trainer_state(mods, 
         assert st.metadata["para.base_arch"] == mods.patching.model_family(model)
         assert st.metadata["para.base_fingerprint"] == fp
         assert json.loads(st.metadata["para.ranks"]) == {l: 4 for l in para.layers}
-        state = mods.core.trainstate.load_trainer_state(mods.core.trainstate.trainer_state_path(path))
+        state = mods.core.trainer_state.load_trainer_state(mods.core.trainer_state.trainer_state_path(path))
         assert state["step"] == step and state["loss_history"] == loss["loss"][:step]
     last = mods.core.load_para(os.path.join(para_dir(), files[-1]))
     assert all(torch.equal(last.B[l], para.B[l]) for l in para.layers)
@@ -286,7 +286,7 @@ def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, m
     st = mods.core.load_para(path)
     md = json.loads(st.metadata["para.train"])
     assert md["steps"] == 3 and md["stopped"] == "interrupted"
-    assert mods.core.trainstate.load_trainer_state(mods.core.trainstate.trainer_state_path(path))["step"] == 3
+    assert mods.core.trainer_state.load_trainer_state(mods.core.trainer_state.trainer_state_path(path))["step"] == 3
     assert not any("forward" in vars(m) for m in model.model.modules())
 
 

@@ -1,7 +1,7 @@
 """PaRa Trainer: MODEL + latents + conditioning -> MODEL with the trained adapter, PARA, loss.
 
 The node checks its inputs (every error names the input), builds B for the selected layers
-(or takes it from a PaRa file / trainer checkpoint), hands the loop to training.py, writes
+(or takes it from a PaRa file / trainer checkpoint), hands the loop to training_loop.py, writes
 checkpoints into models/para, and applies the result through PaRa Apply's patching."""
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from ..para_core import (PRESET_NAMES, DEFAULT_PRESET, ParaError, ParaState, Pre
 from ..para_core.reduction import RankCap, effective_rank
 from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B, is_linear
 from ..para_core.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
-from ..para_core.trainstate import load_trainer_state, save_trainer_state, trainer_state_path
+from ..para_core.trainer_state import load_trainer_state, save_trainer_state, trainer_state_path
 from .para_nodes import CATEGORY, para_files
 from .patching import apply_para, layer_shapes, model_family, model_fingerprint, original_weight
-from .training import (OPTIMIZERS, TRAINING_DTYPES, ParaForward, ReferenceForward, TrainSettings, TrainingRun,
+from .training_loop import (OPTIMIZERS, TRAINING_DTYPES, ParaForward, ReferenceForward, TrainSettings, TrainingRun,
                        generator_for)
 from .dynamic_vram import training_patcher
 from .types import PARA
