@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-from .adapter import ParaAdapter, register as register_adapter
+from .adapters.para import ParaAdapter, register as register_adapter
 from .para_nodes import NODES, register_folder, remove_crash_leftovers
 
 log = logging.getLogger("ComfyUI-PaRa")

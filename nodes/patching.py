@@ -12,7 +12,7 @@ import comfy.model_patcher
 import comfy.utils
 
 from ..para_core import ParaError, ParaState, check_fingerprint, check_fits, fingerprint
-from .adapter import ParaAdapter, ReferenceAdapter
+from .adapters.para import ParaAdapter, ReferenceAdapter
 
 log = logging.getLogger("ComfyUI-PaRa")
 WEIGHT = ".weight"

@@ -18,9 +18,9 @@ import torch
 
 from comfy.weight_adapter.base import WeightAdapterTrainBase
 
-from ..para_core.reduction import RankCap, basis, effective_rank, reduce_weight_general
+from ..para_core.functional.projection import RankCap, basis, effective_rank, reduce_weight_general
 from ..para_core.train import init_B
-from .bypass import OutputSideBypass
+from .adapters.base import OutputSideBypass
 
 log = logging.getLogger("ComfyUI-PaRa")
 # The stock trainer adapts every layer; its init is the PaRa Trainer's default.

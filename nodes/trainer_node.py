@@ -22,9 +22,9 @@ import folder_paths
 
 from ..para_core import (PRESET_NAMES, DEFAULT_PRESET, ParaError, ParaState, PresetError, build_metadata, check_fits,
                          load_para, save_para, select_layers)
-from ..para_core.reduction import RankCap, effective_rank
+from ..para_core.functional.projection import RankCap, effective_rank
 from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B, is_linear
-from ..para_core.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
+from ..para_core.functional.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
 from ..para_core.trainer_state import load_trainer_state, save_trainer_state, trainer_state_path
 from .para_nodes import CATEGORY, para_files
 from .patching import apply_para, layer_shapes, model_family, model_fingerprint, original_weight

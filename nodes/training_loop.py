@@ -37,7 +37,7 @@ from .patching import dequantize_tensor
 
 from ..para_core import ParaError, basis_batched
 from ..para_core.train import cheaper_side, forward_activation_side, forward_weight_side, is_linear, layer_op
-from ..para_core.reference import (cheaper_side_reference, forward_reference_activation_side,
+from ..para_core.functional.reference import (cheaper_side_reference, forward_reference_activation_side,
                                    forward_reference_weight_side)
 
 log = logging.getLogger("ComfyUI-PaRa")

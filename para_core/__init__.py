@@ -9,7 +9,7 @@ into _EXPORTS.
 import importlib
 
 _EXPORTS = {
-    "reduction": ("RankCap", "basis", "basis_batched", "effective_rank", "reduce_activation", "reduce_weight",
+    "functional.projection": ("RankCap", "basis", "basis_batched", "effective_rank", "reduce_activation", "reduce_weight",
                   "reduce_weight_general", "reduction_delta"),
     "merge": ("MERGE_MODES", "merge_factors", "merge_sequential", "merge_states", "merge_sum", "merge_union"),
     "presets": ("DEFAULT_PRESET", "PRESET_NAMES", "PRESETS", "PresetError", "select_layers"),
@@ -17,7 +17,7 @@ _EXPORTS = {
                    "atomic_save_safetensors", "build_metadata", "check_fingerprint", "check_fits",
                    "fingerprint", "kohya_name", "load_para", "resolve_layers", "save_para"),
     "export": ("export_lora", "lora_keys"),
-    "reference": ("DEFAULT_PARAMETRIZATION", "PARAMETRIZATIONS", "init_reference", "reduce_weight_reference",
+    "functional.reference": ("DEFAULT_PARAMETRIZATION", "PARAMETRIZATIONS", "init_reference", "reduce_weight_reference",
                   "reference_delta", "reference_lora", "reference_state"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -23,8 +23,8 @@ from .fileformat import (PREFIX, SUFFIXES, _LORA_MARKERS, ParaError, ParaState, 
                          atomic_save_safetensors, check_fingerprint, check_finite_result, check_fits, fingerprint)
 from .merge import MERGE_MODES, merge_states
 from .quantized import dequantize, find_quantized, requantize
-from .reduction import reduce_weight_general
-from .reference import reduce_weight_reference
+from .functional.projection import reduce_weight_general
+from .functional.reference import reduce_weight_reference
 
 __all__ = ["Checkpoint", "bake", "fit_states", "combined_factors", "LAYOUTS"]
 

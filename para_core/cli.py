@@ -143,8 +143,8 @@ def _inspect_data(args) -> Tuple[Dict, List[str]]:
     import torch
     from .base_model import Checkpoint, fit_states
     from .fileformat import load_para
-    from .reduction import reduce_weight_general
-    from .reference import reduce_weight_reference
+    from .functional.projection import reduce_weight_general
+    from .functional.reference import reduce_weight_reference
     state = load_para(args.file)
     messages: List[str] = []
     base_info = None

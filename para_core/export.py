@@ -12,7 +12,7 @@ from typing import Callable, Dict, Mapping, Tuple
 import torch
 
 from .fileformat import ParaState, check_finite_result, kohya_name
-from .reference import reference_lora
+from .functional.reference import reference_lora
 
 __all__ = ["export_lora", "lora_keys"]
 

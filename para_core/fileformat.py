@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .reduction import basis_batched
+from .functional.projection import basis_batched
 
 __all__ = [
     "ParaError",

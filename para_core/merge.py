@@ -177,7 +177,7 @@ def _merge_reference_states(states, strengths, order):
     import json
 
     from .fileformat import ParaError
-    from .reference import merge_reference_sum, reference_state
+    from .functional.reference import merge_reference_sum, reference_state
 
     U, D = {}, {}
     for layer in order:

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .reduction import RankCap, add_bias, basis, effective_rank, reduce_activation
+from .functional.projection import RankCap, add_bias, basis, effective_rank, reduce_activation
 
 __all__ = ["INIT_METHODS", "DEFAULT_INIT", "init_B", "cheaper_side", "forward_weight_side",
            "forward_activation_side", "ParaLayer", "layer_op", "is_linear"]

@@ -78,7 +78,7 @@ def test_bypass_loading_equals_weight_patching_at_every_strength(tiny_model_fact
 
 
 def test_reference_kind_bypass_equals_weight_patching(tiny_model_factory, mod, bypass_api):
-    adapter_mod = mod("nodes.adapter")
+    adapter_mod = mod("nodes.adapters.para")
     if not hasattr(adapter_mod, "ReferenceAdapter"):
         pytest.skip("no reference-kind adapter in this tree yet")
     model = with_random_biases(tiny_model_factory(seed=0))
@@ -102,7 +102,7 @@ def test_reference_kind_bypass_equals_weight_patching(tiny_model_factory, mod, b
 def test_bypass_form_keeps_the_bias_per_layer(mod, comfy_in_process):
     """Linear and strided/dilated/padded convs, with and without bias, the bias read from the
     module and from the forward itself (what offloaded / quantized layers need)."""
-    adapter_mod = mod("nodes.adapter")
+    adapter_mod = mod("nodes.adapters.para")
     g = torch.Generator().manual_seed(0)
     layers = [(torch.nn.Linear(12, 48), torch.randn(2, 5, 12, generator=g)),
               (torch.nn.Linear(12, 48, bias=False), torch.randn(3, 12, generator=g)),
@@ -132,7 +132,7 @@ def test_bypass_form_keeps_the_bias_per_layer(mod, comfy_in_process):
 
 
 def test_h_alone_is_an_error_not_a_no_op(mod, comfy_in_process):
-    ad = mod("nodes.adapter").ParaAdapter(set(), ("B", torch.randn(8, 2)))
+    ad = mod("nodes.adapters.para").ParaAdapter(set(), ("B", torch.randn(8, 2)))
     with pytest.raises(NotImplementedError, match="bias"):
         ad.h(torch.randn(1, 8), torch.randn(1, 8))
 

@@ -16,8 +16,8 @@ from para_core import (ParaError, ParaState, effective_rank, export_lora, init_r
                        merge_states, reduce_weight_reference, reference_state, save_para)
 from para_core.base_model import Checkpoint
 from para_core.cli import main
-from para_core.reduction import RankCap
-from para_core.reference import (forward_reference_activation_side, forward_reference_weight_side,
+from para_core.functional.projection import RankCap
+from para_core.functional.reference import (forward_reference_activation_side, forward_reference_weight_side,
                                  merge_reference_sum, reference_delta, reference_lora)
 from para_core.train import init_B, layer_op
 

@@ -27,7 +27,7 @@ def mods(para_pack):
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
     return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
                            patching=get("nodes.patching"), core=get("para_core"),
-                           reference=get("para_core.reference"))
+                           reference=get("para_core.functional.reference"))
 
 
 @pytest.fixture

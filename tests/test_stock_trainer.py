@@ -25,7 +25,7 @@ def ta(pack):
 
 @pytest.fixture(scope="module")
 def adapter_mod(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.adapter")
+    return importlib.import_module(pack.__name__ + ".nodes.adapters.para")
 
 
 def test_para_is_offered_in_comfyuis_adapter_map(adapter_mod):

@@ -15,10 +15,10 @@ import torch
 
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..para_core.fileformat import ParaError, check_finite_result, check_layer_fits, check_layer_tensors
-from ..para_core.reduction import basis
-from ..para_core.reference import reference_delta
-from .bypass import OutputSideBypass, ReferenceBypass
+from ...para_core.fileformat import ParaError, check_finite_result, check_layer_fits, check_layer_tensors
+from ...para_core.functional.projection import basis
+from ...para_core.functional.reference import reference_delta
+from .base import OutputSideBypass, ReferenceBypass
 
 log = logging.getLogger("ComfyUI-PaRa")
 # The name TrainLoraNode's 'algorithm' input shows (the map's other keys: LoRA, LoHa, LoKr, OFT).
@@ -91,12 +91,12 @@ class ParaAdapter(OutputSideBypass, WeightAdapterBase):
     @classmethod
     def create_train(cls, weight, rank=1, alpha=1.0):
         """A new trainable PaRa layer for ComfyUI's TrainLoraNode (algorithm "PaRa")."""
-        from .train_adapter import ParaTrainDiff
+        from ..train_adapter import ParaTrainDiff
         return ParaTrainDiff.create(weight, rank)
 
     def to_train(self):
         """Continue training this file's B in TrainLoraNode (its existing_lora input)."""
-        from .train_adapter import ParaTrainDiff
+        from ..train_adapter import ParaTrainDiff
         if self.weights[0] != "B":
             raise ParaError("this PaRa file is a merged adapter (para_U/para_V): it has no B to train further. "
                             "Pick a trained subject file (para_B) as existing_lora, or none.")

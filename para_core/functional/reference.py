@@ -20,7 +20,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .reduction import add_bias, basis
+from .projection import add_bias, basis
 
 __all__ = [
     "KIND",
@@ -67,7 +67,7 @@ def init_reference(weight: torch.Tensor, rank: int, method: str = REFERENCE_INIT
     if method == REFERENCE_INIT:
         U = torch.eye(out, rank, dtype=torch.float32, device=W.device)
     else:
-        from .train import init_B  # train imports this module's forwards; import here, not at the top
+        from ..train import init_B  # train imports this module's forwards; import here, not at the top
         U = basis(init_B(weight, rank, method, generator)).to(W.device)
     D = U.t() @ W
     return U.contiguous(), D.contiguous()
@@ -124,7 +124,7 @@ def reference_state(U: Mapping[str, torch.Tensor], D: Mapping[str, torch.Tensor]
 
     ``metadata``: ready metadata; otherwise ``metadata_fields`` go to fileformat.build_metadata
     (layers=, base_arch=, base_fingerprint=, train=, title=, ...)."""
-    from .fileformat import ParaError, ParaState, build_metadata
+    from ..fileformat import ParaError, ParaState, build_metadata
 
     if set(U) != set(D):
         missing = sorted(set(U) ^ set(D))[0]

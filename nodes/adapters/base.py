@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..para_core.bypass import reduce_output, reference_output_delta
+from ...para_core.bypass import reduce_output, reference_output_delta
 
 
 def _module_of(org_forward) -> Optional[torch.nn.Module]:
