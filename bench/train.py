@@ -117,8 +117,9 @@ def main(argv=None):
     core = importlib.import_module(pack.__name__ + ".para_core")
     patching = importlib.import_module(pack.__name__ + ".nodes.patching")
     training = importlib.import_module(pack.__name__ + ".nodes.training_loop")
+    para_adapter = importlib.import_module(pack.__name__ + ".nodes.adapters.para")
     trainer = importlib.import_module(pack.__name__ + ".nodes.trainer_node")
-    ptrain = importlib.import_module(pack.__name__ + ".para_core.train")
+    ptrain = importlib.import_module(pack.__name__ + ".para_core.functional.projection")
 
     device = mm.get_torch_device()
     args.dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
@@ -140,7 +141,7 @@ def main(argv=None):
             g = training.generator_for(0, "init")
             B = {l: torch.nn.Parameter(ptrain.init_B(patching.original_weight(model, l), ranks[l], "orthogonal", g)
                                        .to(device)) for l in names}
-        return model, training.ParaForward(modules, B, side=side)
+        return model, para_adapter.ParaForward(modules, B, side=side)
 
     def lora_run():
         mp = model.clone()

@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-from .adapters.para import ParaAdapter, register as register_adapter
+from .adapters import register as register_adapters
 from .para_nodes import NODES, register_folder, remove_crash_leftovers
 
 log = logging.getLogger("ComfyUI-PaRa")
@@ -28,7 +28,7 @@ class PaRaExtension(ComfyExtension):
 
 def setup() -> None:
     register_folder()
-    register_adapter()
+    register_adapters()
     try:
         remove_crash_leftovers()
     except Exception as e:  # a cleanup must never keep the pack from loading

@@ -14,7 +14,7 @@ import folder_paths
 
 from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetensors, build_metadata, export_lora,
                          load_para, merge_states, save_para)
-from ..para_core.fileformat import remove_stale_temp_files
+from ..para_core.write import remove_stale_temp_files
 from .patching import apply_para, check_strength, fit_to_model, model_family, model_fingerprint, original_weight
 from .types import PARA
 
@@ -38,7 +38,7 @@ def register_folder() -> str:
 
 def remove_crash_leftovers() -> List[str]:
     """At start: delete what an interrupted write left in models/para and models/loras (never
-    listed, but they take disk space), see para_core.fileformat.remove_stale_temp_files."""
+    listed, but they take disk space), see para_core.write.remove_stale_temp_files."""
     folders = list(folder_paths.get_folder_paths("para")) + list(folder_paths.get_folder_paths("loras"))
     removed = remove_stale_temp_files(folders)
     if removed:

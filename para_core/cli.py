@@ -15,6 +15,8 @@ import textwrap
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .errors import FingerprintWarning, ParaError
+
 # torch and the modules that need it are imported inside the commands: importing torch takes
 # about 4 s, and a usage error, --help or a wrong path should answer at once (measured on 2 CPU
 # cores: a missing file took 4.5 s before, 0.1 s after).
@@ -78,7 +80,6 @@ def _finite(text: str) -> float:
 
 
 def _check_output(out: str, inputs: Sequence[str]) -> None:
-    from .fileformat import ParaError
     if os.path.isdir(out):
         raise ParaError(f"{out}: is a folder; give an output file name (e.g. {os.path.join(out, 'out.safetensors')})")
     for p in inputs:
@@ -114,7 +115,7 @@ def check_inputs(args) -> None:
 
 
 def _load_all(specs: Sequence[str]):
-    from .fileformat import load_para
+    from .read import load_para
     pairs = [parse_file_strength(s) for s in specs]
     return [(load_para(p), s) for p, s in pairs], [p for p, _ in pairs]
 
@@ -142,9 +143,8 @@ def _decoded_metadata(md: Dict[str, str]) -> Dict[str, object]:
 def _inspect_data(args) -> Tuple[Dict, List[str]]:
     import torch
     from .base_model import Checkpoint, fit_states
-    from .fileformat import load_para
-    from .functional.projection import reduce_weight_general
-    from .functional.reference import reduce_weight_reference
+    from .functional import projection, reference
+    from .read import load_para
     state = load_para(args.file)
     messages: List[str] = []
     base_info = None
@@ -158,10 +158,10 @@ def _inspect_data(args) -> Tuple[Dict, List[str]]:
             for layer in state.layers:
                 W0 = ckpt.weight(layer).float()
                 if factors is None:  # reference parametrization: W0 - U D
-                    W1 = reduce_weight_reference(W0, state.U[layer], state.D[layer], 1.0)
+                    W1 = reference.reduce_weight(W0, state.U[layer], state.D[layer], 1.0)
                 else:
                     U, V = factors[layer]
-                    W1 = reduce_weight_general(W0, U, V, 1.0)
+                    W1 = projection.reduce_weight(W0, U, V, 1.0)
                 m0, m1 = W0.reshape(W0.shape[0], -1), W1.reshape(W1.shape[0], -1)
                 energy = float(m0.pow(2).sum())
                 per_layer[layer] = {
@@ -245,8 +245,8 @@ def cmd_inspect(args) -> int:
 # -------------------------------------------------------------------------------- merge
 
 def cmd_merge(args) -> int:
-    from .fileformat import save_para
     from .merge import merge_states
+    from .write import save_para
     items, paths = _load_all(args.inputs)
     _check_output(args.output, paths)
     merged = merge_states([st for st, _ in items], [s for _, s in items], args.mode)
@@ -262,7 +262,8 @@ def cmd_export_lora(args) -> int:
     import torch
     from .base_model import Checkpoint, fit_states
     from .export import export_lora
-    from .fileformat import ARCHITECTURES, ParaError, atomic_save_safetensors, load_para
+    from .read import load_para
+    from .write import ARCHITECTURES, atomic_save_safetensors
     state = load_para(args.para)
     _check_output(args.output, [args.para, args.base])
     with Checkpoint(args.base) as ckpt:
@@ -393,7 +394,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_inputs(args)
     except InputError as e:
         return _fail(str(e))
-    from .fileformat import FingerprintWarning, ParaError
     from .presets import PresetError
     try:
         with warnings.catch_warnings():

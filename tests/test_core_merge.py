@@ -6,7 +6,8 @@ import torch
 
 from core_helpers import dense_projector, make_subject, randn
 from para_core import (ParaError, ParaState, basis, merge_factors, merge_sequential, merge_states, merge_sum,
-                       merge_union, reduce_weight_general)
+                       merge_union)
+from para_core.functional.projection import reduce_weight
 
 OUT = 24
 I = torch.eye(OUT, dtype=torch.float64)
@@ -22,7 +23,7 @@ def _items(Bs, strengths):
 
 def _apply(factors, W0):
     U, V = factors
-    return reduce_weight_general(W0, U, V).double()
+    return reduce_weight(W0, U, V).double()
 
 
 def _union_projector(Bs):
@@ -151,7 +152,7 @@ def test_unknown_mode_is_an_error():
 
 def _reduce_state(state, W, layer, s=1.0):
     U, V = state.factors()[layer]
-    return reduce_weight_general(W, U, V, s).double()
+    return reduce_weight(W, U, V, s).double()
 
 
 def test_merge_states_gives_a_merged_state_with_metadata():

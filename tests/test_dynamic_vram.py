@@ -95,7 +95,8 @@ def test_every_out_of_memory_form_stops_with_advice_and_keeps_the_last_step(mods
     if form == "AcceleratorError" and not (hasattr(torch, "AcceleratorError") and hasattr(mm, "is_oom")):
         pytest.skip("no AcceleratorError / comfy.model_management.is_oom here")
     error = getattr(torch, form)
-    real, calls = training.basis_batched, []
+    para = importlib.import_module(training.__name__.rsplit('.', 1)[0] + ".adapters.para")
+    real, calls = para.basis_batched, []
 
     def basis_batched(B):  # the device gives up at the third step (no GPU to exhaust here)
         calls.append(1)
@@ -103,7 +104,7 @@ def test_every_out_of_memory_form_stops_with_advice_and_keeps_the_last_step(mods
             raise error("CUDA error: out of memory")
         return real(B)
 
-    monkeypatch.setattr(training, "basis_batched", basis_batched)
+    monkeypatch.setattr(para, "basis_batched", basis_batched)
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     prefix = f"oom_{form}"
     with torch.inference_mode():

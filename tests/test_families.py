@@ -150,7 +150,7 @@ def test_train_resume_save_load_merge_export_through_the_server(name, family_ser
     para = load_para(str(para_dir / final))
     meta = para.metadata
     assert meta["para.base_arch"] == f.config_class
-    from para_core.fileformat import ARCHITECTURES
+    from para_core.write import ARCHITECTURES
     assert meta["modelspec.architecture"] == ARCHITECTURES[f.config_class] + "/para"
     assert json.loads(meta["para.train"])["steps"] == 2
     assert sorted(para.layers) == sorted("diffusion_model." + l for l in select_layers(fm.weight_shapes(name), "noxattn"))

@@ -97,7 +97,9 @@ def test_a_nan_para_file_stops_a_stock_load_lora_prompt(comfy_server, sd15_check
     entry = comfy_server.wait(comfy_server.queue(g), timeout=300)
     message = comfy_server.error_message(entry) or ""
     assert comfy_server.status_str(entry) == "error"
-    assert name in message and f"{layer}.para_B contains NaN or Inf" in message, message
+    # ComfyUI names the node that failed (its input names the file); the message names the layer.
+    assert comfy_server.error_details(entry)["node_type"] == "LoraLoaderModelOnly"
+    assert f"{layer}.para_B contains NaN or Inf" in message, message
 
 
 def test_an_invalid_dtype_sent_through_the_api_is_a_clear_error(comfy_server, sd15_checkpoint):

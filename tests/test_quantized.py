@@ -218,9 +218,9 @@ def test_para_patching_on_a_quantized_model_reduces_w0_and_unpatches_exactly(qua
 def test_singular_vector_init_and_export_read_the_dequantized_weight(quantized_model, para_pack):
     mp, QT = quantized_model
     patching = importlib.import_module(para_pack.__name__ + ".nodes.patching")
-    train = importlib.import_module(para_pack.__name__ + ".para_core.train")
+    projection = importlib.import_module(para_pack.__name__ + ".para_core.functional.projection")
     W0 = patching.original_weight(mp, LAYER)
-    B = train.init_B(W0, 4, "top-singular")
+    B = projection.init_B(W0, 4, "top-singular")
     U = torch.linalg.svd(W0.float(), full_matrices=False)[0][:, :4]
     torch.testing.assert_close((B.t() @ U).abs(), torch.eye(4), rtol=1e-4, atol=1e-4)
 

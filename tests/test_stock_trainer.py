@@ -20,7 +20,7 @@ def pack(para_pack):
 
 @pytest.fixture(scope="module")
 def ta(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.train_adapter")
+    return importlib.import_module(pack.__name__ + ".nodes.adapters.para")
 
 
 @pytest.fixture(scope="module")

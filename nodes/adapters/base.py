@@ -1,12 +1,12 @@
-"""PaRa in ComfyUI's bypass mode (0.33+: ``LoraLoaderBypass*``, ``load_bypass_lora_for_models``,
-TrainLoraNode's bypass_mode).
+"""What the PaRa adapter kinds share on the ComfyUI side: the checks of what ComfyUI's loaders
+hand them, the file name carried inside an adapter's ``weights``, and the layer geometry and bias
+in bypass mode.
 
-Bypass loading leaves the weight alone and wraps the layer's forward instead:
-``BypassForwardHook`` calls ``adapter.bypass_forward(org_forward, x)`` when the adapter overrides
-it, else ``g(f(x) + h(x, f(x)))``. PaRa's output side (para_core/bypass.py) needs the layer's
-bias, y' = y - s U (V^T (y - b)), which ``h(x, base_out)`` never receives, so PaRa adapters
-override ``bypass_forward`` and make ``h`` an error: a caller that only knows ``h`` must fail
-loudly, never get "no change" (the base class's default ``h`` returns zeros).
+Bypass mode (0.33+: ``LoraLoaderBypass*``, ``load_bypass_lora_for_models``, TrainLoraNode's
+bypass_mode) leaves the weight alone and wraps the layer's forward instead: ``BypassForwardHook``
+calls ``adapter.bypass_forward(org_forward, x)`` when the adapter overrides it, else
+``g(f(x) + h(x, f(x)))``, and sets the layer's geometry on the adapter (``is_conv``,
+``conv_dim``, ``kernel_size``, ``in_channels``, ``kw_dict``).
 
 The bias is taken the way the layer's forward sees it: the plain parameter when it is an
 ordinary tensor on the output's device, else the forward's own answer for a zero input
@@ -15,14 +15,74 @@ weight-function-patched layers, whose ``.bias`` is not what the forward adds).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import math
+from typing import Callable, Collection, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from ...para_core.bypass import reduce_output, reference_output_delta
+from ...para_core.fit import check_layer_fits
+from ...para_core.read import check_layer_tensors, layer_kind as tensors_kind
+
+__all__ = ["STOCK_SOURCE", "split_weights", "stock_layer", "check_fits", "layer_kind",
+           "layer_groups", "bypass_weight_shape", "bypass_op", "layer_bias", "module_of", "output_positions",
+           "DeviceCache"]
+
+# Where a factor comes from when ComfyUI's own loaders read it: they hand an adapter the tensors
+# only, and say themselves which node failed.
+STOCK_SOURCE = "the PaRa file given to a ComfyUI LoRA node (Load LoRA, TrainLoraNode's existing_lora)"
+NAMES = ("para_B", "para_U", "para_V", "para_D")
 
 
-def _module_of(org_forward) -> Optional[torch.nn.Module]:
+# ------------------------------------------------------------------ the adapter's tensors
+
+def split_weights(weights: tuple, n_tensors: int) -> Tuple[tuple, str, Optional[str]]:
+    """(tensors, source file, layer name) of an adapter's ``weights``: its tensors, then
+    optionally the file and the layer they came from (for errors). ``weights`` is an adapter's
+    whole state: ComfyUI rebuilds adapters as ``type(a)(a.loaded_keys, weights)``
+    (comfy.lora.prefetch_prepared_value) with the tensors moved and everything else kept."""
+    tensors, rest = tuple(weights[:n_tensors]), [w for w in weights[n_tensors:] if isinstance(w, str) and w]
+    return tensors, (rest[0] if rest else STOCK_SOURCE), (rest[1] if len(rest) > 1 else None)
+
+
+def stock_layer(x: str, lora: dict, kinds: Collection[str]) -> Optional[Tuple[str, dict]]:
+    """(kind, checked tensors) of layer ``x`` in a LoRA dict as ComfyUI's loaders read it, or None
+    when ``x`` has no PaRa tensors of one of ``kinds``. The checks are PaRa Load's
+    (para_core.read)."""
+    present = {n: lora[f"{x}.{n}"] for n in NAMES if f"{x}.{n}" in lora}
+    if not present:
+        return None
+    kind = tensors_kind(STOCK_SOURCE, x, present)
+    if kind not in kinds:
+        return None
+    return check_layer_tensors(STOCK_SOURCE, x, present, kind)
+
+
+def check_fits(where: str, key: str, kind: str, names: Sequence[str], tensors: Sequence[torch.Tensor],
+               weight_shape) -> None:
+    """The adapter's tensors against the weight (or, in bypass mode, the layer) it patches."""
+    layer = key[: -len(".weight")] if key.endswith(".weight") else key
+    check_layer_fits(where, layer, kind, {n: tuple(t.shape) for n, t in zip(names, tensors)}, tuple(weight_shape),
+                     "this model")
+
+
+class DeviceCache:
+    """One computed value per (adapter tensors, device): bypass runs every forward, the factors
+    (a QR, a cast) are computed once. ComfyUI's bypass hook replaces ``weights`` with copies on
+    the compute device, which starts a new entry."""
+
+    def __init__(self):
+        self._key = self._value = None
+
+    def get(self, weights, device, compute: Callable):
+        if self._key is None or self._key[0] is not weights or self._key[1] != device:
+            self._key, self._value = (weights, device), compute()
+        return self._value
+
+
+# ------------------------------------------------------------------ bypass geometry
+
+def module_of(org_forward) -> Optional[torch.nn.Module]:
     m = getattr(org_forward, "__self__", None)
     return m if isinstance(m, torch.nn.Module) else None
 
@@ -31,7 +91,7 @@ def layer_kind(adapter, org_forward) -> Tuple[int, int, tuple, tuple]:
     """(channel_dim, conv_dim, kernel_size, dilation) of the wrapped layer: from the module behind
     ``org_forward`` when there is one, else from the attributes ComfyUI's bypass hook sets on the
     adapter (``is_conv``, ``conv_dim``, ``kernel_size``, ``kw_dict``)."""
-    m = _module_of(org_forward)
+    m = module_of(org_forward)
     if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
         return 1, len(m.kernel_size), tuple(m.kernel_size), tuple(m.dilation)
     if isinstance(m, torch.nn.Linear):
@@ -45,6 +105,32 @@ def layer_kind(adapter, org_forward) -> Tuple[int, int, tuple, tuple]:
     raise NotImplementedError(
         f"PaRa bypass: cannot tell whether the wrapped layer ({type(m).__name__ if m is not None else 'unknown'}) is a "
         "Linear or a conv; apply the file with weight patching (PaRa Loader or Load LoRA) instead.")
+
+
+def layer_groups(adapter, org_forward=None) -> int:
+    m = module_of(org_forward) if org_forward is not None else None
+    if m is not None:
+        return int(getattr(m, "groups", 1))
+    return int((getattr(adapter, "kw_dict", None) or {}).get("groups", 1))
+
+
+def bypass_weight_shape(x: torch.Tensor, out: int, conv_dim: int, kernel_size=(), groups: int = 1) -> Tuple[int, ...]:
+    """The shape of the weight the wrapped layer computes with, from its input and output: what
+    a file's factors must fit (the stored weight may be quantized, offloaded or not there)."""
+    if conv_dim == 0:
+        return (out, int(x.shape[-1]))
+    k = tuple(int(v) for v in kernel_size) or (1,) * conv_dim
+    return (out, int(x.shape[1]) // max(1, groups), *k)
+
+
+def bypass_op(conv_dim: int, kw_dict: Optional[dict] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The bias-free op f(x, w) of the wrapped layer from the geometry ComfyUI's bypass hook sets
+    (a conv keeps its stride, padding and dilation; ``groups`` is the caller's to handle)."""
+    if conv_dim == 0:
+        return lambda x, w: F.linear(x, w)
+    kw = {k: v for k, v in (kw_dict or {}).items() if k in ("stride", "padding", "dilation")}
+    conv = (F.conv1d, F.conv2d, F.conv3d)[conv_dim - 1]
+    return lambda x, w: conv(x, w, None, **kw)
 
 
 def _plain_bias(module: torch.nn.Module, y: torch.Tensor):
@@ -63,7 +149,7 @@ def _plain_bias(module: torch.nn.Module, y: torch.Tensor):
 def layer_bias(org_forward: Callable, x: torch.Tensor, y: torch.Tensor, conv_dim: int, kernel_size=(),
                dilation=(), args=(), kwargs=None) -> Optional[torch.Tensor]:
     """The bias vector (out,) the layer's forward adds, or None."""
-    m = _module_of(org_forward)
+    m = module_of(org_forward)
     if m is not None:
         b = _plain_bias(m, y)
         if b is not False:
@@ -80,44 +166,10 @@ def layer_bias(org_forward: Callable, x: torch.Tensor, y: torch.Tensor, conv_dim
     return out.reshape(out.shape[0], out.shape[1], -1)[0, :, 0]
 
 
-class OutputSideBypass:
-    """Mixin for PaRa's weight adapters: ``bypass_forward`` = the output side of
-    W0 - s U (V^T W0). Subclasses give ``bypass_factors(device) -> (U, V)`` (float32)."""
+def output_positions(module, x, channel_dim) -> int:
+    """Output positions (tokens, batch included) of a layer for input ``x``, without running it."""
+    if channel_dim == -1:
+        return x.numel() // x.shape[-1]
+    stride = math.prod(getattr(module, "stride", (1,)))
+    return max(1, x.shape[0] * math.prod(x.shape[2:]) // stride)
 
-    def bypass_factors(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(
-            "PaRa's bypass form y - s U (V^T (y - b)) needs the layer's bias, which h(x, base_out) does not receive. "
-            "Call bypass_forward(org_forward, x) (what ComfyUI's bypass loader does), or apply the file with "
-            "weight patching: PaRa Loader, or the stock Load LoRA node.")
-
-    def bypass_forward(self, org_forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = org_forward(x, *args, **kwargs)
-        channel_dim, conv_dim, kernel_size, dilation = layer_kind(self, org_forward)
-        b = layer_bias(org_forward, x, y, conv_dim, kernel_size, dilation, args, kwargs)
-        U, V = self.bypass_factors(y.device)
-        if U.shape[0] != y.shape[channel_dim]:
-            raise ValueError(f"{getattr(self, 'source', None) or 'PaRa adapter'}: {U.shape[0]} output channels, but the "
-                             f"layer it is loaded on ({type(_module_of(org_forward)).__name__}) has {y.shape[channel_dim]}; "
-                             "the file was made for another model. Nothing is applied.")
-        return reduce_output(y, b, U, V, channel_dim, float(getattr(self, "multiplier", 1.0)))
-
-
-class ReferenceBypass:
-    """Mixin for the ``reference`` kind's adapter (W' = W0 - s U D, a LoRA): its bypass form
-    y - s U (D x) needs only the input, so the plain ``h`` serves it. Subclasses give
-    ``factors(device) -> (U, D)``. Layer geometry comes from ComfyUI's bypass hook."""
-
-    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        if "is_conv" not in getattr(self, "__dict__", {}):
-            raise NotImplementedError(
-                "PaRa reference bypass: h() was called without the layer geometry ComfyUI's bypass hook sets "
-                "(is_conv, conv_dim, kernel_size, in_channels, kw_dict); apply the file with weight patching "
-                "(PaRa Loader or Load LoRA) instead.")
-        U, D = self.factors(x.device)
-        conv_dim = int(self.conv_dim) if self.is_conv else 0
-        return reference_output_delta(x, U, D, conv_dim, tuple(getattr(self, "kernel_size", ())),
-                                      getattr(self, "in_channels", None), dict(getattr(self, "kw_dict", None) or {}),
-                                      float(getattr(self, "multiplier", 1.0))).to(base_out.dtype)
