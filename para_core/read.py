@@ -14,11 +14,12 @@ import torch
 from safetensors import safe_open
 
 from .errors import ParaError
+from .fit import kohya_name
 from .functional import projection, reference
 from .state import SUFFIXES, ParaState
 
 __all__ = ["Header", "read_header", "MAX_HEADER_BYTES", "LORA_MARKERS", "layer_and_suffix",
-           "layer_kind", "check_layer_tensors", "load_para"]
+           "layer_kind", "check_layer_tensors", "check_spellings", "load_para"]
 
 # A safetensors header is JSON; a real file's is kilobytes (a checkpoint's: a few MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -107,6 +108,18 @@ def check_layer_tensors(where: str, layer: str, tensors: Mapping[str, torch.Tens
     return kind, check(where, layer, tensors)
 
 
+def check_spellings(where: str, layers: Iterable[str]) -> None:
+    """One layer named twice (``diffusion_model.X``, ``lora_unet_X`` or a bare ``X``) is refused:
+    the loaders would apply both, or one of them, and disagree."""
+    seen: Dict[str, str] = {}
+    for layer in layers:
+        key = kohya_name(layer)
+        if key in seen and seen[key] != layer:
+            raise ParaError(f"{where}: layers {seen[key]} and {layer} are two spellings of the same layer; a file names "
+                            "each layer once. Keep one of them (or re-save the adapter with PaRa Save).")
+        seen.setdefault(key, layer)
+
+
 def load_para(path: str, device: str = "cpu") -> ParaState:
     """Load and validate a PaRa file; every problem is a ParaError naming the file."""
     path = os.fspath(path)
@@ -124,6 +137,7 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
                             ".para_B). Load it with ComfyUI's 'Load LoRA' node instead.")
         raise ParaError(f"{path}: no PaRa tensors (*.para_B, *.para_U/*.para_V or *.para_U/*.para_D) in this file; it is "
                         "not a PaRa adapter.")
+    check_spellings(path, groups)
     hint = reference.KIND if header.metadata.get("para.kind") == reference.KIND else "merged"
     kinds = {layer: layer_kind(path, layer, names, hint) for layer, names in groups.items()}
     found = set(kinds.values())

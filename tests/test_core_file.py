@@ -260,3 +260,16 @@ def test_fingerprint_mismatch_is_a_warning_showing_both():
     with pytest.warns(FingerprintWarning, match="aaaaaaaaaaaaaaaa.*bbbbbbbbbbbbbbbb"):
         assert check_fingerprint(state, "bbbbbbbbbbbbbbbb")
     assert check_fingerprint(state, "aaaaaaaaaaaaaaaa") is None
+
+
+@pytest.mark.parametrize("spelling", ["kohya", "bare"])
+def test_one_layer_under_two_names_is_an_error(tmp_path, spelling):
+    """diffusion_model.X.para_B and lora_unet_X.para_B (or X.para_B) in one file: the loaders would
+    apply both or either, and disagree."""
+    layer = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    other = kohya_name(layer) if spelling == "kohya" else layer[len("diffusion_model."):]
+    path = tmp_path / "twice.safetensors"
+    save_file({f"{layer}.para_B": randn(16, 2, seed=1), f"{other}.para_B": randn(16, 2, seed=2)}, str(path))
+    with pytest.raises(ParaError, match="two spellings of the same layer") as e:
+        load_para(path)
+    assert str(path) in str(e.value) and other in str(e.value)

@@ -110,6 +110,19 @@ def test_stock_load_lora_rejects_what_para_load_rejects_with_the_same_message(mo
     assert all(torch.equal(after[k], base[k]) for k in base)
 
 
+def test_one_layer_under_two_names_stops_stock_load_lora_and_its_bypass(mods, tiny_model):
+    import comfy.sd
+    shapes = mods.patching.layer_shapes(tiny_model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    lora = {f"{l0}.para_B": torch.randn(shapes[l0][0], 2), f"{mods.core.kohya_name(l0)}.para_B": torch.randn(shapes[l0][0], 2)}
+    loaders = [comfy.sd.load_lora_for_models]
+    if hasattr(comfy.sd, "load_bypass_lora_for_models"):  # 0.33+
+        loaders.append(comfy.sd.load_bypass_lora_for_models)
+    for load in loaders:
+        with pytest.raises(mods.core.ParaError, match="two spellings of the same layer"):
+            load(tiny_model, None, lora, 1.0, 0)
+
+
 def test_stock_load_lora_still_applies_a_good_file(mods, tiny_model):
     st = subject_state(mods, tiny_model, seed=3)
     mods.core.save_para(st, os.path.join(folder("loras"), "good.safetensors"))

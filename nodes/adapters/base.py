@@ -21,8 +21,9 @@ from typing import Callable, Collection, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...para_core.fit import check_layer_fits
-from ...para_core.read import check_layer_tensors, layer_kind as tensors_kind
+from ...para_core.fit import check_layer_fits, kohya_name
+from ...para_core.read import check_layer_tensors, check_spellings, layer_kind as tensors_kind
+from ...para_core.state import PREFIX
 
 __all__ = ["STOCK_SOURCE", "split_weights", "stock_layer", "check_fits", "layer_kind",
            "layer_groups", "bypass_weight_shape", "bypass_op", "layer_bias", "module_of", "output_positions",
@@ -48,13 +49,16 @@ def split_weights(weights: tuple, n_tensors: int) -> Tuple[tuple, str, Optional[
 def stock_layer(x: str, lora: dict, kinds: Collection[str]) -> Optional[Tuple[str, dict]]:
     """(kind, checked tensors) of layer ``x`` in a LoRA dict as ComfyUI's loaders read it, or None
     when ``x`` has no PaRa tensors of one of ``kinds``. The checks are PaRa Load's
-    (para_core.read)."""
+    (para_core.read), plus one layer named twice (``diffusion_model.X`` and ``lora_unet_X``),
+    which the loaders would apply twice."""
     present = {n: lora[f"{x}.{n}"] for n in NAMES if f"{x}.{n}" in lora}
     if not present:
         return None
     kind = tensors_kind(STOCK_SOURCE, x, present)
     if kind not in kinds:
         return None
+    if x.startswith(PREFIX) and any(f"{kohya_name(x)}.{n}" in lora for n in NAMES):
+        check_spellings(STOCK_SOURCE, [x, kohya_name(x)])
     return check_layer_tensors(STOCK_SOURCE, x, present, kind)
 
 
