@@ -10,6 +10,8 @@ from typing import Dict, List, Tuple
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management as mm
+import comfy.utils
 import folder_paths
 
 from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetensors, build_metadata, export_lora,
@@ -183,7 +185,23 @@ class PaRaMerge(io.ComfyNode):
             strengths.append(check_strength(kw.get(f"strength_{i}", 1.0), f"strength_{i}"))
         if len(states) < 2:
             raise ParaError("PaRa Merge needs at least two connected PARA inputs (para_1 and para_2).")
-        return io.NodeOutput(merge_states(states, strengths, check_choice(mode, list(MERGE_MODES), "mode")))
+        mode = check_choice(mode, list(MERGE_MODES), "mode")
+        return io.NodeOutput(merge_states(states, strengths, mode, progress=LayerProgress()))
+
+
+class LayerProgress:
+    """merge_states' progress(done, total): honours Cancel after every layer and moves the
+    node's progress bar in 1% steps (each update is a message to the browser)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
+        if done == total or done % max(1, total // 100) == 0:
+            self.bar.update_absolute(done, total)
 
 
 def _save_path(folder: str, prefix: str) -> str:

@@ -18,11 +18,13 @@ from .fit import kohya_name
 from .functional import projection, reference
 from .state import SUFFIXES, ParaState
 
-__all__ = ["Header", "read_header", "MAX_HEADER_BYTES", "LORA_MARKERS", "layer_and_suffix",
+__all__ = ["Header", "read_header", "MAX_HEADER_BYTES", "MAX_LAYERS", "LORA_MARKERS", "layer_and_suffix",
            "layer_kind", "check_layer_tensors", "check_spellings", "load_para"]
 
 # A safetensors header is JSON; a real file's is kilobytes (a checkpoint's: a few MB).
 MAX_HEADER_BYTES = 100_000_000
+# Layers per PaRa file: the largest presets of real models adapt a few thousand layers.
+MAX_LAYERS = 20_000
 LORA_MARKERS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", "_lora.up.", ".hada_w1_a", ".lokr_w1",
                 ".oft_blocks", ".lora_B", ".lora_A")
 
@@ -137,6 +139,9 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
                             ".para_B). Load it with ComfyUI's 'Load LoRA' node instead.")
         raise ParaError(f"{path}: no PaRa tensors (*.para_B, *.para_U/*.para_V or *.para_U/*.para_D) in this file; it is "
                         "not a PaRa adapter.")
+    if len(groups) > MAX_LAYERS:
+        raise ParaError(f"{path}: {len(groups)} layers, more than a PaRa file holds (at most {MAX_LAYERS}); it is not an "
+                        "adapter of a real model.")
     check_spellings(path, groups)
     hint = reference.KIND if header.metadata.get("para.kind") == reference.KIND else "merged"
     kinds = {layer: layer_kind(path, layer, names, hint) for layer, names in groups.items()}

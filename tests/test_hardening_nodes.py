@@ -123,6 +123,21 @@ def test_one_layer_under_two_names_stops_stock_load_lora_and_its_bypass(mods, ti
             load(tiny_model, None, lora, 1.0, 0)
 
 
+def test_para_merge_honours_cancel(mods, tiny_model):
+    """Cancel (ComfyUI's interrupt flag) stops a merge at its next layer: 100,000 layers took minutes
+    and Cancel came 349 s late. Once cleared, the same merge runs."""
+    import comfy.model_management as mm
+    a, b = subject_state(mods, tiny_model, seed=1), subject_state(mods, tiny_model, seed=2)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            mods.pn.PaRaMerge.execute(mode="union", para_1=a, strength_1=1.0, para_2=b, strength_2=1.0)
+    finally:
+        mm.interrupt_current_processing(False)
+    (merged,) = mods.pn.PaRaMerge.execute(mode="union", para_1=a, strength_1=1.0, para_2=b, strength_2=1.0).args
+    assert merged.layers == a.layers
+
+
 def test_stock_load_lora_still_applies_a_good_file(mods, tiny_model):
     st = subject_state(mods, tiny_model, seed=3)
     mods.core.save_para(st, os.path.join(folder("loras"), "good.safetensors"))
