@@ -99,6 +99,27 @@ def test_reference_kind_bypass_equals_weight_patching(tiny_model_factory, mod, b
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=lambda m: f"strength {s}: {m}")
 
 
+@pytest.mark.parametrize("kind", ["subject", "reference"])
+def test_float8_files_bypass_like_weight_patching(tiny_model_factory, mod, bypass_api, kind):
+    model = with_random_biases(tiny_model_factory(seed=0))
+    if kind == "subject":
+        lora = subject_lora(mod, model, seed=7, preset="noxattn")
+    else:
+        shapes = mod("nodes.patching").layer_shapes(model)
+        g = torch.Generator().manual_seed(8)
+        lora = {}
+        for l in mod("para_core").select_layers(shapes, "noxattn"):
+            inner = int(torch.tensor(shapes[l][1:]).prod())
+            lora[f"{l}.para_U"] = torch.randn(shapes[l][0], 2, generator=g) * 0.3
+            lora[f"{l}.para_D"] = torch.randn(2, inner, generator=g) / inner ** 0.5
+    lora = {k: v.to(torch.float8_e4m3fn) for k, v in lora.items()}
+    patched, _ = bypass_api.load_lora_for_models(model, None, lora, 1.0, 0)
+    bypassed, _ = bypass_api.load_bypass_lora_for_models(model, None, lora, 1.0, 0)
+    want, got = sample(patched), sample(bypassed)
+    assert (want - sample(model)).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
 def test_bypass_form_keeps_the_bias_per_layer(mod, comfy_in_process):
     """Linear and strided/dilated/padded convs, with and without bias, the bias read from the
     module and from the forward itself (what offloaded / quantized layers need)."""

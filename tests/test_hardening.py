@@ -407,3 +407,39 @@ def test_layer_checks_shared_by_para_load_and_stock_load_lora(tmp_path, tensors,
     save_file({f"diffusion_model.x.{k}": v for k, v in tensors.items()}, str(p))
     with pytest.raises(ParaError, match=says):
         load_para(p)
+
+
+# ------------------------------------------------------------------------- stored dtypes
+
+def _factors(kind, dtype, out=16, inner=24, rank=2):
+    g = torch.Generator().manual_seed(0)
+    names = {"subject": ("para_B",), "merged": ("para_U", "para_V"), "reference": ("para_U", "para_D")}[kind]
+    shapes = {"para_B": (out, rank), "para_U": (out, rank), "para_V": (out, rank), "para_D": (rank, inner)}
+    return {f"diffusion_model.x.{n}": (torch.randn(*shapes[n], generator=g) * 0.5).to(dtype) for n in names}
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("kind", ["subject", "merged", "reference"])
+def test_float8_factors_are_read_exactly_in_float32(tmp_path, capsys, kind, dtype):
+    from safetensors.torch import save_file
+    tensors = _factors(kind, dtype)
+    path = tmp_path / f"{kind}_fp8.safetensors"
+    save_file(tensors, str(path), metadata={"para.kind": kind})
+    st = load_para(path)
+    assert st.kind == kind
+    for key, t in tensors.items():
+        layer, name = key.rsplit(".", 1)
+        got = st.tensors(layer)[name]
+        assert got.dtype == torch.float32 and torch.equal(got, t.float())
+    assert cli_main(["inspect", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_float4_factors_are_refused_with_what_to_do(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "f4.safetensors"
+    save_file({"diffusion_model.x.para_B": torch.zeros(16, 1, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}, str(path))
+    with pytest.raises(ParaError, match="para_B is stored as float4_e2m1fn_x2, a packed format.*fp32, fp16 or bf16"):
+        load_para(path)
+    with pytest.raises(ParaError, match="packed format"):
+        read.check_layer_tensors("f4.safetensors", "diffusion_model.x",
+                                 {"para_B": torch.zeros(16, 1, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)})

@@ -138,6 +138,38 @@ def test_para_merge_honours_cancel(mods, tiny_model):
     assert merged.layers == a.layers
 
 
+def float8_file(mods, model, kind, seed=0):
+    """A PaRa file of ``kind`` on the first noxattn layer, stored in F8_E4M3 (as other tools write them)."""
+    shapes = mods.patching.layer_shapes(model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    out, inner = shapes[l0][0], int(torch.tensor(shapes[l0][1:]).prod())
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out, 2, generator=g))[0]
+    second = {"subject": None, "merged": ("para_V", U * 0.5), "reference": ("para_D", torch.randn(2, inner, generator=g) * 0.1)}[kind]
+    tensors = {f"{l0}.para_B": U} if second is None else {f"{l0}.para_U": U, f"{l0}.{second[0]}": second[1]}
+    return l0, {k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("kind", ["subject", "merged", "reference"])
+def test_float8_files_apply_the_same_through_para_loader_and_stock_load_lora(mods, tiny_model, kind):
+    l0, tensors = float8_file(mods, tiny_model, kind)
+    name = f"fp8_{kind}.safetensors"
+    for where in ("loras", "para"):
+        write_raw(os.path.join(folder(where), name), tensors)
+    base = patched_weights(tiny_model)[l0 + ".weight"]
+    stock, ours = stock_load(tiny_model, name)[l0 + ".weight"], para_load(mods, tiny_model, name)[l0 + ".weight"]
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_a_float8_subject_continues_in_the_stock_trainer(mods, tiny_model):
+    import comfy.weight_adapter as wa
+    l0, tensors = float8_file(mods, tiny_model, "subject")
+    adapter = next(a for a in (cls.load(l0, tensors, 1.0, None) for cls in wa.adapters) if a is not None)
+    trained = adapter.to_train()
+    assert trained.para_B.dtype == torch.float32 and torch.equal(trained.para_B.detach(), tensors[f"{l0}.para_B"].float())
+
+
 def test_stock_load_lora_still_applies_a_good_file(mods, tiny_model):
     st = subject_state(mods, tiny_model, seed=3)
     mods.core.save_para(st, os.path.join(folder("loras"), "good.safetensors"))

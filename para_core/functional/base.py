@@ -96,15 +96,27 @@ def layer_op(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], 
     raise TypeError(f"PaRa adapts Linear and Conv layers, not {type(module).__name__}")
 
 
+# Dtypes a factor is used in as stored; other float formats (float8) are read exactly in float32.
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_factor(where: str, layer: str, name: str, t, want: str) -> torch.Tensor:
     """One stored factor (``name`` = para_B, para_U, para_V or para_D of ``layer`` in ``where``):
-    a 2-D, finite, floating-point tensor. Returns the tensor to use."""
+    a 2-D, finite, floating-point tensor. Float8 factors (F8_E4M3, F8_E5M2, ...) are upcast to
+    float32, where every check and every later product runs; packed 4-bit ones are refused.
+    Returns the tensor to use."""
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ParaError(f"{where}: {layer}.{name} has shape {shape}, expected {want}.")
     if not t.is_floating_point():
         raise ParaError(f"{where}: {layer}.{name} has dtype {t.dtype}; PaRa tensors are floating point. "
                         "The file is not a valid PaRa adapter.")
+    if t.dtype not in _COMPUTE_DTYPES:
+        try:
+            t = t.float()
+        except (RuntimeError, NotImplementedError, TypeError):
+            raise ParaError(f"{where}: {layer}.{name} is stored as {str(t.dtype).replace('torch.', '')}, a packed format "
+                            "PaRa cannot read; save the adapter in fp32, fp16 or bf16 (PaRa Save's dtype).") from None
     if not bool(torch.isfinite(t).all()):
         raise ParaError(f"{where}: {layer}.{name} contains NaN or Inf values; the adapter is broken (retrain, or use "
                         "an earlier checkpoint).")
