@@ -149,7 +149,8 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
     if len(found) > 1:
         if "subject" in found:
             raise ParaError(f"{path}: mixes para_B with para_U/para_V/para_D; a file is either a subject or a merged "
-                            "adapter (or a reference one, para_U/para_D), never a mix.")
+                            "adapter (or a reference one, para_U/para_D), never a mix. (ComfyUI's TrainLoraNode writes "
+                            "such files when its existing_lora holds only some layers: load them with Load LoRA.)")
         raise ParaError(f"{path}: mixes para_D with para_V; a file is either a merged (para_U/para_V) or a reference "
                         "(para_U/para_D) adapter.")
     (kind,) = found

@@ -31,6 +31,10 @@ from .base import (DeviceCache, STOCK_SOURCE, bypass_weight_shape, check_fits, l
 
 # The stock trainer adapts every layer; its init is the PaRa Trainer's default.
 STOCK_TRAINER_INIT = projection.DEFAULT_INIT
+# QR's gradient grows like 1/sigma_min(B): a B that is numerically rank-deficient (matrix_rank's
+# tolerance) or vanishing (all zeros, 1e-40) has no basis to train, and Adam's squared gradients
+# overflow float32 once sigma_min is below ~1e-19: NaN at the first step.
+MIN_SINGULAR_VALUE = 1e-15
 
 
 class ProjectionBypass:
@@ -143,7 +147,7 @@ class ParaAdapter(ProjectionBypass, WeightAdapterBase):
         if self.form != "B":
             raise ParaError(f"{source}: layer {layer}: this PaRa file is a merged adapter (para_U/para_V): it has no B to "
                             "train further. Pick a trained subject file (para_B) as existing_lora, or none.")
-        return ParaTrainDiff(tensors[0].float())
+        return ParaTrainDiff.resume(tensors[0], source, layer)
 
 
 class ParaTrainDiff(ProjectionBypass, WeightAdapterTrainBase):
@@ -173,6 +177,21 @@ class ParaTrainDiff(ProjectionBypass, WeightAdapterTrainBase):
         # init from the shape only: the weight may be quantized, offloaded or not materialized yet
         B = projection.init_B(torch.empty(out, 1), r, STOCK_TRAINER_INIT)
         return cls(B.to(device))
+
+    @classmethod
+    def resume(cls, B: torch.Tensor, source: str, layer: Optional[str]) -> "ParaTrainDiff":
+        """A file's B to train further; a B without a well-defined basis is a clear error."""
+        B = B.float()
+        if B.shape[1] > 0:
+            S = torch.linalg.svdvals(B)
+            tolerance = max(float(S[0]) * torch.finfo(torch.float32).eps * max(B.shape), MIN_SINGULAR_VALUE)
+            if float(S[-1]) <= tolerance:
+                raise ParaError(
+                    f"{source}: layer {layer}: para_B {tuple(B.shape)} is rank-deficient or vanishing (singular values "
+                    f"{float(S[0]):.3g} .. {float(S[-1]):.3g}: zero, tiny or dependent columns), so Q = QR(B) is not "
+                    "defined and training it gives NaN. Pick a trained PaRa file as existing_lora, or none to start "
+                    "from scratch.")
+        return cls(B)
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         if self.rank == 0:

@@ -1,5 +1,7 @@
 """PaRa's (U, D) form in ComfyUI (docs/spec.md section 1b: W' = W0 - s U D, a LoRA with up = -U,
-down = D): the weight adapter (weight patching and bypass) and the PaRa Trainer's layer forward. The math is para_core/functional/reference.py's.
+down = D): the weight adapter (weight patching and bypass), its train diff for ComfyUI's own
+trainer (a reference file as TrainLoraNode's existing_lora trains on), and the PaRa Trainer's
+layer forward. The math is para_core/functional/reference.py's.
 
 Its bypass form y - s U (D x) needs only the input, so the plain ``h`` serves it, with the
 layer geometry ComfyUI's bypass hook sets on the adapter.
@@ -11,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from comfy.weight_adapter.base import WeightAdapterBase
+from comfy.weight_adapter.base import WeightAdapterBase, WeightAdapterTrainBase
 
 from ...para_core.errors import ParaError
 from ...para_core.functional import reference
@@ -88,6 +90,32 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
         weight += function(reference.delta(weight.shape, U, D, strength).to(weight.dtype))
         check_finite(weight, source, f"the patched weight {key}")
         return weight
+
+
+    def to_train(self):
+        """Continue training this file's U and D in TrainLoraNode (its existing_lora input)."""
+        U, D = split_weights(self.weights, 2)[0]
+        return ReferenceTrainDiff(U, D)
+
+
+class ReferenceTrainDiff(ReferenceBypass, WeightAdapterTrainBase):
+    """TrainLoraNode's reference layer: W' = W0 - U D with U (out, r) and D (r, in*kh*kw)
+    trainable, saved as ``<layer>.para_U`` / ``<layer>.para_D``: a reference PaRa file again."""
+
+    def __init__(self, U: torch.Tensor, D: torch.Tensor):
+        super().__init__()
+        # contiguous float32 copies: TrainLoraNode saves the parameters themselves
+        self.para_U = torch.nn.Parameter(U.detach().float().clone(memory_format=torch.contiguous_format))
+        self.para_D = torch.nn.Parameter(D.detach().float().clone(memory_format=torch.contiguous_format))
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        return reference.reduce_weight(w, self.para_U, self.para_D)
+
+    def bypass_factors(self, device):
+        return self.para_U.to(device), self.para_D.to(device)
+
+    def passive_memory_usage(self):
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
 
 class ReferenceForward(LayerForwards):
