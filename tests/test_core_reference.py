@@ -322,3 +322,24 @@ def test_kohya_named_reference_files_resolve_to_the_model_layers(tmp_path):
     assert set(fitted.layers) == set(st.layers)
     for l in st.layers:
         assert torch.equal(fitted.D[l], st.D[l]) and torch.equal(fitted.U[l], st.U[l])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool], ids=["int32", "bool"])
+def test_integer_or_bool_reference_factors_are_refused_like_the_others(tmp_path, dtype):
+    """PaRa Load/Loader, Export and resume read files through load_para: the one validator refuses
+    what stock Load LoRA refuses (they used to pass it)."""
+    l = PREFIX + PARA_LAYERS[0]
+    shape = CKPT_LAYERS[PARA_LAYERS[0]]
+    path = tmp_path / "ints.safetensors"
+    save_file({f"{l}.para_U": torch.ones(shape[0], 2).to(dtype), f"{l}.para_D": torch.ones(2, math.prod(shape[1:])).to(dtype)},
+              str(path), metadata={"para.kind": "reference"})
+    with pytest.raises(ParaError, match=f"ints.safetensors: {l}.para_U has dtype {dtype}; PaRa tensors are floating point"):
+        load_para(path)
+
+
+def test_a_rank_zero_reference_layer_is_the_base_layer_on_both_sides():
+    m = torch.nn.Conv2d(4, 8, 3, padding=1)
+    x = randn(1, 4, 6, 6)
+    U, D = torch.zeros(8, 0), torch.zeros(0, 36)
+    for fwd in (reference.forward_activation_side, reference.forward_weight_side):
+        torch.testing.assert_close(fwd(layer_op(m), x, m.weight.detach(), m.bias.detach(), U, D, 1), m(x).detach())

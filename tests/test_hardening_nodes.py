@@ -170,6 +170,20 @@ def test_a_float8_subject_continues_in_the_stock_trainer(mods, tiny_model):
     assert trained.para_B.dtype == torch.float32 and torch.equal(trained.para_B.detach(), tensors[f"{l0}.para_B"].float())
 
 
+def test_para_loader_refuses_integer_reference_factors_like_stock_load_lora(mods, tiny_model):
+    shapes = mods.patching.layer_shapes(tiny_model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    inner = int(torch.tensor(shapes[l0][1:]).prod())
+    tensors = {f"{l0}.para_U": torch.ones(shapes[l0][0], 2, dtype=torch.int32),
+               f"{l0}.para_D": torch.ones(2, inner, dtype=torch.int32)}
+    for where in ("loras", "para"):
+        write_raw(os.path.join(folder(where), "ref_int.safetensors"), tensors)
+    with pytest.raises(mods.core.ParaError, match="para_U has dtype torch.int32"):
+        para_load(mods, tiny_model, "ref_int.safetensors")
+    with pytest.raises(mods.core.ParaError, match="para_U has dtype torch.int32"):
+        stock_load(tiny_model, "ref_int.safetensors")
+
+
 def test_stock_load_lora_still_applies_a_good_file(mods, tiny_model):
     st = subject_state(mods, tiny_model, seed=3)
     mods.core.save_para(st, os.path.join(folder("loras"), "good.safetensors"))

@@ -26,7 +26,13 @@ NAMES = ("para_U", "para_D")
 
 
 class ReferenceBypass:
-    """``h`` for W0 - s U D: -s U (D x). Subclasses give ``bypass_factors(device) -> (U, D)``."""
+    """``h`` for W0 - s U D: -s U (D x). Subclasses give ``bypass_factors(device) -> (U, D)``,
+    ``where`` and ``check_bypass(weight_shape)``."""
+
+    where = STOCK_SOURCE
+
+    def check_bypass(self, weight_shape) -> None:
+        pass
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if "is_conv" not in getattr(self, "__dict__", {}):
@@ -37,10 +43,14 @@ class ReferenceBypass:
         conv_dim = int(self.conv_dim) if self.is_conv else 0
         channel_dim = 1 if conv_dim else -1
         kw = dict(getattr(self, "kw_dict", None) or {})
-        if kw.get("groups", 1) != 1:
-            raise ValueError("the reference kind's bypass needs an ungrouped conv (groups=1)")
+        groups = int(kw.get("groups", 1) or 1)
+        if groups != 1:
+            raise ParaError(f"{self.where}: the reference kind's bypass form U (D x) needs an ungrouped layer, this "
+                            f"conv has groups={groups}; apply the file with weight patching (PaRa Loader or Load LoRA) "
+                            "instead.")
         weight_shape = bypass_weight_shape(x, int(base_out.shape[channel_dim]), conv_dim,
                                            tuple(getattr(self, "kernel_size", ()) or ()))
+        self.check_bypass(weight_shape)
         U, D = self.bypass_factors(x.device)
         return reference.output_delta(bypass_op(conv_dim, kw), x, U, D, weight_shape[1:], channel_dim,
                                       float(getattr(self, "multiplier", 1.0)), base_out.dtype)
@@ -56,6 +66,10 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
         self.loaded_keys = loaded_keys
         self.weights = weights
         self._bypass = DeviceCache()
+
+    @property
+    def where(self) -> str:
+        return split_weights(self.weights, 2)[1]
 
     @classmethod
     def from_factors(cls, U: torch.Tensor, D: torch.Tensor, source: Optional[str] = None,
@@ -80,6 +94,10 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
     def bypass_factors(self, device) -> tuple:
         return self._bypass.get(self.weights, device, lambda: self.factors(device))
 
+    def check_bypass(self, weight_shape) -> None:
+        tensors, source, layer = split_weights(self.weights, 2)
+        check_fits(source, layer or "(the layer it is loaded on)", reference.KIND, NAMES, tensors, weight_shape)
+
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         tensors, source, _ = split_weights(self.weights, 2)
@@ -90,7 +108,6 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
         weight += function(reference.delta(weight.shape, U, D, strength).to(weight.dtype))
         check_finite(weight, source, f"the patched weight {key}")
         return weight
-
 
     def to_train(self):
         """Continue training this file's U and D in TrainLoraNode (its existing_lora input)."""

@@ -83,8 +83,11 @@ def output_delta(op, x: torch.Tensor, U: torch.Tensor, D: torch.Tensor, kernel_s
     """-s U (D x): D x is the layer's own op with D as an r-channel weight of ``kernel_shape``
     (in, kh, kw) (a conv keeps its stride/padding/dilation), U mixes the r channels back along
     ``channel_dim``. In ``dtype`` (default: x's). Not for grouped convs. This is also the
-    reference kind's whole bypass form: y' = y + output_delta(...)."""
+    reference kind's whole bypass form: y' = y + output_delta(...). Rank 0 gives a 0-d zero,
+    which broadcasts to the output."""
     dtype = dtype or x.dtype
+    if D.shape[0] == 0:  # rank 0 is the zero map (and no conv has 0 output channels): a broadcast zero
+        return torch.zeros((), dtype=dtype, device=x.device)
     z = op(x, D.to(x.device, dtype).reshape(D.shape[0], *kernel_shape))
     d = z.movedim(channel_dim, -1) @ U.to(z.device, dtype).t()
     return d.mul_(-float(strength)).movedim(-1, channel_dim)
