@@ -23,7 +23,9 @@ def mods(para_pack):
     return SimpleNamespace(pn=get("nodes.para_nodes"), patching=get("nodes.patching"), core=get("para_core"),
                            trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"), nodes=get("nodes"),
                            trainer_state=get("para_core.trainer_state"), write=get("para_core.write"),
-                           adapters_base=get("nodes.adapters.base"))
+                           adapters_base=get("nodes.adapters.base"), adapters=SimpleNamespace(
+                               ParaAdapter=get("nodes.adapters.para").ParaAdapter,
+                               ReferenceAdapter=get("nodes.adapters.reference").ReferenceAdapter))
 
 
 def folder(kind):
@@ -182,6 +184,35 @@ def test_para_loader_refuses_integer_reference_factors_like_stock_load_lora(mods
         para_load(mods, tiny_model, "ref_int.safetensors")
     with pytest.raises(mods.core.ParaError, match="para_U has dtype torch.int32"):
         stock_load(tiny_model, "ref_int.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["subject", "merged", "reference"])
+def test_adapters_survive_comfyuis_rebuild_from_loaded_keys_and_weights(mods, tiny_model, kind):
+    """ComfyUI 0.3x rebuilds every patch as type(a)(a.loaded_keys, weights) with its tensors moved
+    (comfy.lora.prefetch_prepared_value, dynamic VRAM on CUDA): the rebuilt adapter computes the
+    same weight, and its errors still name the file and the layer."""
+    import comfy.lora
+    para = mods.adapters
+    shapes = mods.patching.layer_shapes(tiny_model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    out, inner = shapes[l0][0], int(torch.tensor(shapes[l0][1:]).prod())
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(out, 2, generator=g))[0]
+    if kind == "reference":
+        adapter = para.ReferenceAdapter.from_factors(U, torch.randn(2, inner, generator=g) * 0.1, "dog.safetensors", l0)
+    else:
+        V = U if kind == "subject" else torch.randn(out, 2, generator=g)
+        adapter = para.ParaAdapter.from_factors(U, V, "dog.safetensors", l0)
+    rebuild = getattr(comfy.lora, "prefetch_prepared_value", None)  # 0.33; 0.3.64 has no rebuild, do what it does
+    again = rebuild(adapter, [0], None, None, False) if rebuild else type(adapter)(adapter.loaded_keys, adapter.weights)
+    assert type(again) is type(adapter) and again is not adapter
+    W0 = mods.patching.original_weight(tiny_model, l0).float()
+    key, same = l0 + ".weight", lambda w: w
+    want = adapter.calculate_weight(W0.clone(), key, 0.7, 1.0, 0, same)
+    torch.testing.assert_close(again.calculate_weight(W0.clone(), key, 0.7, 1.0, 0, same), want, rtol=0, atol=0)
+    assert (want - W0).abs().max() > 1e-4
+    with pytest.raises(mods.core.ParaError, match=f"dog.safetensors: layer {l0} has {out} output channels"):
+        again.calculate_weight(torch.randn(out + 1, *shapes[l0][1:]), key, 1.0, 1.0, 0, same)
 
 
 def test_stock_load_lora_still_applies_a_good_file(mods, tiny_model):
