@@ -16,7 +16,7 @@ def all_nodes() -> list:
     try:
         from .trainer_node import PaRaTrainer
         nodes.insert(0, PaRaTrainer)
-    except ImportError as e:  # only while the trainer is being developed
+    except ImportError as e:  # a ComfyUI without what the trainer needs still gets the other nodes
         log.warning("PaRa: trainer unavailable: %s", e)
     return nodes
 

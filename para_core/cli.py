@@ -1,4 +1,4 @@
-"""The command line: ``python -m para_core {inspect,merge,export-lora,bake}`` (spec section 4).
+"""The command line: ``python -m para_core {inspect,merge,export-lora,bake}`` (docs/spec.md section 4).
 
 Errors exit with status 1 (2 for usage errors) and one line on stderr, ``error: ...``; outputs
 are written atomically, so a failed command leaves no file behind.
@@ -16,6 +16,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import FingerprintWarning, ParaError
+from .presets import PresetError
 
 # torch and the modules that need it are imported inside the commands: importing torch takes
 # about 4 s, and a usage error, --help or a wrong path should answer at once (measured on 2 CPU
@@ -394,7 +395,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_inputs(args)
     except InputError as e:
         return _fail(str(e))
-    from .presets import PresetError
     try:
         with warnings.catch_warnings():
             # check_fingerprint warns and returns the message; the commands print it themselves.

@@ -13,6 +13,7 @@ import torch
 from .errors import ParaError
 from .functional import reference
 from .functional.base import check_finite
+from .functional.projection import basis
 from .state import ParaState, reference_state
 from .write import build_metadata
 
@@ -50,7 +51,7 @@ def merge_union(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]], rtol:
         return z, z.clone()
     # Orthonormalize each input first so that the SVD of the stack measures overlap of
     # subspaces, not the scale of the stored factors.
-    bases = [torch.linalg.qr(v, mode="reduced")[0] for v, _ in kept]
+    bases = [basis(v) for v, _ in kept]
     stack = torch.cat(bases, dim=1)
     Uc, S, _ = torch.linalg.svd(stack, full_matrices=False)
     k = int((S > rtol * S[0]).sum()) if S.numel() else 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+import comfy.weight_adapter as wa
+
 from .para import ParaAdapter
 from .reference import ReferenceAdapter
 
@@ -17,10 +19,8 @@ TRAIN_ALGORITHM = "PaRa"
 
 def register() -> bool:
     """Add the adapters to ComfyUI's adapter list (what the stock LoRA loaders iterate)."""
-    try:
-        import comfy.weight_adapter as wa
-        adapters = wa.adapters
-    except (ImportError, AttributeError):
+    adapters = getattr(wa, "adapters", None)
+    if not isinstance(adapters, list):
         log.warning("PaRa: this ComfyUI has no comfy.weight_adapter.adapters list; the stock 'Load LoRA' node "
                     "will not read PaRa files. The PaRa nodes keep working. Update ComfyUI to get both.")
         return False
