@@ -210,6 +210,17 @@ def _save_path(folder: str, prefix: str) -> str:
     return os.path.join(full_folder, f"{filename}_{counter:05}_.safetensors")
 
 
+def _write_into(kind: str, prefix: str, write, done: str) -> io.NodeOutput:
+    """``write(path)`` to the next free <prefix>_NNNNN_.safetensors in models/<kind>; the node's
+    output is the name relative to that folder."""
+    folder = folder_paths.get_folder_paths(kind)[0]
+    path = _save_path(folder, prefix)
+    write(path)
+    rel = os.path.relpath(path, folder)
+    log.info("PaRa: %s %s", done, path)
+    return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/{kind}/{rel}"))
+
+
 class PaRaSave(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -227,12 +238,8 @@ class PaRaSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, para, filename_prefix, dtype) -> io.NodeOutput:
-        folder = folder_paths.get_folder_paths("para")[0]
-        path = _save_path(folder, filename_prefix)
-        save_para(para, path, DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
-        rel = os.path.relpath(path, folder)
-        log.info("PaRa: saved %s", path)
-        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/para/{rel}"))
+        torch_dtype = DTYPES[check_choice(dtype, list(DTYPES), "dtype")]
+        return _write_into("para", filename_prefix, lambda path: save_para(para, path, torch_dtype), "saved")
 
 
 class PaRaExportLoRA(io.ComfyNode):
@@ -272,12 +279,8 @@ class PaRaExportLoRA(io.ComfyNode):
                                 "(para.base_fingerprint)"})
         md["modelspec.architecture"] = md["modelspec.architecture"].replace("/para", "/lora")
         md.pop("para.kind", None)
-        folder = folder_paths.get_folder_paths("loras")[0]
-        path = _save_path(folder, filename_prefix)
-        atomic_save_safetensors(tensors, path, md)
-        rel = os.path.relpath(path, folder)
-        log.info("PaRa: exported LoRA %s", path)
-        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}"))
+        return _write_into("loras", filename_prefix, lambda path: atomic_save_safetensors(tensors, path, md),
+                           "exported LoRA")
 
 
 NODES = [PaRaLoader, PaRaLoad, PaRaApply, PaRaMerge, PaRaSave, PaRaExportLoRA]
