@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ...para_core.fit import check_layer_fits, kohya_name
 from ...para_core.read import check_layer_tensors, check_spellings, layer_kind as tensors_kind
-from ...para_core.state import PREFIX
+from ...para_core.state import PREFIX, SUFFIXES
 
 __all__ = ["STOCK_SOURCE", "split_weights", "stock_layer", "check_fits", "layer_kind",
            "layer_groups", "bypass_weight_shape", "bypass_op", "layer_bias", "module_of", "output_positions",
@@ -32,7 +32,7 @@ __all__ = ["STOCK_SOURCE", "split_weights", "stock_layer", "check_fits", "layer_
 # Where a factor comes from when ComfyUI's own loaders read it: they hand an adapter the tensors
 # only, and say themselves which node failed.
 STOCK_SOURCE = "the PaRa file given to a ComfyUI LoRA node (Load LoRA, TrainLoraNode's existing_lora)"
-NAMES = ("para_B", "para_U", "para_V", "para_D")
+NAMES = tuple(s[1:] for s in SUFFIXES)  # para_B, para_U, para_V, para_D
 
 
 # ------------------------------------------------------------------ the adapter's tensors
@@ -42,8 +42,9 @@ def split_weights(weights: tuple, n_tensors: int) -> Tuple[tuple, str, Optional[
     optionally the file and the layer they came from (for errors). ``weights`` is an adapter's
     whole state: ComfyUI rebuilds adapters as ``type(a)(a.loaded_keys, weights)``
     (comfy.lora.prefetch_prepared_value) with the tensors moved and everything else kept."""
-    tensors, rest = tuple(weights[:n_tensors]), [w for w in weights[n_tensors:] if isinstance(w, str) and w]
-    return tensors, (rest[0] if rest else STOCK_SOURCE), (rest[1] if len(rest) > 1 else None)
+    source, layer = (list(weights[n_tensors:n_tensors + 2]) + [None, None])[:2]
+    return (tuple(weights[:n_tensors]), source if isinstance(source, str) and source else STOCK_SOURCE,
+            layer if isinstance(layer, str) and layer else None)
 
 
 def stock_layer(x: str, lora: dict, kinds: Collection[str]) -> Optional[Tuple[str, dict]]:

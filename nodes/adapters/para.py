@@ -83,10 +83,6 @@ class ParaAdapter(ProjectionBypass, WeightAdapterBase):
     def _split(self):
         return split_weights(self.weights[1:], 1 if self.form == "B" else 2)
 
-    @property
-    def source(self) -> str:
-        return self._split()[1]
-
     @classmethod
     def from_factors(cls, U: torch.Tensor, V: torch.Tensor, source: Optional[str] = None,
                      layer: Optional[str] = None) -> "ParaAdapter":
