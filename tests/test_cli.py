@@ -1,4 +1,4 @@
-"""The command line, ``python -m para_core`` (spec section 4), on small synthetic files.
+"""The command line, ``python -m para_core`` (docs/spec.md section 4), on small synthetic files.
 
 A few tests run the real ``python -m para_core`` in a subprocess (exit codes, stdout/stderr,
 no traceback); the rest call ``cli.main`` in-process, which is the same code without the

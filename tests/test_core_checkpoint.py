@@ -1,4 +1,4 @@
-"""Reading SD-style checkpoints lazily, and baking adapters into them (spec section 4)."""
+"""Reading SD-style checkpoints lazily, and baking adapters into them (docs/spec.md section 4)."""
 import json
 import os
 

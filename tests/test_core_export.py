@@ -1,4 +1,4 @@
-"""Exact export to a standard LoRA (spec section 2, "Export to a standard LoRA")."""
+"""Exact export to a standard LoRA (docs/spec.md section 2, "Export to a standard LoRA")."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The PaRa file (spec section 2): round trip, metadata, atomic writes, load errors, fitting a model."""
+"""The PaRa file (docs/spec.md section 2): round trip, metadata, atomic writes, load errors, fitting a model."""
 import json
 import os
 import struct

@@ -1,4 +1,4 @@
-"""Merge modes against their dense formulas (spec section 1, "Several subjects at once")."""
+"""Merge modes against their dense formulas (docs/spec.md section 1, "Several subjects at once")."""
 import json
 
 import pytest
