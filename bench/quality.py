@@ -49,12 +49,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/ and bench/ importable
+    sys.path.insert(0, str(ROOT))
 
-import world  # noqa: E402
-import judges as judges_mod  # noqa: E402
-import train_base  # noqa: E402
+from bench import judges as judges_mod  # noqa: E402
+from bench import train_base  # noqa: E402
+from bench import world  # noqa: E402
 
 NEGATIVE = ""
 
@@ -169,8 +169,8 @@ class Comfy:
     """ComfyUI in this process with the base checkpoint loaded through CheckpointLoaderSimple."""
 
     def __init__(self, ckpt: Path, base_dir: Path):
-        import comfy_env
-        comfy_env.setup_comfy(base_directory=base_dir)
+        from harness import comfyui
+        comfyui.setup_comfy(base_directory=base_dir)
         import torch
         import nodes
         import comfy.sd
@@ -182,7 +182,7 @@ class Comfy:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(ckpt)
-        self.pack = comfy_env.import_pack()
+        self.pack = comfyui.import_pack()
         self.pack.nodes.setup()
         from importlib import import_module
         self.pn = import_module(self.pack.__name__ + ".nodes.para_nodes")

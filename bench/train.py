@@ -1,7 +1,7 @@
 """Benchmark: one PaRa training step vs one step of ComfyUI's own LoRA training, in the same run.
 
 Builds the full SD1.5 UNet shape (random weights, no download), or with --family a model that
-ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (tests/family_models.py; --size real for the
+ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (harness/families.py; --size real for the
 released shape, conditioning of the family's shape made in-process), and trains, on the same layers
 (a preset, default noxattn) at the same rank, through the same loop (nodes/training_loop.py: ComfyUI's
 Guider_Basic, the model's own model_sampling, AdamW):
@@ -29,11 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/ and bench/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from apply import PeakMemory, add_family_args, family_patcher, release_memory  # noqa: E402  (shared with apply)
+from bench.apply import PeakMemory, add_family_args, family_patcher, release_memory  # noqa: E402  (shared with apply)
 
 
 class LoraWrappers:
@@ -105,13 +104,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.latent = args.latent or (32 if args.family == "sd15" else 16)
 
-    import comfy_env
-    comfy_env.configure_comfy(device=args.device, base_directory=tempfile.mkdtemp(prefix="para-bench-train-"))
-    comfy_env.setup_comfy()
+    from harness import comfyui
+    comfyui.configure_comfy(device=args.device, base_directory=tempfile.mkdtemp(prefix="para-bench-train-"))
+    comfyui.setup_comfy()
     import torch
     import comfy.model_management as mm
     from comfy.weight_adapter import adapter_maps
-    pack = comfy_env.import_pack()
+    pack = comfyui.import_pack()
     import importlib
     importlib.import_module(pack.__name__ + ".nodes").setup()
     core = importlib.import_module(pack.__name__ + ".para_core")

@@ -560,7 +560,7 @@ class Checkpoints:
         if run.optimizer_state_valid:
             # Trainer state first: the PaRa file, which the resume list shows, appears last, so a
             # listed checkpoint always has its state (a crash in between leaves an unlisted
-            # .trainer.pt, removed at the next start: fileformat.remove_stale_temp_files).
+            # .trainer.pt, removed at the next start: para_core.write.remove_stale_temp_files).
             save_trainer_state(self.info.trainer_state(run, os.path.basename(path), reason), tpath)
         try:
             save_para(self.info.state(run, reason), path)

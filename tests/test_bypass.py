@@ -6,7 +6,8 @@ import importlib
 import pytest
 import torch
 
-import comfy_env
+from harness import models
+from harness.server import load_latent
 
 pytestmark = pytest.mark.comfyui
 STRENGTHS = (1.0, 0.5, 2.0, -1.0)
@@ -59,8 +60,8 @@ def subject_lora(mod, model, seed, rank=2, preset="full", merged=False):
 
 
 def sample(model, seed=3):
-    pos, neg = comfy_env.random_conditioning(1), comfy_env.random_conditioning(2)
-    return comfy_env.sample_latent(model, pos, neg, seed=seed, steps=2, cfg=2.0)
+    pos, neg = models.random_conditioning(1), models.random_conditioning(2)
+    return models.sample_latent(model, pos, neg, seed=seed, steps=2, cfg=2.0)
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["subject", "merged"])
@@ -171,7 +172,7 @@ def test_bypass_at_strength_zero_is_the_base_model(tiny_model_factory, mod, bypa
 @pytest.fixture(scope="module")
 def bias_checkpoint(sd15_checkpoint):
     """The test checkpoint with random diffusion-model biases (the builder zeroes them), cached."""
-    path = comfy_env.cache_dir() / "test_sd15_random_biases.safetensors"
+    path = models.cache_dir() / "test_sd15_random_biases.safetensors"
     if not path.exists() or path.stat().st_mtime < sd15_checkpoint.stat().st_mtime:
         from safetensors.torch import load_file
         sd = load_file(str(sd15_checkpoint))
@@ -179,12 +180,12 @@ def bias_checkpoint(sd15_checkpoint):
         for k, v in sd.items():
             if k.startswith("model.diffusion_model.") and k.endswith(".bias"):
                 sd[k] = (torch.randn(v.shape, generator=g) * 0.2).to(v.dtype)
-        comfy_env._atomic_save(sd, path, {})
+        models.atomic_save(sd, path, {})
     return path
 
 
 def test_load_lora_bypass_node_equals_para_loader_through_the_server(comfy_server, bias_checkpoint, mod):
-    if "LoraLoaderBypassModelOnly" not in comfy_server.object_info():
+    if "LoraLoaderBypassModelOnly" not in comfy_server.client.object_info():
         pytest.skip("this ComfyUI has no Load LoRA (Bypass) node (added after 0.3.64)")
     from safetensors import safe_open
     core = mod("para_core")
@@ -203,12 +204,12 @@ def test_load_lora_bypass_node_equals_para_loader_through_the_server(comfy_serve
     core.save_para(state, str(comfy_server.models_dir / "loras" / name))
 
     def run(prefix, node=None):
-        g = comfy_env.txt2img_graph(ckpt_name=bias_checkpoint.name, save="latent", seed=9, prefix=prefix)
+        g = models.txt2img_graph(ckpt_name=bias_checkpoint.name, save="latent", seed=9, prefix=prefix)
         if node is not None:
             g["m"] = node
             g["sampler"]["inputs"]["model"] = ["m", 0]
         (path,) = comfy_server.output_files(comfy_server.run(g, timeout=180), "latents")
-        return comfy_env.load_latent(path)
+        return load_latent(path)
 
     base = run("bp_base")
     for s in (1.0, 0.5, 2.0):

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
 pytestmark = pytest.mark.comfyui
 SETTINGS = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e-2, optimizer="AdamW",
@@ -109,7 +109,7 @@ def test_every_out_of_memory_form_stops_with_advice_and_keeps_the_last_step(mods
     prefix = f"oom_{form}"
     with torch.inference_mode():
         with pytest.raises(core.ParaError, match="out of memory"):
-            trainer.PaRaTrainer.execute(model=tiny_model, latents=lat, positive=comfy_env.random_conditioning(1),
+            trainer.PaRaTrainer.execute(model=tiny_model, latents=lat, positive=models.random_conditioning(1),
                                         **dict(SETTINGS, steps=10, save_every=100, filename_prefix=prefix))
     import folder_paths
     mine = re.compile(re.escape(prefix) + r"_\d{5}_step\d{6}\.safetensors")  # exactly this prefix's files

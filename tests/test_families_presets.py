@@ -13,10 +13,15 @@ attention only, one layer in the middle of the network) on SD3, Flux and Lumina 
 """
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
-import family_models as fm
+if __name__ == "__main__":  # run as a script (see the end): the repo root makes harness/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import families as fm  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
@@ -304,9 +309,7 @@ def preset_table(real: bool = True):
 
 if __name__ == "__main__":  # python tests/test_families_presets.py: the README's per-family preset table
     import tempfile
-    import comfy_env
-    comfy_env.setup_comfy(base_directory=tempfile.mkdtemp())
-    import sys
-    sys.path.insert(0, str(comfy_env.PACK_ROOT))
+    from harness import comfyui
+    comfyui.setup_comfy(base_directory=tempfile.mkdtemp())
     for fam, preset, n, p in preset_table():
         print(f"| {fm.REAL_NAMES[fam]} | `{preset}` | {n} | {p:,} |")

@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -311,13 +311,13 @@ BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e
 @pytest.fixture
 def model(comfy_in_process):
     with torch.inference_mode():
-        return comfy_env.make_tiny_model(seed=0)
+        return models.make_tiny_model(seed=0)
 
 
 def train(mods, model, **kw):
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     with torch.inference_mode():
-        out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=comfy_env.random_conditioning(1),
+        out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=models.random_conditioning(1),
                                                **dict(BASE, **kw))
     return out
 

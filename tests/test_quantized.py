@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import comfy_env
+from harness import comfyui, models
 from para_core import ParaError, ParaState, build_metadata, export_lora, fingerprint, save_para
 from para_core.base_model import Checkpoint, bake
 
@@ -121,11 +121,11 @@ def test_cli_inspect_and_export_accept_a_quantized_base(files, tmp_path):
     import subprocess
     env_py = sys.executable
     r = subprocess.run([env_py, "-m", "para_core", "inspect", str(files["para"]), "--base", str(files["quant"])],
-                       cwd=str(comfy_env.PACK_ROOT), capture_output=True, text=True, timeout=120)
+                       cwd=str(comfyui.PACK_ROOT), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "lora.safetensors"
     r = subprocess.run([env_py, "-m", "para_core", "export-lora", "--base", str(files["quant"]), "--para",
-                        str(files["para"]), "-o", str(out)], cwd=str(comfy_env.PACK_ROOT), capture_output=True,
+                        str(files["para"]), "-o", str(out)], cwd=str(comfyui.PACK_ROOT), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.exists()
@@ -147,7 +147,7 @@ def test_legacy_scaled_fp8_files_are_read_with_their_scale(tmp_path):
 @pytest.fixture(scope="module")
 def fp8_checkpoint(sd15_checkpoint):
     """The test checkpoint with every 2-D diffusion-model weight stored as fp8 + comfy_quant."""
-    path = comfy_env.cache_dir() / "test_sd15_fp8.safetensors"
+    path = models.cache_dir() / "test_sd15_fp8.safetensors"
     if not path.exists() or path.stat().st_mtime < sd15_checkpoint.stat().st_mtime:
         sd = load_file(str(sd15_checkpoint))
         for k in list(sd):
@@ -155,7 +155,7 @@ def fp8_checkpoint(sd15_checkpoint):
                 layer = k[: -len(".weight")]
                 sd[k], sd[layer + ".weight_scale"] = quantize_fp8(sd[k].float())
                 sd[layer + ".comfy_quant"] = comfy_quant("float8_e4m3fn")
-        comfy_env._atomic_save(sd, path, {})
+        models.atomic_save(sd, path, {})
     return path
 
 
@@ -262,8 +262,8 @@ def test_bypass_loading_works_on_a_quantized_model(quantized_model, para_pack):
     quantized = [l for l in layers if isinstance(stored(l), QT)]
     assert quantized
     raw = {l: stored(l).dequantize().clone() for l in quantized}
-    pos, neg = comfy_env.random_conditioning(1, dim=768), comfy_env.random_conditioning(2, dim=768)
-    run = lambda m: comfy_env.sample_latent(m, pos, neg, seed=1, steps=2, cfg=2.0)
+    pos, neg = models.random_conditioning(1, dim=768), models.random_conditioning(2, dim=768)
+    run = lambda m: models.sample_latent(m, pos, neg, seed=1, steps=2, cfg=2.0)
     base = run(mp)
     bypassed = run(comfy.sd.load_bypass_lora_for_models(mp, None, lora, 1.0, 0)[0])
     for l in quantized:  # still the same quantized weight

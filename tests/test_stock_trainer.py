@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-import comfy_env
+from harness import models
+from harness.server import load_latent
 
 pytestmark = pytest.mark.comfyui
 ALGORITHM = "PaRa"
@@ -143,7 +144,7 @@ def train_graph(info, prefix, **overrides):
     lora_out = info["TrainLoraNode"]["output"].index("LORA_MODEL")
     save_node = "SaveLoRA" if "SaveLoRA" in info else "SaveLoRANode"  # 0.3.64's id
     return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks", "clip": ["ckpt", 1]}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "train": {"class_type": "TrainLoraNode", "inputs": inputs},
@@ -158,17 +159,17 @@ def saved_lora(server, prefix):
 
 
 def sample_with(server, prefix, node=None):
-    g = comfy_env.txt2img_graph(save="latent", seed=5, prefix=prefix)
+    g = models.txt2img_graph(save="latent", seed=5, prefix=prefix)
     if node is not None:
         g["m"] = node
         g["sampler"]["inputs"]["model"] = ["m", 0]
     (path,) = server.output_files(server.run(g, timeout=180), "latents")
-    return comfy_env.load_latent(path)
+    return load_latent(path)
 
 
 def test_train_lora_node_trains_para_and_stock_loaders_load_it(comfy_server):
     from safetensors.torch import load_file
-    info = comfy_server.object_info()
+    info = comfy_server.client.object_info()
     if "TrainLoraNode" not in info:
         pytest.skip("this ComfyUI has no TrainLoraNode")
     algo = info["TrainLoraNode"]["input"]["required"]["algorithm"]
@@ -204,14 +205,14 @@ def test_train_lora_node_bypass_mode_continues_a_para_file(comfy_server):
     result is a PaRa file again. (Its gradients equal weight mode's: the in-process test above;
     TrainLoraNode draws sigmas from the unseeded global RNG, so two server runs differ.)"""
     from safetensors.torch import load_file
-    info = comfy_server.object_info()
+    info = comfy_server.client.object_info()
     spec = info.get("TrainLoraNode", {}).get("input", {})
     if "bypass_mode" not in {**spec.get("required", {}), **spec.get("optional", {})}:
         pytest.skip("this ComfyUI's TrainLoraNode has no bypass mode (added after 0.3.64)")
     comfy_server.run(train_graph(info, "stock_start", steps=1), timeout=600)
     start_name = "para_start_1_steps_00001_.safetensors"  # TrainLoraNode reads the step count from the name
     shutil.copy(saved_lora(comfy_server, "stock_start"), comfy_server.models_dir / "loras" / start_name)
-    comfy_server.run(train_graph(comfy_server.object_info(), "stock_bypass", steps=1, bypass_mode=True,
+    comfy_server.run(train_graph(comfy_server.client.object_info(), "stock_bypass", steps=1, bypass_mode=True,
                                  existing_lora=start_name, optimizer="SGD", learning_rate=0.1), timeout=600)
     start = load_file(str(comfy_server.models_dir / "loras" / start_name))
     after = load_file(str(saved_lora(comfy_server, "stock_bypass")))
@@ -229,7 +230,7 @@ def test_train_lora_node_continues_a_reference_file_and_refuses_a_B_without_basi
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     import para_core
-    info = comfy_server.object_info()
+    info = comfy_server.client.object_info()
     if "TrainLoraNode" not in info:
         pytest.skip("this ComfyUI has no TrainLoraNode")
     with safe_open(str(sd15_checkpoint), "pt") as f:
@@ -258,6 +259,6 @@ def test_train_lora_node_continues_a_reference_file_and_refuses_a_B_without_basi
     zero = "zero_1_steps_00001_.safetensors"
     save_file({f"{layers[0]}.para_B": torch.zeros(shapes[layers[0]][0], 2)}, str(comfy_server.models_dir / "loras" / zero))
     entry = comfy_server.run(train_graph(info, "stock_zero", steps=1, existing_lora=zero), timeout=600, check=False)
-    message = comfy_server.error_message(entry) or ""
+    message = entry.message or ""
     assert "rank-deficient or vanishing" in message and layers[0] in message, message[:500]
     assert not list((comfy_server.output_dir / "loras").glob("stock_zero*.safetensors"))
