@@ -27,7 +27,7 @@ from ...para_core.state import PREFIX, SUFFIXES
 
 __all__ = ["STOCK_SOURCE", "split_weights", "stock_layer", "check_fits", "layer_kind",
            "layer_groups", "bypass_weight_shape", "bypass_op", "layer_bias", "module_of", "output_positions",
-           "DeviceCache"]
+           "DeviceCache", "StoredAdapter"]
 
 # Where a factor comes from when ComfyUI's own loaders read it: they hand an adapter the tensors
 # only, and say themselves which node failed.
@@ -69,6 +69,20 @@ def check_fits(where: str, key: str, kind: str, names: Sequence[str], tensors: S
     layer = key[: -len(".weight")] if key.endswith(".weight") else key
     check_layer_fits(where, layer, kind, {n: tuple(t.shape) for n, t in zip(names, tensors)}, tuple(weight_shape),
                      "this model")
+
+
+class StoredAdapter:
+    """What the file-backed adapters share: ComfyUI's constructor (loaded_keys, weights), which
+    must work alone (ComfyUI rebuilds adapters with it), and bypass factors computed once per
+    (tensors, device). Subclasses give ``factors(device)``."""
+
+    def __init__(self, loaded_keys, weights):
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+        self._bypass = DeviceCache()
+
+    def bypass_factors(self, device) -> tuple:
+        return self._bypass.get(self.weights, device, lambda: self.factors(device))
 
 
 class DeviceCache:

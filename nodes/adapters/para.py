@@ -26,7 +26,7 @@ from ...para_core.functional import projection
 from ...para_core.functional.base import RankCap, add_bias, check_finite, effective_rank, is_linear, layer_op
 from ...para_core.functional.projection import basis, basis_batched
 from ..training_loop import LayerForwards, _weight_and_bias
-from .base import (DeviceCache, STOCK_SOURCE, bypass_weight_shape, check_fits, layer_bias, layer_groups, layer_kind,
+from .base import (STOCK_SOURCE, StoredAdapter, bypass_weight_shape, check_fits, layer_bias, layer_groups, layer_kind,
                    split_weights, stock_layer, output_positions)
 
 # The stock trainer adapts every layer; its init is the PaRa Trainer's default.
@@ -61,16 +61,11 @@ class ProjectionBypass:
         return y + projection.output_delta(h, U, V, channel_dim, float(getattr(self, "multiplier", 1.0)))
 
 
-class ParaAdapter(ProjectionBypass, WeightAdapterBase):
+class ParaAdapter(StoredAdapter, ProjectionBypass, WeightAdapterBase):
     """One layer of a subject or merged PaRa file. ``weights``: ("B", B) for a subject (Q is
     computed where the weight lives) or ("UV", U, V), then optionally the source file and the
     layer name (for errors)."""
     name = "para"
-
-    def __init__(self, loaded_keys, weights):
-        self.loaded_keys = loaded_keys
-        self.weights = weights
-        self._bypass = DeviceCache()
 
     @property
     def form(self) -> str:
@@ -108,9 +103,6 @@ class ParaAdapter(ProjectionBypass, WeightAdapterBase):
             return Q, Q
         U, V = tensors
         return U.to(device, torch.float32), V.to(device, torch.float32)
-
-    def bypass_factors(self, device) -> tuple:
-        return self._bypass.get(self.weights, device, lambda: self.factors(device))
 
     def _names(self):
         return ("para_B",) if self.form == "B" else ("para_U", "para_V")

@@ -19,7 +19,7 @@ from ...para_core.errors import ParaError
 from ...para_core.functional import reference
 from ...para_core.functional.base import check_finite, is_linear, layer_op
 from ..training_loop import LayerForwards, _weight_and_bias
-from .base import (DeviceCache, STOCK_SOURCE, bypass_op, bypass_weight_shape, check_fits, output_positions,
+from .base import (STOCK_SOURCE, StoredAdapter, bypass_op, bypass_weight_shape, check_fits, output_positions,
                    split_weights, stock_layer)
 
 NAMES = ("para_U", "para_D")
@@ -56,16 +56,11 @@ class ReferenceBypass:
                                       float(getattr(self, "multiplier", 1.0)), base_out.dtype)
 
 
-class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
+class ReferenceAdapter(StoredAdapter, ReferenceBypass, WeightAdapterBase):
     """One layer of a reference file. ``weights``: (U (out, r), D (r, in*kh*kw)), then optionally
     the source file and the layer name (for errors). Stock "Load LoRA" reads ``*.para_U`` +
     ``*.para_D`` files through it."""
     name = "para_reference"
-
-    def __init__(self, loaded_keys, weights):
-        self.loaded_keys = loaded_keys
-        self.weights = weights
-        self._bypass = DeviceCache()
 
     @property
     def where(self) -> str:
@@ -90,9 +85,6 @@ class ReferenceAdapter(ReferenceBypass, WeightAdapterBase):
     def factors(self, device) -> tuple:
         U, D = split_weights(self.weights, 2)[0]
         return U.to(device, torch.float32), D.to(device, torch.float32)
-
-    def bypass_factors(self, device) -> tuple:
-        return self._bypass.get(self.weights, device, lambda: self.factors(device))
 
     def check_bypass(self, weight_shape) -> None:
         tensors, source, layer = split_weights(self.weights, 2)
