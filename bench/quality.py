@@ -186,8 +186,8 @@ class Comfy:
         self.pack.nodes.setup()
         from importlib import import_module
         self.pn = import_module(self.pack.__name__ + ".nodes.para_nodes")
-        self.trainer_mod = import_module(self.pack.__name__ + ".nodes.trainer")
-        self.training = import_module(self.pack.__name__ + ".nodes.training")
+        self.trainer_mod = import_module(self.pack.__name__ + ".nodes.trainer_node")
+        self.training = import_module(self.pack.__name__ + ".nodes.training_loop")
         self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt.name)[:3]
         self._cond = {}
 
@@ -243,7 +243,7 @@ class Comfy:
         tr, tm = self.training, self.trainer_mod
         from importlib import import_module
         patching = import_module(self.pack.__name__ + ".nodes.patching")
-        layer_op = import_module(self.pack.__name__ + ".para_core.train").layer_op
+        layer_op = import_module(self.pack.__name__ + ".para_core.functional.base").layer_op
         shapes = patching.layer_shapes(self.model)
         spec = layers or train_base.LIVE_LAYER_PATTERNS
         names = tm.choose_layers(shapes, spec, "custom_layers", "SD15")

@@ -10,11 +10,13 @@ from typing import Dict, List, Tuple
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management as mm
+import comfy.utils
 import folder_paths
 
 from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetensors, build_metadata, export_lora,
                          load_para, merge_states, save_para)
-from ..para_core.fileformat import numbered, remove_stale_temp_files
+from ..para_core.write import numbered, remove_stale_temp_files
 from .patching import apply_para, check_strength, fit_to_model, model_family, model_fingerprint, original_weight
 from .types import PARA, check_model, check_para
 
@@ -38,7 +40,7 @@ def register_folder() -> str:
 
 def remove_crash_leftovers() -> List[str]:
     """At start: delete what an interrupted write left in models/para and models/loras (never
-    listed, but they take disk space), see para_core.fileformat.remove_stale_temp_files."""
+    listed, but they take disk space), see para_core.write.remove_stale_temp_files."""
     folders = list(folder_paths.get_folder_paths("para")) + list(folder_paths.get_folder_paths("loras"))
     removed = remove_stale_temp_files(folders)
     if removed:
@@ -190,7 +192,23 @@ class PaRaMerge(io.ComfyNode):
             strengths.append(check_strength(kw.get(f"strength_{i}", 1.0), f"strength_{i}"))
         if len(states) < 2:
             raise ParaError("PaRa Merge needs at least two connected PARA inputs (para_1 and para_2).")
-        return io.NodeOutput(merge_states(states, strengths, check_choice(mode, list(MERGE_MODES), "mode")))
+        mode = check_choice(mode, list(MERGE_MODES), "mode")
+        return io.NodeOutput(merge_states(states, strengths, mode, progress=LayerProgress()))
+
+
+class LayerProgress:
+    """merge_states' progress(done, total): honours Cancel after every layer and moves the
+    node's progress bar in 1% steps (each update is a message to the browser)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
+        if done == total or done % max(1, total // 100) == 0:
+            self.bar.update_absolute(done, total)
 
 
 # The name a save adds after the prefix's last part: "_00001_.safetensors".
@@ -259,11 +277,21 @@ def save_target(folder: str, prefix: str, input_name: str = "filename_prefix"):
 
 def _save_names(folder: str, prefix: str) -> List[str]:
     """The names a save under ``prefix`` may take, in order: ComfyUI's next counter, then the ones
-    after it. The save claims the first free one atomically (para_core.fileformat.atomic_write,
+    after it. The save claims the first free one atomically (para_core.write.atomic_write,
     exclusive): two ComfyUIs sharing the folder never write over each other's files, even when
     both listed the folder at the same moment."""
     full_folder, filename, counter = save_target(folder, check_prefix(prefix, folder))
     return numbered(lambda n: os.path.join(full_folder, f"{filename}_{n:05}_.safetensors"), counter)
+
+
+def _write_into(kind: str, names: List[str], write, done: str) -> io.NodeOutput:
+    """``write(names)`` claims the first free one of ``names`` (see _save_names) in models/<kind>
+    and returns it; the node's output is the name relative to that folder."""
+    folder = folder_paths.get_folder_paths(kind)[0]
+    path = write(names)
+    rel = os.path.relpath(path, folder)
+    log.info("PaRa: %s %r", done, path)
+    return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/{kind}/{rel}"))
 
 
 class PaRaSave(io.ComfyNode):
@@ -284,12 +312,9 @@ class PaRaSave(io.ComfyNode):
     @classmethod
     def execute(cls, para, filename_prefix, dtype) -> io.NodeOutput:
         check_para(para)
-        folder = folder_paths.get_folder_paths("para")[0]
-        names = _save_names(folder, filename_prefix)
-        path = save_para(para, names, DTYPES[check_choice(dtype, list(DTYPES), "dtype")], exclusive=True)
-        rel = os.path.relpath(path, folder)
-        log.info("PaRa: saved %r", path)
-        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/para/{rel}"))
+        torch_dtype = DTYPES[check_choice(dtype, list(DTYPES), "dtype")]
+        names = _save_names(folder_paths.get_folder_paths("para")[0], filename_prefix)
+        return _write_into("para", names, lambda n: save_para(para, n, torch_dtype, exclusive=True), "saved")
 
 
 class PaRaExportLoRA(io.ComfyNode):
@@ -332,11 +357,8 @@ class PaRaExportLoRA(io.ComfyNode):
                                 "(para.base_fingerprint)"})
         md["modelspec.architecture"] = md["modelspec.architecture"].replace("/para", "/lora")
         md.pop("para.kind", None)
-        folder = folder_paths.get_folder_paths("loras")[0]
-        path = atomic_save_safetensors(tensors, names, md, exclusive=True)
-        rel = os.path.relpath(path, folder)
-        log.info("PaRa: exported LoRA %r", path)
-        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}"))
+        return _write_into("loras", names, lambda n: atomic_save_safetensors(tensors, n, md, exclusive=True),
+                           "exported LoRA")
 
 
 NODES = [PaRaLoader, PaRaLoad, PaRaApply, PaRaMerge, PaRaSave, PaRaExportLoRA]

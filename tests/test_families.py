@@ -59,7 +59,7 @@ def test_training_loss_is_the_familys_own_objective(loaded, para_pack):
     the network's raw prediction against the family's target: eps (SDXL), v (SD2-v), flow
     velocity noise - x0 (SD3, Flux, Lumina 2)."""
     import importlib
-    training = importlib.import_module(para_pack.__name__ + ".nodes.training")
+    training = importlib.import_module(para_pack.__name__ + ".nodes.training_loop")
     name, model = loaded
     ms = model.model.model_sampling
     g = torch.Generator().manual_seed(0)
@@ -150,7 +150,7 @@ def test_train_resume_save_load_merge_export_through_the_server(name, family_ser
     para = load_para(str(para_dir / final))
     meta = para.metadata
     assert meta["para.base_arch"] == f.config_class
-    from para_core.fileformat import ARCHITECTURES
+    from para_core.write import ARCHITECTURES
     assert meta["modelspec.architecture"] == ARCHITECTURES[f.config_class] + "/para"
     assert json.loads(meta["para.train"])["steps"] == 2
     assert sorted(para.layers) == sorted("diffusion_model." + l for l in select_layers(fm.weight_shapes(name), "noxattn"))
@@ -216,7 +216,7 @@ def test_trainer_trains_flux_blocks_that_update_their_input_in_place(checkpointi
     with and without gradient checkpointing, and both must give the same loss and B."""
     import importlib
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
     results = []
     for gc in sorted({False, checkpointing}):
         with torch.inference_mode():

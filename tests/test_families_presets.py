@@ -292,7 +292,7 @@ def test_families_too_big_to_build_are_detected_from_their_shapes_and_get_the_pr
 def preset_table(real: bool = True):
     """Rows (family, preset, layers, parameters at rank 4 with the reference cap) for the README."""
     from para_core import select_layers
-    from para_core.reduction import effective_rank
+    from para_core.functional.base import effective_rank
     rows = []
     for name in fm.FAMILY_NAMES:
         shapes = fm.weight_shapes(name, real=real)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from harness import comfyui, models
 from para_core import ParaError, ParaState, build_metadata, export_lora, fingerprint, save_para
-from para_core.checkpoint import Checkpoint, bake
+from para_core.base_model import Checkpoint, bake
 
 P = "model.diffusion_model."
 
@@ -218,9 +218,9 @@ def test_para_patching_on_a_quantized_model_reduces_w0_and_unpatches_exactly(qua
 def test_singular_vector_init_and_export_read_the_dequantized_weight(quantized_model, para_pack):
     mp, QT = quantized_model
     patching = importlib.import_module(para_pack.__name__ + ".nodes.patching")
-    train = importlib.import_module(para_pack.__name__ + ".para_core.train")
+    projection = importlib.import_module(para_pack.__name__ + ".para_core.functional.projection")
     W0 = patching.original_weight(mp, LAYER)
-    B = train.init_B(W0, 4, "top-singular")
+    B = projection.init_B(W0, 4, "top-singular")
     U = torch.linalg.svd(W0.float(), full_matrices=False)[0][:, :4]
     torch.testing.assert_close((B.t() @ U).abs(), torch.eye(4), rtol=1e-4, atol=1e-4)
 
@@ -230,7 +230,7 @@ def test_para_trainer_trains_on_a_quantized_model(quantized_model, para_pack):
     nn.Linear) holding a QuantizedTensor: the trainer reads it dequantized, as its forward does."""
     import comfy.utils
     mp, QT = quantized_model
-    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
     assert isinstance(comfy.utils.get_attr(mp.model, LAYER + ".weight"), QT)
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]

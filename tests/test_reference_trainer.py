@@ -1,4 +1,4 @@
-"""PaRa Trainer with parametrization=reference (issue 11, spec section 1b): U and D trained freely,
+"""PaRa Trainer with parametrization=reference (issue 11, docs/spec.md section 1b): U and D trained freely,
 W' = W0 - U D. In-process on the tiny model with real ComfyUI classes (under inference mode, as
 the server runs nodes), then through the real server: init=reference with the smallest learning
 rate gives, after one step, W0 - U0 U0^T W0 (U0 = the first r unit vectors); a reference file through
@@ -26,9 +26,10 @@ def mods(para_pack):
     from types import SimpleNamespace
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer"), training=get("nodes.training"),
+    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
                            patching=get("nodes.patching"), core=get("para_core"),
-                           reference=get("para_core.reference"))
+                           reference=get("para_core.functional.reference"),
+                           reference_adapter=get("nodes.adapters.reference"))
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_U_and_D_both_train_in_float32_and_the_base_is_untouched(mods, model):
     assert all(torch.equal(v, base[k]) for k, v in snapshot(model).items())
     l = para.layers[0]
     W0 = base[l + ".weight"]
-    U0, D0 = mods.reference.init_reference(W0, para.rank(l), "reference")
+    U0, D0 = mods.reference.init(W0, para.rank(l), "reference")
     assert not torch.equal(para.U[l], U0) and not torch.equal(para.D[l], D0)
     assert all(t.dtype == torch.float32 for t in list(para.U.values()) + list(para.D.values()))
     md = json.loads(para.metadata["para.train"])
@@ -112,7 +113,7 @@ def test_training_forward_equals_the_patched_model(mods, model):
         mm.load_models_gpu([model], force_full_load=True)
         modules = {l: dict(model.model.named_modules())[l] for l in para.layers}
         for side in ("activation", "weight"):
-            fwd = mods.training.ReferenceForward(modules, {l: torch.nn.Parameter(u) for l, u in para.U.items()},
+            fwd = mods.reference_adapter.ReferenceForward(modules, {l: torch.nn.Parameter(u) for l, u in para.U.items()},
                                                  {l: torch.nn.Parameter(d) for l, d in para.D.items()}, side=side)
             fwd.install()
             try:

@@ -55,7 +55,7 @@ def mods(para_pack):
     from types import SimpleNamespace
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(core=get("para_core"), trainer=get("nodes.trainer"))
+    return SimpleNamespace(core=get("para_core"), trainer=get("nodes.trainer_node"))
 
 
 def para_folder():

@@ -29,8 +29,9 @@ def mods(pack):
     import importlib
     from types import SimpleNamespace
     get = lambda m: importlib.import_module(f"{pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer"), training=get("nodes.training"),
-                           patching=get("nodes.patching"), core=get("para_core"))
+    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
+                           patching=get("nodes.patching"), core=get("para_core"), para=get("nodes.adapters.para"),
+                           projection=get("para_core.functional.projection"))
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_only_B_changes_and_the_model_is_left_as_found(mods, model):
     assert not model.patches and "forward" not in vars(modules["diffusion_model.input_blocks.1.0.in_layers.2"])
     assert not any("forward" in vars(m) for m in modules.values()), "a forward override was left behind"
     init = mods.training.generator_for(0, "init")
-    B0 = mods.core.train.init_B(before[para.layers[0] + ".weight"], 4, "orthogonal", init)
+    B0 = mods.projection.init_B(before[para.layers[0] + ".weight"], 4, "orthogonal", init)
     assert not torch.equal(para.B[para.layers[0]], B0), "B did not train"
     assert all(b.dtype == torch.float32 and not b.requires_grad for b in para.B.values())
 
@@ -122,7 +123,8 @@ def test_patched_weights_equal_the_core_reduction_of_the_trained_B(mods, model):
     after = snapshot(out_model)
     out_model.unpatch_model()
     for l in para.layers:
-        ref = mods.core.reduce_weight(base[l + ".weight"], para.B[l])
+        Q = mods.core.basis(para.B[l])
+        ref = mods.projection.reduce_weight(base[l + ".weight"], Q, Q)
         torch.testing.assert_close(after[l + ".weight"], ref, rtol=1e-5, atol=1e-6)
     for k, v in base.items():
         if k[: -len(".weight")] not in para.B:
@@ -141,7 +143,7 @@ def test_training_forward_equals_the_patched_model(mods, model):
         out_model.unpatch_model()
         mm.load_models_gpu([model], force_full_load=True)
         mods_ = {l: dict(model.model.named_modules())[l] for l in para.layers}
-        fwd = mods.training.ParaForward(mods_, {l: torch.nn.Parameter(b) for l, b in para.B.items()})
+        fwd = mods.para.ParaForward(mods_, {l: torch.nn.Parameter(b) for l, b in para.B.items()})
         fwd.install()
         try:
             with torch.enable_grad():  # training: the activation side everywhere
@@ -227,7 +229,7 @@ def test_checkpoints_are_valid_para_files_with_metadata_and_trainer_state(mods, 
         assert st.metadata["para.base_arch"] == mods.patching.model_family(model)
         assert st.metadata["para.base_fingerprint"] == fp
         assert json.loads(st.metadata["para.ranks"]) == {l: 4 for l in para.layers}
-        state = mods.core.trainstate.load_trainer_state(mods.core.trainstate.trainer_state_path(path))
+        state = mods.core.trainer_state.load_trainer_state(mods.core.trainer_state.trainer_state_path(path))
         assert state["step"] == step and state["loss_history"] == loss["loss"][:step]
     last = mods.core.load_para(os.path.join(para_dir(), files[-1]))
     assert all(torch.equal(last.B[l], para.B[l]) for l in para.layers)
@@ -263,7 +265,7 @@ def test_a_para_file_alone_warm_starts_B(mods, model):
 
 def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, model, monkeypatch):
     import comfy.model_management as mm
-    real, calls = mods.training.basis_batched, []
+    real, calls = mods.para.basis_batched, []
 
     # The Cancel button, pressed during step 4 (Q is computed once at the start of each step).
     # Not from a progress-bar hook: ComfyUI 0.33 throttles those (at most one per 100 ms), so on
@@ -274,7 +276,7 @@ def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, m
             mm.interrupt_current_processing(True)
         return real(B)
 
-    monkeypatch.setattr(mods.training, "basis_batched", basis_batched)
+    monkeypatch.setattr(mods.para, "basis_batched", basis_batched)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             train(mods, model, steps=50, filename_prefix="cancel")
@@ -286,7 +288,7 @@ def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, m
     st = mods.core.load_para(path)
     md = json.loads(st.metadata["para.train"])
     assert md["steps"] == 3 and md["stopped"] == "interrupted"
-    assert mods.core.trainstate.load_trainer_state(mods.core.trainstate.trainer_state_path(path))["step"] == 3
+    assert mods.core.trainer_state.load_trainer_state(mods.core.trainer_state.trainer_state_path(path))["step"] == 3
     assert not any("forward" in vars(m) for m in model.model.modules())
 
 
@@ -304,7 +306,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(mods, model):
 
 
 def test_out_of_memory_keeps_the_last_step_and_says_what_to_lower(mods, model, monkeypatch):
-    real, calls = mods.training.basis_batched, []
+    real, calls = mods.para.basis_batched, []
 
     def basis_batched(B):  # the allocator gives up at the third step (no GPU to exhaust here)
         calls.append(1)
@@ -312,7 +314,7 @@ def test_out_of_memory_keeps_the_last_step_and_says_what_to_lower(mods, model, m
             raise mods.training.OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(B)
 
-    monkeypatch.setattr(mods.training, "basis_batched", basis_batched)
+    monkeypatch.setattr(mods.para, "basis_batched", basis_batched)
     with pytest.raises(mods.core.ParaError, match="out of memory") as err:
         train(mods, model, steps=10, filename_prefix="oom")
     for advice in ("batch_size", "gradient_checkpointing", "rank"):

@@ -22,7 +22,7 @@ BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=3, learning_rate=1e
 def trainer(para_pack):
     import importlib
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    return importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    return importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from para_core import ParaState, load_para, save_para
-from para_core import fileformat as ff
+from para_core import write as ff
 
 EMOJI = "\U0001F600"
 
@@ -62,7 +62,7 @@ import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 from para_core import ParaState, save_para
-from para_core.fileformat import numbered
+from para_core.write import numbered
 folder, tag, count, go = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 while not os.path.exists(go):
     time.sleep(0.001)

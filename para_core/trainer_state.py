@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .fileformat import ParaError, atomic_write
+from .errors import ParaError
+from .write import atomic_write
 
 __all__ = ["TRAINER_STATE_VERSION", "trainer_state_path", "save_trainer_state", "load_trainer_state",
            "check_optimizer_state", "check_scaler_state"]
@@ -35,7 +36,7 @@ def trainer_state_path(para_path: str) -> str:
 
 def save_trainer_state(state: Dict[str, Any], path: str, exclusive: bool = False) -> str:
     """torch.save to a temporary file in the same folder, then rename (never half-written); with
-    ``exclusive`` an existing file is never replaced (NameTaken, see fileformat.atomic_write)."""
+    ``exclusive`` an existing file is never replaced (NameTaken, see write.atomic_write)."""
     return atomic_write(path, lambda tmp: torch.save(dict(state, version=TRAINER_STATE_VERSION), tmp), SUFFIX,
                         exclusive=exclusive)
 
