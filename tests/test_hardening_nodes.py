@@ -283,6 +283,55 @@ def test_node_written_files_get_the_umasks_permissions(mods, tiny_model):
         assert stat.S_IMODE(os.stat(os.path.join(folder(kind), name)).st_mode) == 0o644
 
 
+def another_writer_finishes_first(mods, monkeypatch):
+    """Every write from here on loses a race, deterministically: another ComfyUI sharing the
+    folder picked the same name at the same moment (both listed the folder before either wrote)
+    and its file appears at that name just before this write's file is complete. Returns
+    {name: the other writer's bytes}."""
+    real, theirs = mods.write.atomic_write, {}
+
+    def racing(path, write, *a, **k):
+        name = os.fspath(path[0] if isinstance(path, (list, tuple)) else path)
+
+        def write_then_lose(tmp):
+            write(tmp)
+            if name not in theirs:
+                theirs[name] = f"the other server's {os.path.basename(name)}".encode()
+                with open(name, "xb") as f:
+                    f.write(theirs[name])
+
+        return real(path, write_then_lose, *a, **k)
+
+    monkeypatch.setattr(mods.write, "atomic_write", racing)
+    return theirs
+
+
+@pytest.mark.parametrize("node", ["PaRaSave", "PaRaExportLoRA"])
+def test_a_name_another_writer_takes_during_a_save_is_never_replaced(mods, tiny_model, monkeypatch, node):
+    from safetensors import safe_open
+    st = subject_state(mods, tiny_model, seed=7)
+    kind = "loras" if node == "PaRaExportLoRA" else "para"
+    theirs = another_writer_finishes_first(mods, monkeypatch)
+    if node == "PaRaSave":
+        out = mods.pn.PaRaSave.execute(para=st, filename_prefix="raced/save", dtype="fp32")
+    else:
+        out = mods.pn.PaRaExportLoRA.execute(model=tiny_model, para=st, filename_prefix="raced/lora", strength=1.0,
+                                             dtype="fp32")
+    (raced,) = theirs
+    with open(raced, "rb") as f:
+        assert f.read() == theirs[raced], "the other writer's file was replaced"
+    mine = os.path.join(folder(kind), out.args[0])
+    assert os.path.abspath(mine) != os.path.abspath(raced)
+    assert f"models/{kind}/{out.args[0]}" in json.dumps(out.ui.as_dict())
+    with safe_open(mine, "pt") as f:
+        if node == "PaRaSave":
+            layer = st.layers[0]
+            assert torch.equal(f.get_tensor(f"{layer}.para_B"), st.B[layer])
+        else:
+            assert f.keys()
+    assert not [n for n in os.listdir(os.path.dirname(mine)) if n.endswith(".para-tmp")]
+
+
 def test_pack_start_removes_crash_leftovers_that_the_lists_never_show(mods):
     import folder_paths
     dead_pid = 2 ** 22 + 12345  # above the kernel's pid_max default: no such process

@@ -1,7 +1,6 @@
 """Writers that share a folder: temporary names that always fit, exclusive writes that never
 replace another writer's file, run numbers claimed by one process only (two real processes
 racing), and the cleanup of what a crashed run left."""
-import multiprocessing
 import os
 import subprocess
 import sys
