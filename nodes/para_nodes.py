@@ -21,6 +21,7 @@ from .types import PARA
 log = logging.getLogger("ComfyUI-PaRa")
 CATEGORY = "PaRa"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_FORMATS = ("lora", "peft-deft")
 STRENGTH_TIP = ("How much of the learned subspace to remove: 1.0 = the paper, 0 = the base model, between 0 and 1 "
                 "interpolates, 2 reflects the weights across the subspace (norm-preserving), negative values "
                 "push away from the subject.")
@@ -231,14 +232,22 @@ class PaRaExportLoRA(io.ComfyNode):
                     io.String.Input("filename_prefix", default="PaRa_lora", tooltip="File name prefix inside models/loras."),
                     _strength(),
                     io.Combo.Input("dtype", options=list(DTYPES), default="fp32",
-                                   tooltip="Storage dtype; fp32 reproduces the PaRa weights to float rounding, fp16/bf16 to their rounding.")],
-            outputs=[io.String.Output(display_name="filename", tooltip="The LoRA's name in the Load LoRA list.")],
+                                   tooltip="Storage dtype; fp32 reproduces the PaRa weights to float rounding, fp16/bf16 to their rounding."),
+                    io.Combo.Input("format", options=list(EXPORT_FORMATS), default="lora", optional=True,
+                                   tooltip="lora: a LoRA file in models/loras. peft-deft: a PEFT DEFT adapter folder "
+                                           "(para=true) in models/para for diffusers + peft (PeftModel.from_pretrained); "
+                                           "Linear layers only, base-independent.")],
+            outputs=[io.String.Output(display_name="filename", tooltip="The LoRA's name in the Load LoRA list "
+                                                                       "(peft-deft: the adapter's file in models/para).")],
         )
 
     @classmethod
-    def execute(cls, model, para, filename_prefix, strength, dtype) -> io.NodeOutput:
+    def execute(cls, model, para, filename_prefix, strength, dtype, format="lora") -> io.NodeOutput:
         strength = check_strength(strength)
         state = fit_to_model(para, model)
+        if check_choice(format, list(EXPORT_FORMATS), "format") == "peft-deft":
+            from .peft import export_peft_node
+            return export_peft_node(state, model, filename_prefix, strength, DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
         tensors = export_lora(state, lambda l: original_weight(model, l), strength,
                               DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
         fam = model_family(model)

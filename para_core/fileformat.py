@@ -414,10 +414,15 @@ def check_finite_result(t: torch.Tensor, where: str, what: str) -> torch.Tensor:
 def load_para(path: str, device: str = "cpu") -> ParaState:
     """Load and validate a PaRa file; every problem is a ParaError naming the file."""
     path = os.fspath(path)
+    from . import peft  # PEFT's DEFT adapters (PaRa trained with diffusers + peft): a folder, its config or weights
+    if os.path.isdir(path) and peft.is_peft_folder(path) or path.endswith(".json") and os.path.isfile(path):
+        return peft.load_peft(path, device)
     if not os.path.isfile(path):
         raise ParaError(f"{path}: no such PaRa file. Put .safetensors files in models/para.")
     header = _read_header(path)
     keys = [k for k in header if k != "__metadata__"]
+    if any(peft.is_deft_key(k) for k in keys) and not any(k.endswith(SUFFIXES) for k in keys):
+        return peft.load_peft(path, device)
     B: Dict[str, torch.Tensor] = {}
     U: Dict[str, torch.Tensor] = {}
     V: Dict[str, torch.Tensor] = {}
