@@ -281,3 +281,18 @@ def test_cli_errors_are_one_line(unet, tmp_path, capsys, monkeypatch):
                  "-o", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "needs the diffusers package" in err and not os.path.exists(tmp_path / "o")
+
+
+def test_a_peft_import_saved_as_a_para_file_keeps_its_diffusers_names(unet, tmp_path):
+    """PaRa Load -> PaRa Save with no model in between: the file says its names are diffusers
+    paths, so applying it later still maps them."""
+    deft_model(unet, "relu").save_pretrained(tmp_path / "a")
+    state = load_para(str(tmp_path / "a"))
+    save_para(state, str(tmp_path / "saved.safetensors"))
+    again = load_para(str(tmp_path / "saved.safetensors"))
+    assert core_peft.has_diffusers_names(again) and again.kind == "merged"
+    assert all(torch.equal(again.U[l], state.U[l]) and torch.equal(again.V[l], state.V[l]) for l in state.layers)
+    renamed = core_peft.to_model_names(again, {l: "diffusion_model." + l for l in again.layers})
+    assert not core_peft.has_diffusers_names(renamed) and all(l.startswith("diffusion_model.") for l in renamed.layers)
+    with pytest.raises(ParaError, match="has no counterpart"):
+        core_peft.to_model_names(again, {})
