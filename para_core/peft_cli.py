@@ -9,12 +9,13 @@ def cmd_export_peft(args, warn) -> int:
     from .checkpoint import Checkpoint, fit_states
     from .cli import DTYPES
     from .fileformat import ParaError, load_para
-    from .peft import diffusers_unet_names, report_text, save_peft
+    from .peft import diffusers_unet_names, peft_paths, report_text, save_peft
     out = args.output
     if os.path.isfile(out):
         raise ParaError(f"{out}: is a file; --format peft writes a folder (adapter_config.json + "
                         "adapter_model.safetensors): give a folder path")
-    if os.path.isdir(out) and os.path.exists(args.para) and os.path.samefile(out, os.path.dirname(os.path.abspath(args.para)) if os.path.isfile(args.para) else args.para):
+    found = peft_paths(args.para)  # a PEFT adapter in: never write over its own folder
+    if found and os.path.isdir(out) and os.path.samefile(out, os.path.dirname(os.path.abspath(found[1]))):
         raise ParaError(f"{out}: the output would overwrite the input adapter; choose another output folder")
     state = load_para(args.para)
     with Checkpoint(args.base) as ckpt:

@@ -296,3 +296,16 @@ def test_a_peft_import_saved_as_a_para_file_keeps_its_diffusers_names(unet, tmp_
     assert not core_peft.has_diffusers_names(renamed) and all(l.startswith("diffusion_model.") for l in renamed.layers)
     with pytest.raises(ParaError, match="has no counterpart"):
         core_peft.to_model_names(again, {})
+
+
+def test_cli_never_writes_over_the_input_adapter(unet, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.safetensors"
+    make_checkpoint(ckpt)
+    save_para(make_subject(seed=1, rank=2), str(tmp_path / "dog.safetensors"))
+    out = tmp_path / "peft"
+    assert main(["export-lora", "--base", str(ckpt), "--para", str(tmp_path / "dog.safetensors"), "--format", "peft",
+                 "-o", str(out)]) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert main(["export-lora", "--base", str(ckpt), "--para", str(out), "--format", "peft", "-o", str(out)]) == 1
+    assert "overwrite the input" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == before
