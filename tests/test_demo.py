@@ -34,8 +34,8 @@ def test_without_comfyui_it_says_how_to_get_it(tmp_path):
 
 
 def readme_batch_example() -> list[str]:
-    """The README's batch command that runs on what the demo leaves behind, as argv."""
-    lines = (comfy_env.PACK_ROOT / "README.md").read_text().splitlines()
+    """The documented batch command that runs on what the demo leaves behind, as argv."""
+    lines = (comfy_env.PACK_ROOT / "docs" / "workflows.md").read_text().splitlines()
     start = next(i for i, ln in enumerate(lines) if "workflows/batch.py 2_generate_with_para_file --start-server" in ln)
     text = ""
     for ln in lines[start:]:
@@ -103,7 +103,7 @@ def test_quick_demo_writes_para_files_images_loss_plots_and_a_summary(comfyui_pa
                                          "4_single_image_edit", "5_export_as_lora (generate)", "total"}
     assert sorted(files) == ["para/demo_merged.safetensors", "para/demo_sks.safetensors", "para/demo_zwx.safetensors"]
 
-    # the README's batch example runs as written on what the demo left behind (issue 13.9)
+    # the documented batch example runs as written on what the demo left behind (issue 13.9)
     models = out / "comfyui" / "models"
     assert (models / "checkpoints" / "demo_base.safetensors").is_file()
     assert sorted(p.name for p in (models / "para").iterdir()) == sorted(Path(f).name for f in files)

@@ -3,6 +3,7 @@
     python workflows/make_ui.py                 # start ComfyUI headless, rewrite example_workflows/*.json
     python workflows/make_ui.py --server URL    # use a running server's /object_info
     python workflows/make_ui.py --check         # exit 1 if a committed UI file is out of date
+    python workflows/make_ui.py --thumbnails    # the templates menu's <name>.jpg from the screenshots
 
 workflows/api/<name>.json is the source of each graph; the node schemas (/object_info) say
 which inputs are sockets and which are widgets, and in which order the frontend lists the
@@ -85,7 +86,10 @@ NOTES: dict[str, list[str]] = {
         "1. Pick your checkpoint (the base the PaRa file was trained on, or a fine-tune of it).\n"
         "2. Pick the PaRa file in 'PaRa Loader' (files in models/para; press R to refresh).\n"
         "3. Use the trigger word in the prompt, then Queue.\n\n"
-        "strength 1.0 = the paper; 0 = the base model; 0.5 = halfway.",
+        "strength 1.0 = the paper; 0 = the base model; 0.5 = halfway.\n\n"
+        "Size: 512x512 is for SD1.5 checkpoints. The demo's model (demo_base.safetensors) draws "
+        "64x64 pictures: set 'Empty Latent Image' to 64 x 64 for it (the demo samples it with "
+        "20 steps, cfg 4, dpmpp_2m, karras).",
     ],
     "3_merge_two_subjects": [
         "PaRa: two subjects in one image, no training\n\n"
@@ -376,6 +380,55 @@ def fetch_object_info(server: str | None) -> tuple[dict, str]:
         return srv.object_info(), get(srv.url, "/system_stats")["system"]["comfyui_version"]
 
 
+# ComfyUI's templates menu shows <name>.jpg beside <name>.json in a pack's template folder
+# (0.3.64's and 0.33's frontends ask for /api/workflow_templates/<pack>/<name>.jpg), on a
+# square card. The picture is the workflow's screenshot, its graph cut out and centred.
+SHOTS_DIR = HERE / "screenshots"
+THUMB_SIZE = 400
+
+
+# Where the canvas starts in a screenshot of a 1600 x 900 window: 0.33's frontend draws it under
+# its bars, 0.3.64's beside and below them.
+CANVAS_ORIGIN = {"0.3.64": (WINDOW[0] - CANVAS[0], WINDOW[1] - CANVAS[1])}
+
+
+def make_thumbnail(name: str, png: Path, jpg: Path) -> None:
+    """example_workflows/<name>.jpg from workflows/screenshots/<name>.png: a square of the
+    screenshot around the workflow's PaRa nodes (the menu shows a square card), as tall as the
+    graph."""
+    from PIL import Image  # ComfyUI's requirements include pillow
+
+    ui = json.loads((UI_DIR / f"{name}.json").read_text())
+    scale, (ox, oy) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+    x0, y0 = CANVAS_ORIGIN.get(made_with(name), (0, 0))
+    shot = Image.open(png).convert("RGB")
+
+    def box(n):  # a node's rectangle in the screenshot, title bar included
+        (x, y), (w, h) = n["pos"], n["size"]
+        return (x0 + (x + ox) * scale, y0 + (y + oy - TITLE_H) * scale,
+                x0 + (x + w + ox) * scale, y0 + (y + h + oy) * scale)
+
+    boxes = [box(n) for n in ui["nodes"]]
+    para = [box(n) for n in ui["nodes"] if n["type"].startswith("PaRa")] or boxes
+    top, bottom = min(b[1] for b in boxes) - MARGIN, max(b[3] for b in boxes) + MARGIN
+    side = min(bottom - top, shot.width)
+    cx = (min(b[0] for b in para) + max(b[2] for b in para)) / 2
+    left = min(max(cx - side / 2, x0, CANVAS_CLEAR[0]), shot.width - side)  # never the side bar
+    square = shot.crop((round(left), round(top), round(left + side), round(top + side)))
+    square.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS).save(jpg, "JPEG", quality=85, optimize=True)
+
+
+def make_thumbnails() -> int:
+    missing = [p.stem for p in sorted(UI_DIR.glob("*.json")) if not (SHOTS_DIR / f"{p.stem}.png").exists()]
+    if missing:
+        print("no screenshot for", ", ".join(missing), "(tests/test_browser.py takes them)")
+        return 1
+    for ui in sorted(UI_DIR.glob("*.json")):
+        make_thumbnail(ui.stem, SHOTS_DIR / f"{ui.stem}.png", UI_DIR / f"{ui.stem}.jpg")
+        print(f"wrote example_workflows/{ui.stem}.jpg")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", help="URL of a running ComfyUI with this pack (default: start one)")
@@ -383,7 +436,12 @@ def main(argv=None) -> int:
     p.add_argument("--comfyui-version", default=CURRENT_COMFYUI,
                    help=f"with --object-info: the ComfyUI version it came from (default {CURRENT_COMFYUI})")
     p.add_argument("--check", action="store_true", help="only check that the committed UI files are current")
+    p.add_argument("--thumbnails", action="store_true",
+                   help="only make the templates menu's pictures, example_workflows/<name>.jpg, from "
+                        "workflows/screenshots/<name>.png (no server needed)")
     a = p.parse_args(argv)
+    if a.thumbnails:
+        return make_thumbnails()
     if a.object_info:
         info, version = json.loads(a.object_info.read_text()), a.comfyui_version
     else:
