@@ -1,7 +1,7 @@
 """Benchmark: applying a PaRa adapter vs ComfyUI's own LoRA path, in the same run.
 
 Builds the full SD1.5 UNet shape (random weights, no download) or, with --family, a model that
-ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (tests/family_models.py; --size real for the
+ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (harness/families.py; --size real for the
 released shape), makes a rank-r PaRa subject on a layer preset, exports it to the exact equivalent LoRA, and times ComfyUI patching the model
 with each (clone + add_patches + load_models_gpu, i.e. the work KSampler triggers), plus the
 stock "Load LoRA" path reading the PaRa file directly. Prints absolute figures and, last:
@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # comfy_env, family_models
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SD15_UNET = dict(
     use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
@@ -94,7 +94,7 @@ FAMILIES = ("sd15", "sdxl", "sd2v", "sd3", "flux", "lumina2")
 
 def add_family_args(ap, default_size="test"):
     ap.add_argument("--family", choices=FAMILIES, default="sd15",
-                    help="model family: sd15 (the full SD1.5 UNet shape) or one of the families of tests/family_models.py")
+                    help="model family: sd15 (the full SD1.5 UNet shape) or one of the families of harness/families.py")
     ap.add_argument("--size", choices=["test", "real"], default=default_size,
                     help="families other than sd15: 'test' = the small model ComfyUI detects as that family (cached "
                          "test file), 'real' = the released model's shape with random weights (needs the memory: "
@@ -110,15 +110,14 @@ def family_patcher(family: str, size: str, dtype, device, label: str):
         gen = torch.Generator().manual_seed(0)
         return sd15_patcher(dtype, device, label), "SD15", [[torch.randn(1, 77, 768, generator=gen), {}]], 4
     import comfy.sd
-    import comfy_env
-    import family_models as fm
+    from harness import families as fm, models
     t0 = time.perf_counter()
     opts = {"dtype": dtype}
     if size == "test":
         mp = comfy.sd.load_diffusion_model(str(fm.cached(family)), model_options=opts)
     else:
         with torch.no_grad():
-            module = comfy_env.init_weights_(_real_module(fm, family), 0)
+            module = models.init_weights_(_real_module(fm, family), 0)
             sd = {k: v.to(torch.float16) for k, v in module.state_dict().items()}
             del module
         mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts)
@@ -144,10 +143,10 @@ def sd15_patcher(dtype, device, label: str):
     weights; prints its size and build time (shared with bench/train.py)."""
     import torch
     import comfy.model_patcher
-    import comfy_env
+    from harness import models
     t0 = time.perf_counter()
-    model = comfy_env._sd15_config(SD15_UNET, dtype).get_model({}, device=torch.device("cpu"))
-    comfy_env.init_weights_(model.diffusion_model, 0)
+    model = models.sd15_config(SD15_UNET, dtype).get_model({}, device=torch.device("cpu"))
+    models.init_weights_(model.diffusion_model, 0)
     mp = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
     n_params = sum(p.numel() for p in model.diffusion_model.parameters())
     print(f"model: SD1.5 UNet shape, {n_params / 1e6:.1f}M params, {label}, built in {time.perf_counter() - t0:.1f}s")
@@ -164,14 +163,14 @@ def main(argv=None):
     add_family_args(ap)
     args = ap.parse_args(argv)
 
-    import comfy_env
-    comfy_env.setup_comfy(device=args.device)
+    from harness import comfyui
+    comfyui.setup_comfy(device=args.device)
     import torch
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.utils
-    pack = comfy_env.import_pack()
+    pack = comfyui.import_pack()
     import importlib
     nodes_pkg = importlib.import_module(pack.__name__ + ".nodes")
     nodes_pkg.setup()

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import scipy.ndimage as ndi
 
-import world
+from bench import world
 
 MIN_AREA = 25
 SIZE_SPLIT = 38

@@ -49,12 +49,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/ and bench/ importable
+    sys.path.insert(0, str(ROOT))
 
-import world  # noqa: E402
-import judges as judges_mod  # noqa: E402
-import train_base  # noqa: E402
+from bench import judges as judges_mod  # noqa: E402
+from bench import train_base  # noqa: E402
+from bench import world  # noqa: E402
 
 NEGATIVE = ""
 
@@ -169,8 +169,8 @@ class Comfy:
     """ComfyUI in this process with the base checkpoint loaded through CheckpointLoaderSimple."""
 
     def __init__(self, ckpt: Path, base_dir: Path):
-        import comfy_env
-        comfy_env.setup_comfy(base_directory=base_dir)
+        from harness import comfyui
+        comfyui.setup_comfy(base_directory=base_dir)
         import torch
         import nodes
         import comfy.sd
@@ -182,12 +182,12 @@ class Comfy:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(ckpt)
-        self.pack = comfy_env.import_pack()
+        self.pack = comfyui.import_pack()
         self.pack.nodes.setup()
         from importlib import import_module
         self.pn = import_module(self.pack.__name__ + ".nodes.para_nodes")
-        self.trainer_mod = import_module(self.pack.__name__ + ".nodes.trainer")
-        self.training = import_module(self.pack.__name__ + ".nodes.training")
+        self.trainer_mod = import_module(self.pack.__name__ + ".nodes.trainer_node")
+        self.training = import_module(self.pack.__name__ + ".nodes.training_loop")
         self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt.name)[:3]
         self._cond = {}
 
@@ -243,7 +243,7 @@ class Comfy:
         tr, tm = self.training, self.trainer_mod
         from importlib import import_module
         patching = import_module(self.pack.__name__ + ".nodes.patching")
-        layer_op = import_module(self.pack.__name__ + ".para_core.train").layer_op
+        layer_op = import_module(self.pack.__name__ + ".para_core.functional.base").layer_op
         shapes = patching.layer_shapes(self.model)
         spec = layers or train_base.LIVE_LAYER_PATTERNS
         names = tm.choose_layers(shapes, spec, "custom_layers", "SD15")

@@ -1,9 +1,9 @@
 """Benchmark: one PaRa training step vs one step of ComfyUI's own LoRA training, in the same run.
 
 Builds the full SD1.5 UNet shape (random weights, no download), or with --family a model that
-ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (tests/family_models.py; --size real for the
+ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (harness/families.py; --size real for the
 released shape, conditioning of the family's shape made in-process), and trains, on the same layers
-(a preset, default noxattn) at the same rank, through the same loop (nodes/training.py: ComfyUI's
+(a preset, default noxattn) at the same rank, through the same loop (nodes/training_loop.py: ComfyUI's
 Guider_Basic, the model's own model_sampling, AdamW):
 - PaRa: the PaRa Trainer's path (B per layer, activation-side forward, batched QR per step);
 - LoRA: ComfyUI's training adapter (comfy.weight_adapter LoRA ``create_train``) installed with
@@ -29,11 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/ and bench/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from apply import PeakMemory, add_family_args, family_patcher, release_memory  # noqa: E402  (shared with apply)
+from bench.apply import PeakMemory, add_family_args, family_patcher, release_memory  # noqa: E402  (shared with apply)
 
 
 class LoraWrappers:
@@ -105,20 +104,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.latent = args.latent or (32 if args.family == "sd15" else 16)
 
-    import comfy_env
-    comfy_env.configure_comfy(device=args.device, base_directory=tempfile.mkdtemp(prefix="para-bench-train-"))
-    comfy_env.setup_comfy()
+    from harness import comfyui
+    comfyui.configure_comfy(device=args.device, base_directory=tempfile.mkdtemp(prefix="para-bench-train-"))
+    comfyui.setup_comfy()
     import torch
     import comfy.model_management as mm
     from comfy.weight_adapter import adapter_maps
-    pack = comfy_env.import_pack()
+    pack = comfyui.import_pack()
     import importlib
     importlib.import_module(pack.__name__ + ".nodes").setup()
     core = importlib.import_module(pack.__name__ + ".para_core")
     patching = importlib.import_module(pack.__name__ + ".nodes.patching")
-    training = importlib.import_module(pack.__name__ + ".nodes.training")
-    trainer = importlib.import_module(pack.__name__ + ".nodes.trainer")
-    ptrain = importlib.import_module(pack.__name__ + ".para_core.train")
+    training = importlib.import_module(pack.__name__ + ".nodes.training_loop")
+    para_adapter = importlib.import_module(pack.__name__ + ".nodes.adapters.para")
+    trainer = importlib.import_module(pack.__name__ + ".nodes.trainer_node")
+    ptrain = importlib.import_module(pack.__name__ + ".para_core.functional.projection")
 
     device = mm.get_torch_device()
     args.dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
@@ -140,7 +140,7 @@ def main(argv=None):
             g = training.generator_for(0, "init")
             B = {l: torch.nn.Parameter(ptrain.init_B(patching.original_weight(model, l), ranks[l], "orthogonal", g)
                                        .to(device)) for l in names}
-        return model, training.ParaForward(modules, B, side=side)
+        return model, para_adapter.ParaForward(modules, B, side=side)
 
     def lora_run():
         mp = model.clone()

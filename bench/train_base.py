@@ -5,7 +5,7 @@ ComfyUI's CheckpointLoaderSimple loads and KSampler samples like any SD-style mo
     python bench/train_base.py            # builds (or reuses) the cached checkpoint, seeded
     python bench/train_base.py --force    # rebuild
 
-What the checkpoint holds (keys as in build_sd15_checkpoint of tests/comfy_env.py):
+What the checkpoint holds (keys as in build_sd15_checkpoint of harness/models.py):
 - VAE: TAESD-shaped. The encoder is set by hand to compute world.encode (8x8 colour means,
   scaled), so it needs no training; the decoder is trained here on images of every shape of the
   world (including the novel ones: the autoencoder is the model's "eyes", the diffusion model
@@ -18,7 +18,7 @@ What the checkpoint holds (keys as in build_sd15_checkpoint of tests/comfy_env.p
   tokens carry the mean of the caption's words while every word token stays its own: with
   word-local tokens only, the UNet read the colour word and ignored the shape word.
 - UNet: ComfyUI's SD1.5 UNet in the smallest shape ComfyUI still detects as SD1.5
-  (model_channels 320, one level; tests/comfy_env.SD15_SMALL_UNET_CONFIG), eps-prediction with
+  (model_channels 320, one level; harness.models.SD15_SMALL_UNET_CONFIG), eps-prediction with
   ComfyUI's own SD1.5 noise schedule, trained with Min-SNR-5 loss weights times
   clamp(sigma^2, 1, 25) (from sigma = 1 up, the error of the clean latent: see train_unet). To
   train quickly on 2 CPU cores, only part of it is live: conv_in, the input transformer and the
@@ -54,10 +54,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/ and bench/ importable
+    sys.path.insert(0, str(ROOT))
 
-import world  # noqa: E402
+from bench import world  # noqa: E402
 
 BUILDER_VERSION = "6"
 # Each stage is cached under its own version, bumped when what it depends on changes: the decoder
@@ -205,7 +205,7 @@ DEAD_DECODER_BLOCKS = (13, 14, 15, 18)  # the 32x32 and 64x64 Blocks: ReLU(x) on
 
 def train_decoder(dec, steps: int, batch: int, seed: int, lr: float = 2e-3):
     import torch
-    from comfy_env import init_weights_
+    from harness.models import init_weights_
     init_weights_(dec, seed)
     with torch.no_grad():
         for i in DEAD_DECODER_BLOCKS:
@@ -394,8 +394,8 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
     fast, meaningless model of the same format). unet_only: train and cache only the UNet stage
     (it does not depend on the decoder; two processes can build the two stages at once)."""
     import torch
-    import comfy_env
-    comfy_env.setup_comfy()
+    from harness import comfyui, models
+    comfyui.setup_comfy()
     import comfy.sd
     import comfy.sd1_clip
     import comfy.taesd.taesd
@@ -406,7 +406,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
 
     # 1. text encoder (random, frozen) and autoencoder
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-    summary_text_encoder_(local_text_encoder_(comfy_env.init_weights_(clip, seed + 1)))
+    summary_text_encoder_(local_text_encoder_(models.init_weights_(clip, seed + 1)))
     tensors = {}
     for k, v in clip.state_dict().items():
         if k not in ("logit_scale", "transformer.text_projection.weight"):
@@ -432,9 +432,9 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
         tensors["first_stage_model." + k] = v.detach().float().contiguous()  # small: keep fp32
 
     # 2. UNet: ComfyUI's SD15 model (for its noise schedule) with the small config
-    cfg = comfy_env._sd15_config(comfy_env.SD15_SMALL_UNET_CONFIG)
+    cfg = models.sd15_config(models.SD15_SMALL_UNET_CONFIG)
     base = cfg.get_model({}, device=torch.device("cpu"))
-    unet = kill_blocks_(comfy_env.init_weights_(base.diffusion_model, seed + 3), live_resblocks)
+    unet = kill_blocks_(models.init_weights_(base.diffusion_model, seed + 3), live_resblocks)
     for k, v in unet.state_dict().items():
         tensors["model.diffusion_model." + k] = v.detach().half().contiguous()
 
@@ -447,7 +447,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
     emb = torch.load(emb_cache, weights_only=True) if emb_cache.is_file() else {}
     if set(emb) != set(captions):
         skeleton = path.with_name(path.stem + ".skeleton.safetensors")
-        comfy_env._atomic_save(tensors, skeleton, {"modelspec.title": "skeleton"})
+        models.atomic_save(tensors, skeleton, {"modelspec.title": "skeleton"})
         _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(skeleton), output_vae=False, output_clip=True)
         log(f"encoding {len(captions)} captions")
         emb = encode_captions(clip, captions)
@@ -489,7 +489,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
         "para_quality.live_layers": LIVE_LAYER_PATTERNS,
         "para_quality.world_limit": str(world_limit),
     }
-    comfy_env._atomic_save(tensors, path, meta)
+    models.atomic_save(tensors, path, meta)
     log(f"saved {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.time() - t_start:.0f}s")
     return path
 

@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-from .adapter import ParaAdapter, register as register_adapter
+from .adapters import register as register_adapters
 from .para_nodes import NODES, register_folder, remove_crash_leftovers
 
 log = logging.getLogger("ComfyUI-PaRa")
@@ -14,9 +14,9 @@ log = logging.getLogger("ComfyUI-PaRa")
 def all_nodes() -> list:
     nodes = list(NODES)
     try:
-        from .trainer import PaRaTrainer
+        from .trainer_node import PaRaTrainer
         nodes.insert(0, PaRaTrainer)
-    except ImportError as e:  # only while the trainer is being developed
+    except ImportError as e:  # a ComfyUI without what the trainer needs still gets the other nodes
         log.warning("PaRa: trainer unavailable: %s", e)
     return nodes
 
@@ -28,7 +28,7 @@ class PaRaExtension(ComfyExtension):
 
 def setup() -> None:
     register_folder()
-    register_adapter()
+    register_adapters()
     try:
         remove_crash_leftovers()
     except Exception as e:  # a cleanup must never keep the pack from loading

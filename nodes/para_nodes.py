@@ -10,11 +10,13 @@ from typing import Dict, List, Tuple
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management as mm
+import comfy.utils
 import folder_paths
 
 from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetensors, build_metadata, export_lora,
                          load_para, merge_states, save_para)
-from ..para_core.fileformat import remove_stale_temp_files
+from ..para_core.write import remove_stale_temp_files
 from .patching import apply_para, check_strength, fit_to_model, model_family, model_fingerprint, original_weight
 from .types import PARA
 
@@ -39,7 +41,7 @@ def register_folder() -> str:
 
 def remove_crash_leftovers() -> List[str]:
     """At start: delete what an interrupted write left in models/para and models/loras (never
-    listed, but they take disk space), see para_core.fileformat.remove_stale_temp_files."""
+    listed, but they take disk space), see para_core.write.remove_stale_temp_files."""
     folders = list(folder_paths.get_folder_paths("para")) + list(folder_paths.get_folder_paths("loras"))
     removed = remove_stale_temp_files(folders)
     if removed:
@@ -184,13 +186,40 @@ class PaRaMerge(io.ComfyNode):
             strengths.append(check_strength(kw.get(f"strength_{i}", 1.0), f"strength_{i}"))
         if len(states) < 2:
             raise ParaError("PaRa Merge needs at least two connected PARA inputs (para_1 and para_2).")
-        return io.NodeOutput(merge_states(states, strengths, check_choice(mode, list(MERGE_MODES), "mode")))
+        mode = check_choice(mode, list(MERGE_MODES), "mode")
+        return io.NodeOutput(merge_states(states, strengths, mode, progress=LayerProgress()))
+
+
+class LayerProgress:
+    """merge_states' progress(done, total): honours Cancel after every layer and moves the
+    node's progress bar in 1% steps (each update is a message to the browser)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
+        if done == total or done % max(1, total // 100) == 0:
+            self.bar.update_absolute(done, total)
 
 
 def _save_path(folder: str, prefix: str) -> str:
     full_folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(prefix, folder)
     os.makedirs(full_folder, exist_ok=True)
     return os.path.join(full_folder, f"{filename}_{counter:05}_.safetensors")
+
+
+def _write_into(kind: str, prefix: str, write, done: str) -> io.NodeOutput:
+    """``write(path)`` to the next free <prefix>_NNNNN_.safetensors in models/<kind>; the node's
+    output is the name relative to that folder."""
+    folder = folder_paths.get_folder_paths(kind)[0]
+    path = _save_path(folder, prefix)
+    write(path)
+    rel = os.path.relpath(path, folder)
+    log.info("PaRa: %s %s", done, path)
+    return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/{kind}/{rel}"))
 
 
 class PaRaSave(io.ComfyNode):
@@ -210,12 +239,8 @@ class PaRaSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, para, filename_prefix, dtype) -> io.NodeOutput:
-        folder = folder_paths.get_folder_paths("para")[0]
-        path = _save_path(folder, filename_prefix)
-        save_para(para, path, DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
-        rel = os.path.relpath(path, folder)
-        log.info("PaRa: saved %s", path)
-        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/para/{rel}"))
+        torch_dtype = DTYPES[check_choice(dtype, list(DTYPES), "dtype")]
+        return _write_into("para", filename_prefix, lambda path: save_para(para, path, torch_dtype), "saved")
 
 
 class PaRaExportLoRA(io.ComfyNode):
@@ -263,12 +288,8 @@ class PaRaExportLoRA(io.ComfyNode):
                                 "(para.base_fingerprint)"})
         md["modelspec.architecture"] = md["modelspec.architecture"].replace("/para", "/lora")
         md.pop("para.kind", None)
-        folder = folder_paths.get_folder_paths("loras")[0]
-        path = _save_path(folder, filename_prefix)
-        atomic_save_safetensors(tensors, path, md)
-        rel = os.path.relpath(path, folder)
-        log.info("PaRa: exported LoRA %s", path)
-        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}"))
+        return _write_into("loras", filename_prefix, lambda path: atomic_save_safetensors(tensors, path, md),
+                           "exported LoRA")
 
 
 NODES = [PaRaLoader, PaRaLoad, PaRaApply, PaRaMerge, PaRaSave, PaRaExportLoRA]

@@ -11,16 +11,16 @@ import torch
 import comfy.model_patcher
 import comfy.utils
 
-from ..para_core import ParaError, ParaState, check_fingerprint, check_fits, fingerprint
-from .adapter import ParaAdapter, ReferenceAdapter
+from ..para_core.errors import ParaError
+from ..para_core.fit import check_fingerprint, check_fits, fingerprint
+from ..para_core.functional import reference
+from ..para_core.state import ParaState
+from .adapters.para import ParaAdapter
+from .adapters.reference import ReferenceAdapter
+from .training_loop import QuantizedTensor, dequantize_tensor
 
 log = logging.getLogger("ComfyUI-PaRa")
 WEIGHT = ".weight"
-
-try:  # 0.3x: quantized checkpoints (fp8/int8 "mixed precision" files) hold QuantizedTensor weights
-    from comfy.quant_ops import QuantizedTensor
-except ImportError:  # 0.3.64
-    QuantizedTensor = None
 
 
 def model_family(model) -> str:
@@ -53,13 +53,6 @@ def original_weight(model, layer: str) -> torch.Tensor:
         hbk = getattr(model, "hook_backup", {}).get(key)
         w = hbk[0] if hbk is not None else comfy.utils.get_attr(model.model, key)
     return dequantized(model, layer, w)
-
-
-def dequantize_tensor(w: torch.Tensor) -> torch.Tensor:
-    """A QuantizedTensor's float value; any other tensor unchanged."""
-    if QuantizedTensor is not None and isinstance(w, QuantizedTensor):
-        return w.dequantize()
-    return w
 
 
 def dequantized(model, layer: str, w: torch.Tensor) -> torch.Tensor:
@@ -111,12 +104,11 @@ def apply_para(model, state: ParaState, strength: float = 1.0):
     Nothing is patched when the file does not fit (the error names the first bad layer)."""
     strength = check_strength(strength)
     state = fit_to_model(state, model)
-    if state.kind == "reference":  # W0 - s U D (spec section 1b)
-        patches = {l + WEIGHT: ReferenceAdapter.from_factors(state.U[l], state.D[l], state.source or state.name)
-                   for l in state.layers}
+    where = state.source or state.name
+    if state.kind == reference.KIND:  # W0 - s U D (docs/spec.md section 1b)
+        patches = {l + WEIGHT: ReferenceAdapter.from_factors(state.U[l], state.D[l], where, l) for l in state.layers}
     else:
-        patches = {l + WEIGHT: ParaAdapter.from_factors(U, V, state.source or state.name)
-                   for l, (U, V) in state.factors().items()}
+        patches = {l + WEIGHT: ParaAdapter.from_factors(U, V, where, l) for l, (U, V) in state.factors().items()}
     m = model.clone()
     if strength == 0:
         return m

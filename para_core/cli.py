@@ -1,4 +1,4 @@
-"""The command line: ``python -m para_core {inspect,merge,export-lora,bake}`` (spec section 4).
+"""The command line: ``python -m para_core {inspect,merge,export-lora,bake}`` (docs/spec.md section 4).
 
 Errors exit with status 1 (2 for usage errors) and one line on stderr, ``error: ...``; outputs
 are written atomically, so a failed command leaves no file behind.
@@ -14,6 +14,9 @@ import sys
 import textwrap
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import FingerprintWarning, ParaError
+from .presets import PresetError
 
 # torch and the modules that need it are imported inside the commands: importing torch takes
 # about 4 s, and a usage error, --help or a wrong path should answer at once (measured on 2 CPU
@@ -78,7 +81,6 @@ def _finite(text: str) -> float:
 
 
 def _check_output(out: str, inputs: Sequence[str]) -> None:
-    from .fileformat import ParaError
     if os.path.isdir(out):
         raise ParaError(f"{out}: is a folder; give an output file name (e.g. {os.path.join(out, 'out.safetensors')})")
     for p in inputs:
@@ -117,7 +119,7 @@ def check_inputs(args) -> None:
 
 
 def _load_all(specs: Sequence[str]):
-    from .fileformat import load_para
+    from .read import load_para
     pairs = [parse_file_strength(s) for s in specs]
     return [(load_para(p), s) for p, s in pairs], [p for p, _ in pairs]
 
@@ -144,10 +146,9 @@ def _decoded_metadata(md: Dict[str, str]) -> Dict[str, object]:
 
 def _inspect_data(args) -> Tuple[Dict, List[str]]:
     import torch
-    from .checkpoint import Checkpoint, fit_states
-    from .fileformat import load_para
-    from .reduction import reduce_weight_general
-    from .reference import reduce_weight_reference
+    from .base_model import Checkpoint, fit_states
+    from .functional import projection, reference
+    from .read import load_para
     state = load_para(args.file)
     messages: List[str] = []
     base_info = None
@@ -161,10 +162,10 @@ def _inspect_data(args) -> Tuple[Dict, List[str]]:
             for layer in state.layers:
                 W0 = ckpt.weight(layer).float()
                 if factors is None:  # reference parametrization: W0 - U D
-                    W1 = reduce_weight_reference(W0, state.U[layer], state.D[layer], 1.0)
+                    W1 = reference.reduce_weight(W0, state.U[layer], state.D[layer], 1.0)
                 else:
                     U, V = factors[layer]
-                    W1 = reduce_weight_general(W0, U, V, 1.0)
+                    W1 = projection.reduce_weight(W0, U, V, 1.0)
                 m0, m1 = W0.reshape(W0.shape[0], -1), W1.reshape(W1.shape[0], -1)
                 energy = float(m0.pow(2).sum())
                 per_layer[layer] = {
@@ -248,8 +249,8 @@ def cmd_inspect(args) -> int:
 # -------------------------------------------------------------------------------- merge
 
 def cmd_merge(args) -> int:
-    from .fileformat import save_para
     from .merge import merge_states
+    from .write import save_para
     items, paths = _load_all(args.inputs)
     _check_output(args.output, paths)
     merged = merge_states([st for st, _ in items], [s for _, s in items], args.mode)
@@ -263,9 +264,10 @@ def cmd_merge(args) -> int:
 
 def cmd_export_lora(args) -> int:
     import torch
-    from .checkpoint import Checkpoint, fit_states
+    from .base_model import Checkpoint, fit_states
     from .export import export_lora
-    from .fileformat import ARCHITECTURES, ParaError, atomic_save_safetensors, load_para
+    from .read import load_para
+    from .write import ARCHITECTURES, atomic_save_safetensors
     if getattr(args, "format", "lora") == "peft":
         from .peft_cli import cmd_export_peft
         return cmd_export_peft(args, _warn)
@@ -313,7 +315,7 @@ def cmd_export_lora(args) -> int:
 # -------------------------------------------------------------------------------- bake
 
 def cmd_bake(args) -> int:
-    from .checkpoint import Checkpoint, bake
+    from .base_model import Checkpoint, bake
     items, paths = _load_all(args.para)
     _check_output(args.output, paths + [args.base])
     with Checkpoint(args.base) as ckpt:
@@ -402,8 +404,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_inputs(args)
     except InputError as e:
         return _fail(str(e))
-    from .fileformat import FingerprintWarning, ParaError
-    from .presets import PresetError
     try:
         with warnings.catch_warnings():
             # check_fingerprint warns and returns the message; the commands print it themselves.

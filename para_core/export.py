@@ -1,18 +1,21 @@
-"""Exact export of a PaRa adapter to a standard LoRA (spec section 2).
+"""Exact export of a PaRa adapter to a standard LoRA (docs/spec.md section 2).
 
 W' - W0 = -s U (V^T W0) has rank k, so it *is* a LoRA:
     lora_up = -s U (out, k),   lora_down = V^T W0 (k, in*kh*kw),   alpha = k (scale alpha/k = 1).
 Conv layers get lora_up (out, k, 1, 1) and lora_down (k, in, kh, kw), as LoCon does.
 A ``reference`` adapter (W' = W0 - s U D) exports as lora_up = -s U, lora_down = D.
+The factorizations are each parametrization's ``to_lora`` (functional/).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 
-from .fileformat import ParaState, check_finite_result, kohya_name
-from .reference import reference_lora
+from .fit import kohya_name
+from .functional import projection, reference
+from .functional.base import check_finite
+from .state import ParaState
 
 __all__ = ["export_lora", "lora_keys"]
 
@@ -30,41 +33,24 @@ def export_lora(
     dtype: torch.dtype = torch.float32,
 ) -> Dict[str, torch.Tensor]:
     """The LoRA tensors reproducing ``state`` at ``strength`` on the base whose weights
-    ``base_weight(layer)`` returns (the original, unpatched W0)."""
+    ``base_weight(layer)`` returns (the original, unpatched W0; a reference adapter only needs
+    its shape)."""
+    factors = state.factors() if state.kind != reference.KIND else None
+    where = state.source or state.name
     out: Dict[str, torch.Tensor] = {}
-    if state.kind == "reference":
-        # W' - W0 = -s U D needs no W0 (only its shape, for convs): lora_up = -s U, lora_down = D.
-        for layer in state.layers:
-            U, D = state.U[layer], state.D[layer]
-            k = U.shape[1]
-            if k == 0:
-                continue
-            up, down = reference_lora(U, D, tuple(base_weight(layer).shape), strength)
-            ku, kd, ka = lora_keys(layer)
-            out[ku] = up.to(dtype).cpu()
-            out[kd] = down.to(dtype).cpu()
-            out[ka] = torch.tensor(float(k), dtype=dtype)
-        return _checked(out, state)
-    for layer, (U, V) in state.factors().items():
-        k = U.shape[1]
+    for layer in state.layers:
+        k = state.rank(layer)
         if k == 0:
             continue
-        W0 = base_weight(layer)
-        Wm = W0.reshape(W0.shape[0], -1).float()
-        up = -float(strength) * U.float().to(Wm.device)
-        down = V.float().to(Wm.device).t() @ Wm
-        if W0.dim() > 2:
-            up = up.reshape(up.shape[0], k, *([1] * (W0.dim() - 2)))
-            down = down.reshape(k, *W0.shape[1:])
+        if factors is None:
+            up, down = reference.to_lora(state.U[layer], state.D[layer], tuple(base_weight(layer).shape), strength)
+        else:
+            up, down = projection.to_lora(base_weight(layer), *factors[layer], strength)
         ku, kd, ka = lora_keys(layer)
         out[ku] = up.to(dtype).cpu()
         out[kd] = down.to(dtype).cpu()
         out[ka] = torch.tensor(float(k), dtype=dtype)
-    return _checked(out, state)
-
-
-def _checked(out: Dict[str, torch.Tensor], state: ParaState) -> Dict[str, torch.Tensor]:
-    """No LoRA with a non-finite entry is ever written (huge factors overflow in V^T W0 or the cast)."""
-    for key, t in out.items():
-        check_finite_result(t, state.source or state.name, f"the exported LoRA tensor {key} ({str(t.dtype).replace('torch.', '')})")
+        # No LoRA with a non-finite entry is ever written (huge factors overflow in V^T W0 or the cast).
+        for key in (ku, kd, ka):
+            check_finite(out[key], where, f"the exported LoRA tensor {key} ({str(dtype).replace('torch.', '')})")
     return out

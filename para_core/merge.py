@@ -1,15 +1,23 @@
-"""Several subjects at once, without training (spec section 1).
+"""Several subjects at once, without training (docs/spec.md section 1).
 
 Every mode returns the general form (U, V), shape (out, k), with W' = W0 - U (V^T W0).
 Inputs are lists of (U_i, V_i, s_i); a subject contributes U_i = V_i = Q_i.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import json
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["MERGE_MODES", "merge_sum", "merge_union", "merge_sequential", "merge_factors"]
+from .errors import ParaError
+from .functional import reference
+from .functional.base import check_finite
+from .functional.projection import basis
+from .state import ParaState, reference_state
+from .write import build_metadata
+
+__all__ = ["MERGE_MODES", "merge_sum", "merge_union", "merge_sequential", "merge_factors", "merge_states"]
 
 MERGE_MODES = ("sum", "union", "sequential")
 Factors = Tuple[torch.Tensor, torch.Tensor]
@@ -43,7 +51,7 @@ def merge_union(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]], rtol:
         return z, z.clone()
     # Orthonormalize each input first so that the SVD of the stack measures overlap of
     # subspaces, not the scale of the stored factors.
-    bases = [torch.linalg.qr(v, mode="reduced")[0] for v, _ in kept]
+    bases = [basis(v) for v, _ in kept]
     stack = torch.cat(bases, dim=1)
     Uc, S, _ = torch.linalg.svd(stack, full_matrices=False)
     k = int((S > rtol * S[0]).sum()) if S.numel() else 0
@@ -84,14 +92,16 @@ def merge_factors(items: Sequence[Tuple[torch.Tensor, torch.Tensor, float]], mod
     raise ValueError(f"unknown merge mode {mode!r}; use one of {', '.join(MERGE_MODES)}")
 
 
-def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
-    """Merge ParaStates (files) into one merged ParaState in the general form.
+def merge_states(states: Sequence[ParaState], strengths: Sequence[float], mode: str = "sum",
+                 progress: Optional[Callable[[int, int], None]] = None) -> ParaState:
+    """Merge ParaStates (files) into one merged ParaState in the general form (a reference one
+    for reference inputs, which merge by ``sum`` only).
 
     Layers present in only some inputs are merged over those inputs. Inputs made for different
     model families (same layer, different size, or different ``para.base_arch``) are an error.
+    Time is linear in the layers; ``progress(done, total)`` is called after every layer (the
+    PaRa Merge node shows it and honours Cancel there).
     """
-    from .fileformat import ParaError, ParaState, build_metadata, check_finite_result
-
     if mode not in MERGE_MODES:
         raise ParaError(f"unknown merge mode {mode!r}; use one of {', '.join(MERGE_MODES)}")
     if len(states) < 1:
@@ -102,65 +112,66 @@ def merge_states(states, strengths: Sequence[float], mode: str = "sum"):
         if not (s == s) or s in (float("inf"), float("-inf")):
             raise ParaError(f"strength of input {i + 1} ({states[i].name}) is {s}; give a finite number")
     kinds = {st.kind for st in states}
-    if "reference" in kinds:
+    if reference.KIND in kinds:
         _check_reference_merge(states, kinds, mode)
     archs = {st.metadata.get("para.base_arch") for st in states} - {None, ""}
     if len(archs) > 1:
         names = ", ".join(f"{st.name} ({st.metadata.get('para.base_arch')})" for st in states)
         raise ParaError(f"cannot merge adapters made for different model families: {names}")
-    order: List[str] = []
-    for st in states:
-        for l in st.layers:
-            if l not in order:
-                order.append(l)
-    if "reference" in kinds:
-        return _merge_reference_states(states, strengths, order)
-    U, V = {}, {}
-    for layer in order:
-        items = []
-        out = None
-        for st, s in zip(states, strengths):
-            if layer not in st.layers:
-                continue
-            u, v = st.factors()[layer]
-            if out is not None and u.shape[0] != out:
-                raise ParaError(
-                    f"cannot merge: layer {layer} has {out} output channels in one adapter and {u.shape[0]} in "
-                    f"{st.name}; they were made for different models")
-            out = u.shape[0]
-            items.append((u, v, float(s)))
-        names = ", ".join(st.name for st in states if layer in st.layers)
-        try:
-            U[layer], V[layer] = merge_factors(items, mode)
-        except (torch.linalg.LinAlgError, RuntimeError) as e:  # e.g. an SVD of overflowing values
-            raise ParaError(f"cannot merge layer {layer} of {names} in mode {mode}: the computation failed ({e}). "
-                            "The adapters' values are too large (not finite once combined); check the input files.") from None
-        for t, what in ((U[layer], "para_U"), (V[layer], "para_V")):
-            check_finite_result(t, f"merge of {names}", f"the merged {layer}.{what}")
+    order = list(dict.fromkeys(l for st in states for l in st.layers))
+    merge_layer = _merge_reference_layer if reference.KIND in kinds else _merge_layer
+    A: Dict[str, torch.Tensor] = {}
+    Bm: Dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(order):
+        inputs = [(st, float(s)) for st, s in zip(states, strengths) if st.has_layer(layer)]
+        A[layer], Bm[layer] = merge_layer(layer, inputs, mode)
+        if progress is not None:
+            progress(i + 1, len(order))
     base = states[0].metadata
     # The fingerprint covers the adapted layers; it only carries over when every input has the
     # same one over the same layers (otherwise the merged file's layer set or base differs).
     fps = {st.metadata.get("para.base_fingerprint", "") for st in states}
-    same_layers = all(set(st.layers) == set(states[0].layers) for st in states)
-    base_fingerprint = fps.pop() if len(fps) == 1 and same_layers else ""
-    md = build_metadata(
-        "merged",
-        ranks={l: int(U[l].shape[1]) for l in U},
+    first_layers = set(states[0].layers)
+    same_layers = all(set(st.layers) == first_layers for st in states)
+    fields = dict(
+        ranks={l: int(A[l].shape[1]) for l in A},
         layers=base.get("para.layers", ""),
         base_arch=base.get("para.base_arch", ""),
-        base_fingerprint=base_fingerprint,
+        base_fingerprint=fps.pop() if len(fps) == 1 and same_layers else "",
         merge_mode=mode,
         title="merge(" + ", ".join(f"{st.name}:{s:g}" for st, s in zip(states, strengths)) + f", {mode})",
-        extra={"para.merge_inputs": __import__("json").dumps([[st.name, float(s)] for st, s in zip(states, strengths)])},
+        extra={"para.merge_inputs": json.dumps([[st.name, float(s)] for st, s in zip(states, strengths)])},
     )
-    return ParaState(kind="merged", U=U, V=V, metadata=md)
+    if reference.KIND in kinds:  # W0 - sum_i s_i U_i D_i, the terms concatenated (a reference adapter)
+        return reference_state(A, Bm, **fields)
+    return ParaState(kind="merged", U=A, V=Bm, metadata=build_metadata("merged", **fields))
+
+
+def _merge_layer(layer: str, inputs, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    items = []
+    out = None
+    for st, s in inputs:
+        u, v = st.factors()[layer]
+        if out is not None and u.shape[0] != out:
+            raise ParaError(
+                f"cannot merge: layer {layer} has {out} output channels in one adapter and {u.shape[0]} in "
+                f"{st.name}; they were made for different models")
+        out = u.shape[0]
+        items.append((u, v, s))
+    names = ", ".join(st.name for st, _ in inputs)
+    try:
+        U, V = merge_factors(items, mode)
+    except (torch.linalg.LinAlgError, RuntimeError) as e:  # e.g. an SVD of overflowing values
+        raise ParaError(f"cannot merge layer {layer} of {names} in mode {mode}: the computation failed ({e}). "
+                        "The adapters' values are too large (not finite once combined); check the input files.") from None
+    for t, what in ((U, "para_U"), (V, "para_V")):
+        check_finite(t, f"merge of {names}", f"the merged {layer}.{what}")
+    return U, V
 
 
 def _check_reference_merge(states, kinds, mode: str) -> None:
-    from .fileformat import ParaError
-
     names = ", ".join(f"{st.name} ({st.kind})" for st in states)
-    if kinds != {"reference"}:
+    if kinds != {reference.KIND}:
         raise ParaError(
             f"cannot merge reference-parametrization adapters (W0 - U D) with paper ones (W0 - Q Q^T W0): {names}. "
             "The sum would need the base weights W0 to write the paper's terms as U D. Export each to a LoRA "
@@ -172,37 +183,14 @@ def _check_reference_merge(states, kinds, mode: str) -> None:
             f"project onto without W0): {names}. Use mode 'sum'.")
 
 
-def _merge_reference_states(states, strengths, order):
-    """sum of reference adapters: W0 - sum_i s_i U_i D_i, the terms concatenated (a reference adapter)."""
-    import json
-
-    from .fileformat import ParaError
-    from .reference import merge_reference_sum, reference_state
-
-    U, D = {}, {}
-    for layer in order:
-        items = []
-        for st, s in zip(states, strengths):
-            if layer not in st.layers:
-                continue
-            u, d = st.U[layer], st.D[layer]
-            if items and (u.shape[0] != items[0][0].shape[0] or d.shape[1] != items[0][1].shape[1]):
-                raise ParaError(
-                    f"cannot merge: layer {layer} has shape U {tuple(items[0][0].shape)}, D {tuple(items[0][1].shape)} "
-                    f"in one adapter and U {tuple(u.shape)}, D {tuple(d.shape)} in {st.name}; they were made for "
-                    "different models")
-            items.append((u, d, float(s)))
-        U[layer], D[layer] = merge_reference_sum(items)
-    base = states[0].metadata
-    fps = {st.metadata.get("para.base_fingerprint", "") for st in states}
-    same_layers = all(set(st.layers) == set(states[0].layers) for st in states)
-    return reference_state(
-        U, D,
-        ranks={l: int(U[l].shape[1]) for l in U},
-        layers=base.get("para.layers", ""),
-        base_arch=base.get("para.base_arch", ""),
-        base_fingerprint=fps.pop() if len(fps) == 1 and same_layers else "",
-        merge_mode="sum",
-        title="merge(" + ", ".join(f"{st.name}:{s:g}" for st, s in zip(states, strengths)) + ", sum)",
-        extra={"para.merge_inputs": json.dumps([[st.name, float(s)] for st, s in zip(states, strengths)])},
-    )
+def _merge_reference_layer(layer: str, inputs, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    items = []
+    for st, s in inputs:
+        u, d = st.U[layer], st.D[layer]
+        if items and (u.shape[0] != items[0][0].shape[0] or d.shape[1] != items[0][1].shape[1]):
+            raise ParaError(
+                f"cannot merge: layer {layer} has shape U {tuple(items[0][0].shape)}, D {tuple(items[0][1].shape)} "
+                f"in one adapter and U {tuple(u.shape)}, D {tuple(d.shape)} in {st.name}; they were made for "
+                "different models")
+        items.append((u, d, s))
+    return reference.merge_sum(items)

@@ -1,296 +1,145 @@
-"""User-given layer patterns (``custom_layers``), matched in time linear in the path's length.
+"""User-given layer patterns (``custom_layers``), matched with bounded work.
 
 Python's ``re`` backtracks: ``(x+)+!`` on a path without ``!`` takes time exponential in the
 path's length, holding the GIL the whole time, so one pattern typed into a node froze the whole
-ComfyUI server. Here a pattern is parsed with Python's own regex parser, built into a Thompson
-NFA (the automaton has at most ``MAX_STATES`` states), and run as a lazily built DFA: every
-character of a path costs at most one pass over the NFA's states, whatever the pattern. Features
-that are not regular (backreferences, lookarounds, atomic groups, possessive repeats, word
-boundaries) are refused with a clear message instead.
+ComfyUI server. Here patterns are compiled and matched by the maintained ``regex`` library (in
+every ComfyUI environment through transformers): matching runs with ``concurrent=True`` (the GIL
+is released, the server keeps answering) and under a CPU-time budget (``timeout=``) per pattern
+and per list of patterns; a pattern that spends it is refused with a clear message. What a user
+can hand over is bounded too: each pattern's length, the number and total size of the patterns,
+and the product of the counted repeats ``{m,n}``, which ``regex`` unrolls when it compiles
+(``(?:a{1000}){1000}`` takes a second and 270 MB, with the GIL held).
 
-Globs (``*`` matches across dots, ``?``, ``[...]``) are translated to the same regex syntax here,
-not with ``fnmatch.translate`` (which emits lookaheads and atomic groups on some Pythons).
+Globs (``*`` matches across dots, ``?``, ``[...]``) are translated to regex syntax here, not with
+``fnmatch.translate`` (which emits lookaheads and atomic groups on some Pythons).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+import time
+from typing import Iterable, List, Optional
 
-try:  # Python >= 3.11
-    import re._constants as _c
-    import re._parser as _parser
-except ImportError:  # pragma: no cover - Python <= 3.10
-    import sre_constants as _c
-    import sre_parse as _parser
+import regex
 
-__all__ = ["PatternError", "LinearPattern", "compile_regex", "compile_glob", "glob_to_regex",
-           "MAX_PATTERN_LENGTH", "MAX_STATES"]
+__all__ = ["PatternError", "Budget", "LayerPattern", "compile_regex", "compile_glob", "glob_to_regex",
+           "check_pattern_list", "MAX_PATTERN_LENGTH", "MAX_PATTERNS", "MAX_TOTAL_LENGTH", "MAX_REPEAT_PRODUCT",
+           "PATTERN_BUDGET_S", "LIST_BUDGET_S"]
 
 MAX_PATTERN_LENGTH = 1000
-MAX_STATES = 5000
-# Cached DFA transitions per pattern; past this the cache is dropped and rebuilt (memory bound).
-_MAX_CACHE = 20000
+MAX_PATTERNS = 256
+MAX_TOTAL_LENGTH = 20_000
+MAX_REPEAT_PRODUCT = 10_000
+# CPU seconds (what regex's timeout counts) one pattern may spend over all the paths of a model,
+# and all the patterns of one list together; a real pattern needs milliseconds.
+PATTERN_BUDGET_S = 0.25
+LIST_BUDGET_S = 2.0
 
 
 class PatternError(ValueError):
     pass
 
 
-# NFA nodes: ("char", test, next) | ("split", (a, b)) | ("assert", "start"/"end", next) | ("match",)
-_Node = tuple
+class Budget:
+    """CPU seconds left for matching (shared by the patterns of one list)."""
+
+    def __init__(self, seconds: float):
+        self.left = float(seconds)
 
 
-class _Builder:
-    def __init__(self, text: str):
-        self.text = text
-        self.nodes: List[list] = []
+class LayerPattern:
+    """A compiled pattern whose ``fullmatch(path)`` spends at most its budget, over all calls."""
 
-    def new(self, *node) -> int:
-        if len(self.nodes) >= MAX_STATES:
-            raise PatternError(f"layer pattern {self.text!r} is too complex (its automaton would need more than "
-                               f"{MAX_STATES} states, e.g. from large {{m,n}} repeats); simplify it.")
-        self.nodes.append(list(node))
-        return len(self.nodes) - 1
-
-    # A fragment is (start, [dangling (node, slot) pairs to patch with the next start]).
-    def patch(self, outs, target):
-        for node, slot in outs:
-            self.nodes[node][slot] = target
-
-    def empty(self):
-        n = self.new("split", None, None)  # epsilon: slot 2 unused
-        self.nodes[n] = ["eps", None]
-        return n, [(n, 1)]
-
-    def seq(self, items, icase):
-        frag = None
-        for op, av in items:
-            f = self.item(op, av, icase)
-            if frag is None:
-                frag = f
-            else:
-                self.patch(frag[1], f[0])
-                frag = (frag[0], f[1])
-        return frag if frag is not None else self.empty()
-
-    def char(self, test):
-        n = self.new("char", test, None)
-        return n, [(n, 2)]
-
-    def item(self, op, av, icase):
-        name = str(op)
-        if name == "LITERAL":
-            return self.char(_literal(av, icase, False))
-        if name == "NOT_LITERAL":
-            return self.char(_literal(av, icase, True))
-        if name == "ANY":
-            return self.char(lambda ch: ch != "\n")
-        if name == "IN":
-            return self.char(_charset(av, icase, self.text))
-        if name == "BRANCH":
-            _, alternatives = av
-            frags = [self.seq(alt, icase) for alt in alternatives]
-            start = frags[-1][0]
-            outs = list(frags[-1][1])
-            for f in reversed(frags[:-1]):
-                start = self.new("split", f[0], start)
-                outs = f[1] + outs
-            return start, outs
-        if name == "SUBPATTERN":
-            _group, add_flags, del_flags, sub = av
-            if add_flags & _c.SRE_FLAG_IGNORECASE:
-                icase = True
-            if del_flags & _c.SRE_FLAG_IGNORECASE:
-                icase = False
-            return self.seq(sub, icase)
-        if name in ("MAX_REPEAT", "MIN_REPEAT"):
-            lo, hi, sub = av
-            return self.repeat(lo, hi, sub, icase)
-        if name == "AT":
-            where = str(av)
-            if where in ("AT_BEGINNING", "AT_BEGINNING_STRING"):
-                n = self.new("assert", "start", None)
-                return n, [(n, 2)]
-            if where in ("AT_END", "AT_END_STRING"):
-                n = self.new("assert", "end", None)
-                return n, [(n, 2)]
-            raise PatternError(f"layer pattern {self.text!r}: word boundaries (\\b, \\B) are not supported; "
-                               "layer paths are matched as a whole, so leave them out.")
-        if name in ("GROUPREF", "GROUPREF_EXISTS"):
-            raise PatternError(f"layer pattern {self.text!r}: backreferences are not supported (they can take "
-                               "exponential time); write the text out instead.")
-        if name in ("ASSERT", "ASSERT_NOT"):
-            raise PatternError(f"layer pattern {self.text!r}: lookahead/lookbehind is not supported (it can take "
-                               "exponential time); use a '!' exclusion pattern instead.")
-        if name in ("ATOMIC_GROUP", "POSSESSIVE_REPEAT"):
-            raise PatternError(f"layer pattern {self.text!r}: atomic groups and possessive repeats are not "
-                               "supported; use a plain group (matching here never backtracks anyway).")
-        raise PatternError(f"layer pattern {self.text!r}: {name.lower()} is not supported in layer patterns.")
-
-    def repeat(self, lo, hi, sub, icase):
-        unbounded = hi == _c.MAXREPEAT
-        frag = None
-        pieces = []
-        for _ in range(lo):
-            pieces.append(self.seq(sub, icase))
-        if unbounded:
-            body = self.seq(sub, icase)
-            split = self.new("split", body[0], None)
-            self.patch(body[1], split)
-            pieces.append((split, [(split, 2)]))
-        else:
-            # (sub(sub(sub)?)?)? : each optional copy may stop the repeat
-            optional = []
-            for _ in range(hi - lo):
-                body = self.seq(sub, icase)
-                split = self.new("split", body[0], None)
-                optional.append((split, body))
-            for i, (split, body) in enumerate(optional):
-                if i + 1 < len(optional):
-                    self.patch(body[1], optional[i + 1][0])
-            if optional:
-                outs = [(s, 2) for s, _ in optional] + list(optional[-1][1][1])
-                pieces.append((optional[0][0], outs))
-        if not pieces:
-            return self.empty()
-        for p in pieces:
-            if frag is None:
-                frag = p
-            else:
-                self.patch(frag[1], p[0])
-                frag = (frag[0], p[1])
-        return frag
-
-
-def _literal(code: int, icase: bool, negate: bool) -> Callable[[str], bool]:
-    ch = chr(code)
-    if icase:
-        low = ch.lower()
-        return (lambda c: c.lower() != low) if negate else (lambda c: c.lower() == low)
-    return (lambda c: c != ch) if negate else (lambda c: c == ch)
-
-
-_CATEGORIES = {
-    "CATEGORY_DIGIT": str.isdigit, "CATEGORY_NOT_DIGIT": lambda c: not c.isdigit(),
-    "CATEGORY_SPACE": str.isspace, "CATEGORY_NOT_SPACE": lambda c: not c.isspace(),
-    "CATEGORY_WORD": lambda c: c.isalnum() or c == "_", "CATEGORY_NOT_WORD": lambda c: not (c.isalnum() or c == "_"),
-}
-
-
-def _charset(items, icase: bool, text: str) -> Callable[[str], bool]:
-    negate = False
-    tests: List[Callable[[str], bool]] = []
-    for op, av in items:
-        name = str(op)
-        if name == "NEGATE":
-            negate = True
-        elif name == "LITERAL":
-            tests.append(_literal(av, False, False))
-        elif name == "RANGE":
-            lo, hi = av
-            tests.append(lambda c, lo=lo, hi=hi: lo <= ord(c) <= hi)
-        elif name == "CATEGORY":
-            fn = _CATEGORIES.get(str(av))
-            if fn is None:
-                raise PatternError(f"layer pattern {text!r}: character class {av} is not supported.")
-            tests.append(fn)
-        else:
-            raise PatternError(f"layer pattern {text!r}: {name.lower()} inside [...] is not supported.")
-
-    def test(c: str) -> bool:
-        hit = any(t(c) for t in tests)
-        if not hit and icase:
-            hit = any(t(c.lower()) or t(c.upper()) for t in tests)
-        return hit != negate
-
-    return test
-
-
-class LinearPattern:
-    """``fullmatch(path)`` in O(len(path) * states) at worst, O(len(path)) once the DFA is warm."""
-
-    def __init__(self, text: str, nodes: List[list], start: int):
+    def __init__(self, text: str, compiled, budget: Optional[Budget] = None):
         self.pattern = text
-        self._nodes = nodes
-        self._start = start
-        self._cache: Dict[Tuple[FrozenSet[int], str, bool], FrozenSet[int]] = {}
-        self._closures: Dict[Tuple[FrozenSet[int], bool, bool], FrozenSet[int]] = {}
-
-    def _closure(self, states, at_start: bool, at_end: bool) -> FrozenSet[int]:
-        key = (frozenset(states), at_start, at_end)
-        hit = self._closures.get(key)
-        if hit is not None:
-            return hit
-        seen = set()
-        stack = list(states)
-        out = set()
-        nodes = self._nodes
-        while stack:
-            n = stack.pop()
-            if n is None or n in seen:
-                continue
-            seen.add(n)
-            node = nodes[n]
-            kind = node[0]
-            if kind == "split":
-                stack.append(node[1])
-                stack.append(node[2])
-            elif kind == "eps":
-                stack.append(node[1])
-            elif kind == "assert":
-                if (node[1] == "start" and at_start) or (node[1] == "end" and at_end):
-                    stack.append(node[2])
-            else:  # char or match
-                out.add(n)
-        result = frozenset(out)
-        if len(self._closures) > _MAX_CACHE:
-            self._closures.clear()
-        self._closures[key] = result
-        return result
+        self._re = compiled
+        self._budgets = [Budget(PATTERN_BUDGET_S)] + ([budget] if budget is not None else [])
 
     def fullmatch(self, path: str) -> bool:
-        nodes = self._nodes
-        n = len(path)
-        current = self._closure((self._start,), True, n == 0)
-        for i, ch in enumerate(path):
-            if not current:
-                return False
-            at_end = i + 1 == n
-            key = (current, ch, at_end)
-            nxt = self._cache.get(key)
-            if nxt is None:
-                moved = [nodes[s][2] for s in current if nodes[s][0] == "char" and nodes[s][1](ch)]
-                nxt = self._closure(moved, False, at_end)
-                if len(self._cache) > _MAX_CACHE:
-                    self._cache.clear()
-                self._cache[key] = nxt
-            current = nxt
-        return any(nodes[s][0] == "match" for s in current)
+        left = min(b.left for b in self._budgets)
+        if left <= 0:
+            raise self._too_slow()
+        t0 = time.process_time()
+        try:
+            return self._re.fullmatch(path, timeout=left, concurrent=True) is not None
+        except TimeoutError:
+            raise self._too_slow() from None
+        finally:
+            spent = time.process_time() - t0
+            for b in self._budgets:
+                b.left -= spent
+
+    def _too_slow(self) -> PatternError:
+        return PatternError(f"layer pattern {self.pattern!r} takes too long to match the model's layer paths (it "
+                            "backtracks); simplify it, e.g. without nested repeats like (a+)+.")
 
     def __repr__(self) -> str:
-        return f"LinearPattern({self.pattern!r})"
+        return f"LayerPattern({self.pattern!r})"
 
 
-def compile_regex(text: str) -> LinearPattern:
-    """A regex (Python syntax, regular features only) as a LinearPattern. Raises PatternError."""
+def check_pattern_list(spec: str, items: Iterable[str]) -> List[str]:
+    """The patterns of one ``custom_layers`` input, bounded in number and total size."""
+    if len(spec) > MAX_TOTAL_LENGTH:
+        raise PatternError(f"layer patterns of {len(spec)} characters in all are too long (at most {MAX_TOTAL_LENGTH}); "
+                           "use fewer, more general patterns (globs like *attn1* or a 're:' regex).")
+    items = list(items)
+    if len(items) > MAX_PATTERNS:
+        raise PatternError(f"{len(items)} layer patterns are too many (at most {MAX_PATTERNS}); use fewer, more "
+                           "general patterns (globs like *attn1* or a 're:' regex).")
+    return items
+
+
+def _repeat_product(text: str) -> int:
+    """The product of the counts of every ``{m}``, ``{m,}``, ``{m,n}``, ``{,n}`` in a pattern,
+    outside character classes and escapes: an upper bound of how far compiling unrolls it."""
+    product, i, n = 1, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # a class: up to its closing ']' (a ']' right after '[' or '[^' is literal)
+            j = i + 1
+            if j < n and text[j] == "^":
+                j += 1
+            if j < n and text[j] == "]":
+                j += 1
+            while j < n and text[j] != "]":
+                j += 2 if text[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c == "{":
+            j = text.find("}", i)
+            body = text[i + 1:j] if j > i else ""
+            lo, comma, hi = body.partition(",")
+            if body and (lo.isdigit() or not lo) and (hi.isdigit() or not hi) and (lo or hi):
+                product *= max(int(lo or 0), int(hi or 0), 1)
+                i = j + 1
+                continue
+        i += 1
+    return product
+
+
+def _check_length(text: str) -> None:
     if len(text) > MAX_PATTERN_LENGTH:
         raise PatternError(f"layer pattern of {len(text)} characters is too long (at most {MAX_PATTERN_LENGTH}).")
+
+
+def compile_regex(text: str, budget: Optional[Budget] = None) -> LayerPattern:
+    """A regex (Python syntax, as the ``regex`` library reads it) as a LayerPattern. Raises PatternError."""
+    _check_length(text)
+    return _compile(text, text, budget)
+
+
+def _compile(text: str, source: str, budget: Optional[Budget]) -> LayerPattern:
+    if _repeat_product(text) > MAX_REPEAT_PRODUCT:
+        raise PatternError(f"layer pattern {source!r} is too complex (its counted repeats {{m,n}} multiply to more than "
+                           f"{MAX_REPEAT_PRODUCT}); simplify it.")
     try:
-        parsed = _parser.parse(text)
-    except _c.error as e:
-        raise PatternError(f"layer pattern {text!r} is not a valid regular expression: {e}") from None
-    except RecursionError:
-        raise PatternError(f"layer pattern {text!r} nests too deeply; simplify it.") from None
-    flags = parsed.state.flags
-    if flags & _c.SRE_FLAG_VERBOSE:
-        raise PatternError(f"layer pattern {text!r}: the verbose flag (?x) is not supported.")
-    b = _Builder(text)
-    try:
-        start, outs = b.seq(list(parsed), bool(flags & _c.SRE_FLAG_IGNORECASE))
-    except RecursionError:
-        raise PatternError(f"layer pattern {text!r} nests too deeply; simplify it.") from None
-    match = b.new("match")
-    b.patch(outs, match)
-    return LinearPattern(text, b.nodes, start)
+        compiled = regex.compile(text)
+    except regex.error as e:
+        raise PatternError(f"layer pattern {source!r} is not a valid regular expression: {e}") from None
+    except (RecursionError, OverflowError, MemoryError):
+        raise PatternError(f"layer pattern {source!r} nests too deeply or repeats too much; simplify it.") from None
+    return LayerPattern(source, compiled, budget)
 
 
 def glob_to_regex(glob: str) -> str:
@@ -323,15 +172,10 @@ def glob_to_regex(glob: str) -> str:
                     body = "\\" + body
                 out.append("[" + body.replace("\\", "\\\\") + "]")
         else:
-            out.append(_escape(c))
+            out.append(regex.escape(c))
     return "".join(out)
 
 
-def _escape(c: str) -> str:
-    return "\\" + c if c in ".^$*+?{}[]\\|()" else c
-
-
-def compile_glob(glob: str) -> LinearPattern:
-    if len(glob) > MAX_PATTERN_LENGTH:
-        raise PatternError(f"layer pattern of {len(glob)} characters is too long (at most {MAX_PATTERN_LENGTH}).")
-    return compile_regex(glob_to_regex(glob))
+def compile_glob(glob: str, budget: Optional[Budget] = None) -> LayerPattern:
+    _check_length(glob)
+    return _compile(glob_to_regex(glob), glob, budget)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+from .errors import ParaError  # standard library only, like this module's top (the CLI asks it before torch)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,12 +41,6 @@ DIFFUSERS = "diffusers"
 SOURCE_FORMAT = "para.source_format"
 PEFT_FORMAT = "peft-deft"
 DECOMPOSITIONS = ("qr", "relu")
-
-
-
-def _error(msg: str):
-    from .fileformat import ParaError
-    return ParaError(msg)
 
 
 # ------------------------------------------------------------------------------- finding the files
@@ -92,34 +88,36 @@ def read_config(config_path: str, weights_path: str) -> dict:
         with open(config_path, encoding="utf-8") as f:
             cfg = json.load(f)
     except FileNotFoundError:
-        raise _error(f"{weights_path}: holds PEFT DEFT tensors (deft_P) but no {CONFIG_NAME} lies beside it; "
-                     "the adapter's settings (para, decomposition_method) are in that file: copy it next to the "
-                     "weights (or name it after them, <name>.json).") from None
+        raise ParaError(f"{weights_path}: holds PEFT DEFT tensors (deft_P) but no {CONFIG_NAME} lies beside it; "
+                        "the adapter's settings (para, decomposition_method) are in that file: copy it next to the "
+                        "weights (or name it after them, <name>.json).") from None
     except (OSError, ValueError) as e:
-        raise _error(f"{config_path}: not a readable PEFT adapter_config.json ({e}).") from None
+        raise ParaError(f"{config_path}: not a readable PEFT adapter_config.json ({e}).") from None
     if not isinstance(cfg, dict):
-        raise _error(f"{config_path}: not a PEFT adapter config (not a JSON object).")
+        raise ParaError(f"{config_path}: not a PEFT adapter config (not a JSON object).")
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "DEFT":
-        raise _error(f"{where}: a PEFT {peft_type or 'untyped'} adapter, not DEFT; this pack reads PEFT's DEFT "
-                     "adapters with para=true (PaRa). Load LoRA-type adapters with ComfyUI's Load LoRA node.")
+        raise ParaError(f"{where}: a PEFT {peft_type or 'untyped'} adapter, not DEFT; this pack reads PEFT's DEFT "
+                        "adapters with para=true (PaRa). Load LoRA-type adapters with ComfyUI's Load LoRA node.")
     if cfg.get("para") is not True:
-        raise _error(f"{where}: a DEFT adapter with para={json.dumps(cfg.get('para', False))}: it adds DEFT's "
-                     "injection term Q_P R (deft_R) to the subspace removal, W' = (I - P_proj) W + Q_P R. That term "
-                     "is not PaRa and this pack does not support it; only para=true adapters (W' = W - P_proj W) load.")
+        raise ParaError(f"{where}: a DEFT adapter with para={json.dumps(cfg.get('para', False))}: it adds DEFT's "
+                        "injection term Q_P R (deft_R) to the subspace removal, W' = (I - P_proj) W + Q_P R. That term "
+                        "is not PaRa and this pack does not support it; only para=true adapters (W' = W - P_proj W) load.")
     method = cfg.get("decomposition_method", "relu")
     if method not in DECOMPOSITIONS:
-        raise _error(f"{where}: unknown decomposition_method {method!r}; PEFT's DEFT has 'qr' and 'relu'.")
+        raise ParaError(f"{where}: unknown decomposition_method {method!r}; PEFT's DEFT has 'qr' and 'relu'.")
     return cfg
 
 
 def load_peft(path, device: str = "cpu"):
     """A PEFT DEFT (para=true) adapter as a ParaState with diffusers layer names: ``qr`` -> a
     subject (B = deft_P), ``relu`` -> merged (U = P, V = relu(P)), which is exactly PEFT's W' = W -
-    P relu(P)^T W. Everything else is a ParaError that says what is not supported."""
+    P relu(P)^T W. Everything else is a ParaError that says what is not supported. The header
+    guard, the tensor reader and the per-layer validation are those of every PaRa file (read.py)."""
     import torch
-    from safetensors import safe_open
-    from .fileformat import ParaState, _read_header, check_layer_tensors
+    from .read import check_layer_tensors, read_header, read_layers
+    from .state import ParaState
+    from .write import build_metadata
 
     found = peft_paths(path)
     if found is None:
@@ -131,58 +129,43 @@ def load_peft(path, device: str = "cpu"):
         other = [n for n in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, n))]
         hint = (f" It has {other[0]} (a pickle): re-save it with save_pretrained(..., safe_serialization=True)."
                 if other else "")
-        raise _error(f"{folder}: no {WEIGHTS_NAME} in this PEFT adapter folder.{hint}")
+        raise ParaError(f"{folder}: no {WEIGHTS_NAME} in this PEFT adapter folder.{hint}")
     cfg = read_config(config_path, weights_path)
     method = cfg.get("decomposition_method", "relu")
-    _read_header(weights_path, what="PEFT adapter")  # the size and header checks of every PaRa file
-    P: Dict[str, "torch.Tensor"] = {}
-    try:
-        with safe_open(weights_path, framework="pt", device=device) as f:
-            for key in f.keys():
-                if key.endswith(P_SUFFIX):
-                    P[_module_path(key, P_SUFFIX)] = f.get_tensor(key)
-                elif key.endswith(R_SUFFIX):
-                    raise _error(f"{weights_path}: holds DEFT's injection matrix {key} although {CONFIG_NAME} says "
-                                 "para=true; this pack supports pure subspace removal (para=true, no deft_R) only.")
-                else:
-                    raise _error(f"{weights_path}: holds {key}, which is not a DEFT projection (deft_P); trained "
-                                 "biases (bias='all'/'deft_only') and modules_to_save are not supported: only "
-                                 "deft_P tensors can be applied as PaRa.")
-    except Exception as e:
-        from .fileformat import ParaError
-        if isinstance(e, ParaError):
-            raise
-        raise _error(f"{weights_path}: could not read the safetensors file ({e}); it may be corrupt.") from None
-    if not P:
-        raise _error(f"{weights_path}: no deft_P tensors; not a PEFT DEFT adapter.")
-    for layer, t in P.items():
-        check_layer_tensors(weights_path, layer, {"para_B": t})
-    title = os.path.basename(folder.rstrip(os.sep)) or "PEFT DEFT adapter"
-    ranks = {l: int(t.shape[1]) for l, t in P.items()}
-    md = {
-        "para.format": "1",
-        "para.layers": _targets_text(cfg.get("target_modules")),
-        "para.base_arch": "",
-        "para.base_fingerprint": "",
-        "para.rank": str(cfg.get("r", max(ranks.values()))),
-        "para.ranks": json.dumps(ranks, sort_keys=True),
-        LAYER_NAMES: DIFFUSERS,
-        SOURCE_FORMAT: PEFT_FORMAT,
-        "para.peft_decomposition": method,
-        "para.peft_config": json.dumps(cfg, sort_keys=True),
-        "modelspec.title": title,
-        "modelspec.architecture": "unknown/para",
-    }
+    groups = {}  # {diffusers module path: {"P": key}}
+    for key in read_header(weights_path, what="PEFT adapter").keys:
+        if key.endswith(P_SUFFIX):
+            groups[_module_path(key, P_SUFFIX)] = {"P": key}
+        elif key.endswith(R_SUFFIX):
+            raise ParaError(f"{weights_path}: holds DEFT's injection matrix {key} although {CONFIG_NAME} says "
+                            "para=true; this pack supports pure subspace removal (para=true, no deft_R) only.")
+        else:
+            raise ParaError(f"{weights_path}: holds {key}, which is not a DEFT projection (deft_P); trained "
+                            "biases (bias='all'/'deft_only') and modules_to_save are not supported: only "
+                            "deft_P tensors can be applied as PaRa.")
+    if not groups:
+        raise ParaError(f"{weights_path}: no deft_P tensors; not a PEFT DEFT adapter.")
+    kind = "subject" if method == "qr" else "merged"
+    stores: Dict[str, Dict[str, "torch.Tensor"]] = {"para_B": {}, "para_U": {}, "para_V": {}}
+    where = f"{weights_path} (deft_P read as para_B)"  # the validator's messages name PaRa's tensors
+    for layer, t in read_layers(weights_path, groups, device).items():
+        # P is an (out, r) factor like para_B: checked (float8 read in float32) before relu sees it
+        P = check_layer_tensors(where, layer, {"para_B": t["P"]}, "subject")[1]["para_B"]
+        if kind == "subject":
+            stores["para_B"][layer] = P
+        else:
+            stores["para_U"][layer], stores["para_V"][layer] = P, torch.relu(P)
+    first = stores["para_B"] if kind == "subject" else stores["para_U"]
+    ranks = {l: int(t.shape[1]) for l, t in first.items()}
+    extra = {LAYER_NAMES: DIFFUSERS, SOURCE_FORMAT: PEFT_FORMAT, "para.peft_decomposition": method,
+             "para.peft_config": json.dumps(cfg, sort_keys=True)}
     if cfg.get("base_model_name_or_path"):
-        md["para.peft_base_model"] = str(cfg["base_model_name_or_path"])
-    if method == "qr":
-        md["para.kind"] = "subject"
-        state = ParaState(kind="subject", B=P, metadata=md, source=folder)
-    else:
-        md["para.kind"] = "merged"
-        state = ParaState(kind="merged", U=dict(P), V={l: torch.relu(t) for l, t in P.items()}, metadata=md,
-                          source=folder)
-    return state
+        extra["para.peft_base_model"] = str(cfg["base_model_name_or_path"])
+    md = build_metadata(kind, rank=int(cfg.get("r", max(ranks.values()))), ranks=ranks,
+                        layers=_targets_text(cfg.get("target_modules")),
+                        title=os.path.basename(folder.rstrip(os.sep)) or "PEFT DEFT adapter", extra=extra)
+    return ParaState(kind=kind, B=stores["para_B"], U=stores["para_U"], V=stores["para_V"], metadata=md,
+                     source=folder)
 
 
 def _targets_text(targets) -> str:
@@ -213,13 +196,13 @@ def to_model_names(state, names: Mapping[str, str], family: str = "this model", 
     for layer in state.layers:
         target = names.get(layer)
         if target is None:
-            raise _error(f"{where}: layer {layer} (a diffusers/PEFT module name) has no counterpart in {family}. "
-                         "The adapter was made for another model, or for a model whose diffusers names this pack "
-                         f"cannot map{hint}.")
+            raise ParaError(f"{where}: layer {layer} (a diffusers/PEFT module name) has no counterpart in {family}. "
+                            "The adapter was made for another model, or for a model whose diffusers names this pack "
+                            f"cannot map{hint}.")
         mapping[layer] = target
     dup = len(set(mapping.values())) < len(mapping)
     if dup:
-        raise _error(f"{where}: two diffusers layers map onto one layer of {family}; the adapter does not fit it.")
+        raise ParaError(f"{where}: two diffusers layers map onto one layer of {family}; the adapter does not fit it.")
     out = state.renamed(mapping)
     out.metadata.pop(LAYER_NAMES, None)
     if "para.ranks" in out.metadata:
@@ -251,13 +234,13 @@ def diffusers_unet_names(layers: Iterable[str]) -> Dict[str, str]:
     (``diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint``, which only moves keys for
     UNets: it is run on names, not tensors). ParaError when diffusers is not installed; {} for a
     model that is not a UNet."""
-    from .fileformat import PREFIX
+    from .state import PREFIX
     try:
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     except Exception as e:
-        raise _error("mapping a PEFT/diffusers adapter's layer names onto an LDM checkpoint needs the diffusers package "
-                     f"on the command line ({type(e).__name__}: {e}); install it (pip install diffusers), or load "
-                     "the adapter inside ComfyUI (PaRa Load / PaRa Loader), which maps the names itself.") from None
+        raise ParaError("mapping a PEFT/diffusers adapter's layer names onto an LDM checkpoint needs the diffusers package "
+                        f"on the command line ({type(e).__name__}: {e}); install it (pip install diffusers), or load "
+                        "the adapter inside ComfyUI (PaRa Load / PaRa Loader), which maps the names itself.") from None
     paths = [l[len(PREFIX):] if l.startswith(PREFIX) else l for l in layers]
     if not any(p.startswith("input_blocks.") for p in paths):
         return {}
@@ -271,7 +254,7 @@ def diffusers_unet_names(layers: Iterable[str]) -> Dict[str, str]:
     try:
         converted = convert_ldm_unet_checkpoint(fake, config)
     except Exception as e:
-        raise _error(f"diffusers could not map this checkpoint's UNet names ({type(e).__name__}: {e}).") from None
+        raise ParaError(f"diffusers could not map this checkpoint's UNet names ({type(e).__name__}: {e}).") from None
     out = {}
     for dkey, lkey in converted.items():
         if isinstance(lkey, str) and dkey.endswith(".weight") and lkey.endswith(".weight"):
@@ -302,33 +285,31 @@ def deft_form(state, strength: float = 1.0, qr: bool = True) -> Tuple[str, Dict[
       of subjects at strengths >= 0: U V^T = X X^T, P = [X, -X], exact to float rounding);
     - else a ParaError (reference adapters, sequential merges, s <= 0)."""
     import torch
-    from .reduction import basis_batched
+    from .functional import reference
     where = state.source or state.name
     s = float(strength)
-    if state.kind == "reference":
-        raise _error(f"{where}: a reference-parametrization adapter (W0 - U D) has no DEFT form: PEFT's DEFT with "
-                     "para=true is a projection, W - P_proj W. Export it as a LoRA instead.")
+    if state.kind == reference.KIND:
+        raise ParaError(f"{where}: a reference-parametrization adapter (W0 - U D) has no DEFT form: PEFT's DEFT with "
+                        "para=true is a projection, W - P_proj W. Export it as a LoRA instead.")
     if not math.isfinite(s) or s <= 0:
-        raise _error(f"{where}: strength {s:g} has no PEFT DEFT form (para=true always removes a positive amount of "
-                     "a subspace); export at a strength > 0, or as a LoRA.")
-    if state.kind == "subject":
-        if s == 1.0 and qr:
-            return "qr", {l: b for l, b in state.B.items()}
-        Q = basis_batched(state.B)
-        c = math.sqrt(s)
-        return "relu", {l: torch.cat([c * q, -c * q], dim=1) for l, q in Q.items()}
+        raise ParaError(f"{where}: strength {s:g} has no PEFT DEFT form (para=true always removes a positive amount of "
+                        "a subspace); export at a strength > 0, or as a LoRA.")
+    if state.kind == "subject" and s == 1.0 and qr:
+        return "qr", dict(state.B)
     out = {}
-    for layer in state.U:
-        U, V = state.U[layer].float(), state.V[layer].float()
-        if torch.equal(V, torch.relu(U)):
+    for layer, (U, V) in state.factors().items():  # a subject's are (Q, Q), from one batched QR per shape
+        if state.kind == "subject":
+            X = U
+        elif torch.equal(V, torch.relu(U)):
             out[layer] = math.sqrt(s) * U
             continue
-        X = _psd_factor(U, V)
-        if X is None:
-            raise _error(f"{where}: layer {layer}: this merged adapter's U V^T is not a symmetric positive "
-                         f"semi-definite map ({state.metadata.get('para.merge_mode') or 'general'} form), so PEFT's "
-                         "DEFT (para=true, W - P relu(P)^T W) cannot express it. Export sum or union merges of "
-                         "subjects at positive strengths, or a LoRA.")
+        else:
+            X = _psd_factor(U, V)
+            if X is None:
+                raise ParaError(f"{where}: layer {layer}: this merged adapter's U V^T is not a symmetric positive "
+                                f"semi-definite map ({state.metadata.get('para.merge_mode') or 'general'} form), so "
+                                "PEFT's DEFT (para=true, W - P relu(P)^T W) cannot express it. Export sum or union "
+                                "merges of subjects at positive strengths, or a LoRA.")
         X = X * math.sqrt(s)
         out[layer] = torch.cat([X, -X], dim=1)
     return "relu", out
@@ -374,8 +355,8 @@ def save_peft(state, folder: str, names: Mapping[str, str], shapes: Mapping[str,
     {"decomposition", "r", "written", "left_out_conv", "left_out_unnamed"}. Both files are
     written atomically; nothing is written when the state has no DEFT form."""
     import torch
-    from safetensors.torch import save_file
-    from .fileformat import atomic_write, check_finite_result
+    from .functional.base import check_finite
+    from .write import atomic_save_safetensors, atomic_write
     dtype = dtype or torch.float32
     where = state.source or state.name
     if has_diffusers_names(state):  # read from PEFT and never fitted: its names already are diffusers paths
@@ -386,8 +367,8 @@ def save_peft(state, folder: str, names: Mapping[str, str], shapes: Mapping[str,
     unnamed = sorted(l for l in P if l not in conv and l not in names)
     written = [l for l in P if l not in conv and l not in unnamed and P[l].shape[1] > 0]
     if not written:
-        raise _error(f"{where}: no Linear layer to write: PEFT's DEFT adapts Linear layers only, and this adapter has "
-                     f"{len(conv)} conv layer(s)" + (f" and {len(unnamed)} layer(s) without a diffusers name" if unnamed
+        raise ParaError(f"{where}: no Linear layer to write: PEFT's DEFT adapts Linear layers only, and this adapter has "
+                        f"{len(conv)} conv layer(s)" + (f" and {len(unnamed)} layer(s) without a diffusers name" if unnamed
                                                      else "") + ".")
     reason = ""
     if method == "relu":
@@ -405,16 +386,16 @@ def save_peft(state, folder: str, names: Mapping[str, str], shapes: Mapping[str,
         out_dim = int(P[l].shape[0])
         width = min(r, out_dim)  # PEFT caps r at out_features per layer
         if P[l].shape[1] > width:
-            raise _error(f"{where}: layer {l} needs {P[l].shape[1]} DEFT columns but has only {out_dim} outputs; "
-                         "PEFT cannot hold it at one rank for every layer.")
+            raise ParaError(f"{where}: layer {l} needs {P[l].shape[1]} DEFT columns but has only {out_dim} outputs; "
+                            "PEFT cannot hold it at one rank for every layer.")
         pad = torch.zeros(out_dim, width - P[l].shape[1], dtype=P[l].dtype, device=P[l].device)
         t = torch.cat([P[l], pad], dim=1).to(dtype).contiguous().cpu()
         key = f"base_model.model.{names[l]}{P_SUFFIX}"
-        check_finite_result(t, where, f"the PEFT tensor {key}")
+        check_finite(t, where, f"the PEFT tensor {key}")
         tensors[key] = t
     cfg = peft_config([names[l] for l in written], r, method, base_model)
     os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_save_safetensors(tensors, os.path.join(folder, WEIGHTS_NAME), {"format": "pt"})
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
 
     def write_json(tmp):

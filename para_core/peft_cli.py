@@ -6,9 +6,10 @@ import os
 
 def cmd_export_peft(args, warn) -> int:
     import torch
-    from .checkpoint import Checkpoint, fit_states
+    from .base_model import Checkpoint, fit_states
     from .cli import DTYPES
-    from .fileformat import ParaError, load_para
+    from .errors import ParaError
+    from .read import load_para
     from .peft import diffusers_unet_names, peft_paths, report_text, save_peft
     out = args.output
     if os.path.isfile(out):

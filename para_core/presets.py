@@ -1,6 +1,6 @@
 """Layer presets: which weights PaRa adapts (the reference code's ``train_method``).
 
-Patterns are regular expressions matched (``re.fullmatch``) against the module path inside the
+Patterns are regular expressions matched (``fullmatch``) against the module path inside the
 diffusion model, in ComfyUI's LDM names, without the ``diffusion_model.`` prefix, e.g.
 ``input_blocks.1.1.transformer_blocks.0.attn1.to_q``. Only weights with >= 2 dims are ever
 selected (norms and biases are never adapted).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
-from .patterns import PatternError, compile_glob, compile_regex
+from .patterns import Budget, LIST_BUDGET_S, PatternError, check_pattern_list, compile_glob, compile_regex
 
 __all__ = ["PRESETS", "PRESET_NAMES", "DEFAULT_PRESET", "select_layers", "strip_prefix", "PresetError"]
 
@@ -89,22 +89,21 @@ def strip_prefix(path: str) -> str:
 
 def _compile_custom(spec: str) -> Tuple[list, list]:
     """Custom patterns: comma/newline separated; ``re:`` marks a regex, anything else is a glob
-    (``*`` matches across dots); a leading ``!`` excludes. Matched by patterns.LinearPattern."""
+    (``*`` matches across dots); a leading ``!`` excludes. Matched with bounded work
+    (patterns.py): a user's pattern must never stall the server."""
     include, exclude = [], []
-    for raw in re.split(r"[,\n]", spec):
-        item = raw.strip()
-        if not item:
-            continue
-        target = exclude if item.startswith("!") else include
-        item = item.lstrip("!").strip()
-        # Linear-time matching (patterns.py): a user's pattern must never stall the server.
-        try:
+    budget = Budget(LIST_BUDGET_S)
+    try:
+        items = check_pattern_list(spec, [x.strip() for x in re.split(r"[,\n]", spec) if x.strip()])
+        for item in items:
+            target = exclude if item.startswith("!") else include
+            item = item.lstrip("!").strip()
             if item.startswith("re:"):
-                target.append(compile_regex(item[3:]))
+                target.append(compile_regex(item[3:], budget))
             else:
-                target.append(compile_glob(strip_prefix(item)))
-        except PatternError as e:
-            raise PresetError(str(e)) from None
+                target.append(compile_glob(strip_prefix(item), budget))
+    except PatternError as e:
+        raise PresetError(str(e)) from None
     if not include:
         raise PresetError(f"layer patterns {spec!r} include nothing; give a preset name ({', '.join(PRESET_NAMES)}) or patterns")
     return include, exclude
@@ -165,17 +164,20 @@ def select_layers(shapes: Mapping[str, Sequence[int]], spec: str = DEFAULT_PRESE
         include, exclude = _compile_custom(spec)
         within, ndims = [], set()
     chosen = []
-    for name, shape in shapes.items():
-        if len(shape) < 2 or (ndims and len(shape) not in ndims):
-            continue
-        path = strip_prefix(name)
-        if not any(r.fullmatch(path) for r in include):
-            continue
-        if within and not any(r.fullmatch(path) for r in within):
-            continue
-        if any(r.fullmatch(path) for r in exclude):
-            continue
-        chosen.append(name)
+    try:
+        for name, shape in shapes.items():
+            if len(shape) < 2 or (ndims and len(shape) not in ndims):
+                continue
+            path = strip_prefix(name)
+            if not any(r.fullmatch(path) for r in include):
+                continue
+            if within and not any(r.fullmatch(path) for r in within):
+                continue
+            if any(r.fullmatch(path) for r in exclude):
+                continue
+            chosen.append(name)
+    except PatternError as e:  # a custom pattern that spent its matching budget
+        raise PresetError(str(e)) from None
     if not chosen:
         hint = " (for transformer models try 'all-linear' or 'attention-only')" if spec in PRESETS and spec not in ("all-linear", "attention-only") else ""
         raise PresetError(f"layer preset {spec!r} selects no layer of {family}{hint}")

@@ -20,7 +20,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .fileformat import ParaError
+from .errors import ParaError
 
 __all__ = ["QuantSpec", "find_quantized", "dequantize", "requantize", "SUPPORTED_FORMATS"]
 

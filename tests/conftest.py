@@ -2,13 +2,18 @@
 
 Core tests (para_core only) need nothing from here and always run. Tests that need ComfyUI
 use one of the fixtures below or the `comfyui` marker; they are skipped with one clear
-message when no ComfyUI checkout is found (see comfy_env.find_comfyui).
+message when no ComfyUI checkout is found (see harness.comfyui.find_comfyui).
 
 At configure time, when ComfyUI is found, its root goes first on sys.path and its args are set
 for tests (CPU, a temporary --base-directory): nothing is imported from ComfyUI yet, but a test
 module may then `import comfy...` / `import nodes` (ComfyUI's nodes.py) at module level.
-The pack itself is imported with comfy_env.import_pack() (fixture `para_pack`), never as
+The pack itself is imported with harness.comfyui.import_pack() (fixture `para_pack`), never as
 `import nodes`.
+
+The repository root holds the pack's __init__.py (what ComfyUI imports); pytest would collect the
+root as a package and import that file as a test module, which fails when the folder's name is
+not a Python name (custom_nodes/ComfyUI-PaRa, as the README installs it). The plugin below makes
+the root a plain directory for pytest, whatever its name.
 """
 
 import shutil
@@ -18,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-import comfy_env
+from harness import comfyui, models, server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Fixtures that need a ComfyUI checkout; tests using them get the `comfyui` marker.
 COMFY_FIXTURES = {"comfyui_path", "comfyui_version", "comfy_in_process", "comfy_base_dir", "tiny_model",
@@ -28,17 +35,28 @@ SERVER_FIXTURES = {"comfy_server"}
 _state = {"root": None, "base_dir": None, "version": None}
 
 
+class _RepoRootIsADirectory:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if Path(path).resolve() == REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
 def pytest_configure(config):
+    # Registered as a plugin (not a conftest hook): pytest asks the hooks of a directory's
+    # parent how to collect it, and no conftest lies above the root.
+    config.pluginmanager.register(_RepoRootIsADirectory(), "para-repo-root-is-a-directory")
     config.addinivalue_line("markers", "comfyui: needs a ComfyUI checkout (skipped when none is found)")
     config.addinivalue_line("markers", "server: starts a ComfyUI server subprocess")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
-    root = comfy_env.find_comfyui()
+    root = comfyui.find_comfyui()
     if root is not None:
         base = Path(tempfile.mkdtemp(prefix="para-comfy-inproc-"))
         for sub in ("models/checkpoints", "models/para", "models/loras", "input", "output", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
-        comfy_env.configure_comfy(root, base_directory=base)
-        _state.update(root=root, base_dir=base, version=comfy_env.comfyui_version(root))
+        comfyui.configure_comfy(root, base_directory=base)
+        _state.update(root=root, base_dir=base, version=comfyui.comfyui_version(root))
 
 
 def pytest_unconfigure(config):
@@ -48,10 +66,10 @@ def pytest_unconfigure(config):
 
 def pytest_report_header(config):
     root = _state["root"]
-    others = [str(r) for r in comfy_env.find_all_comfyui()[1:]]
+    others = [str(r) for r in comfyui.find_all_comfyui()[1:]]
     also = f" (also found, not tested in this run: {', '.join(others)}; .ci/run tests each)" if others else ""
     return (f"ComfyUI {_state['version']}: {root}{also}" if root
-            else f"ComfyUI: absent ({comfy_env.COMFYUI_MISSING})")
+            else f"ComfyUI: absent ({comfyui.COMFYUI_MISSING})")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -71,7 +89,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason=comfy_env.COMFYUI_MISSING)
+    skip = pytest.mark.skip(reason=comfyui.COMFYUI_MISSING)
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & COMFY_FIXTURES and not item.get_closest_marker("comfyui"):
@@ -86,14 +104,14 @@ def pytest_collection_modifyitems(config, items):
 def comfyui_path() -> Path:
     """The ComfyUI root (skips the test when there is none)."""
     if _state["root"] is None:
-        pytest.skip(comfy_env.COMFYUI_MISSING)
+        pytest.skip(comfyui.COMFYUI_MISSING)
     return _state["root"]
 
 
 @pytest.fixture(scope="session")
 def comfyui_version(comfyui_path) -> str:
     """The version of the ComfyUI under test, e.g. "0.3.64" or "0.33.0" (compare with
-    comfy_env.version_tuple)."""
+    harness.comfyui.version_tuple)."""
     return _state["version"]
 
 
@@ -108,20 +126,20 @@ def comfy_base_dir(comfyui_path) -> Path:
 def comfy_in_process(comfyui_path) -> Path:
     """ComfyUI importable in this process, on the CPU (unless PARA_TEST_DEVICE says otherwise),
     with folder_paths under comfy_base_dir. Returns the ComfyUI root."""
-    return comfy_env.setup_comfy(comfyui_path)
+    return comfyui.setup_comfy(comfyui_path)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(comfy_in_process):
     """make(seed=0, dtype=None, unet_config=None) -> a fresh tiny SD1.5-style ModelPatcher
     (model_channels 32, context_dim 64, channel_mult [1, 2]; CPU; deterministic weights)."""
-    return comfy_env.make_tiny_model
+    return models.make_tiny_model
 
 
 @pytest.fixture
 def tiny_model(tiny_model_factory):
     """A fresh tiny SD1.5-style ModelPatcher, weights from seed 0. Conditioning: (1, 77, 64),
-    e.g. comfy_env.random_conditioning(seed)."""
+    e.g. harness.models.random_conditioning(seed)."""
     return tiny_model_factory(seed=0)
 
 
@@ -130,7 +148,7 @@ def sd15_checkpoint(comfy_in_process, comfy_base_dir) -> Path:
     """Path of the small SD1.5-format test checkpoint (cached in $PARA_TEST_CACHE or
     ~/.cache/comfyui-para, built on first use). It is also linked into the in-process
     models/checkpoints, so nodes.CheckpointLoaderSimple().load_checkpoint(path.name) works."""
-    path = comfy_env.cached_sd15_checkpoint()
+    path = models.cached_sd15_checkpoint()
     link = comfy_base_dir / "models" / "checkpoints" / path.name
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
@@ -140,21 +158,22 @@ def sd15_checkpoint(comfy_in_process, comfy_base_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_server(comfyui_path, sd15_checkpoint):
-    """A running ComfyUI server (comfy_env.ComfyServer) with the test checkpoint in
-    models/checkpoints and this pack in custom_nodes/ComfyUI-PaRa; stopped at session end."""
-    server = comfy_env.ComfyServer(comfyui_path, checkpoints=[sd15_checkpoint])
+    """A running ComfyUI server (harness.server.ComfyServer; its .client talks to it) with the test
+    checkpoint in models/checkpoints and this pack in custom_nodes/ComfyUI-PaRa; stopped at
+    session end."""
+    srv = server.ComfyServer(comfyui_path, checkpoints=[sd15_checkpoint])
     try:
-        server.start()
-        yield server
+        srv.start()
+        yield srv
     finally:
-        server.cleanup()
+        srv.cleanup()
 
 
 @pytest.fixture(scope="session")
 def para_pack(comfy_in_process):
     """This pack imported in-process the way ComfyUI imports a custom node (its __init__.py as a
     package), e.g. para_pack.NODE_CLASS_MAPPINGS."""
-    return comfy_env.import_pack()
+    return comfyui.import_pack()
 
 
 @pytest.fixture(autouse=True)

@@ -7,15 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
 
 from workflow_helpers import WORKFLOWS_DIR, install_placeholders
-
-import api_graph  # noqa: E402  (workflows/, on sys.path via workflow_helpers)
-import batch  # noqa: E402
+from workflows import api_graph, batch
 
 WORKFLOW = "2_generate_with_para_file"
 SMALL = ["--set", "Empty Latent Image.width=64", "--set", "Empty Latent Image.height=64", "--set", "KSampler.steps=2"]
@@ -152,11 +149,6 @@ def test_no_server_is_a_clear_error(tmp_path, capsys):
     assert "no ComfyUI answers" in capsys.readouterr().err
 
 
-def _get(url, path):
-    with urllib.request.urlopen(url + path, timeout=10) as r:
-        return json.loads(r.read())
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_stopping_the_batch_removes_its_waiting_job_and_interrupts_its_running_one(server, tmp_path, sig):
     # two slow jobs on one server: the first runs, the second waits in ComfyUI's queue
@@ -170,7 +162,7 @@ def test_stopping_the_batch_removes_its_waiting_job_and_interrupts_its_running_o
     try:
         deadline = time.monotonic() + 120
         while True:
-            q = _get(server.url, "/queue")
+            q = server.client.get("/queue")
             if len(q["queue_running"]) == 1 and len(q["queue_pending"]) == 1:
                 break
             assert proc.poll() is None and time.monotonic() < deadline, (q, proc.stdout.read() if proc.poll() else "")
@@ -184,13 +176,13 @@ def test_stopping_the_batch_removes_its_waiting_job_and_interrupts_its_running_o
     assert proc.returncode == 128 + sig, out
     assert "removed 1 waiting job(s)" in out and "interrupted job 1" in out, out
     deadline = time.monotonic() + 30
-    while _get(server.url, "/queue")["queue_running"] and time.monotonic() < deadline:
+    while server.client.get("/queue")["queue_running"] and time.monotonic() < deadline:
         time.sleep(0.2)
-    q = _get(server.url, "/queue")
-    assert q["queue_running"] == [] and q["queue_pending"] == [], q
-    history = _get(server.url, f"/history/{running}")[running]
+    q = server.client.get("/queue")
+    assert q["queue_running"] == [] and q["queue_pending"] == [], (f"running {running}, waiting {waiting}", q, out)
+    history = server.client.get(f"/history/{running}")[running]
     assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
-    assert _get(server.url, f"/history/{waiting}") == {}, "the waiting job never ran"
+    assert server.client.get(f"/history/{waiting}") == {}, "the waiting job never ran"
     rows = read_csv(tmp_path / "manifest.csv")
     assert [(r["status"], r["error"]) for r in rows] == [("cancelled", "interrupted while running"),
                                                          ("cancelled", "removed from the queue")]

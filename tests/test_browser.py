@@ -1,15 +1,18 @@
 """The shipped UI workflows in the real ComfyUI frontend (the comfyui-frontend-package the server
 serves), in headless Chromium: each loads with no missing-nodes dialog and no console error,
 the frontend reads back the same nodes, links and widget values, and a screenshot of it is
-saved to workflows/screenshots/<name>.png (shown in the README)."""
+saved to workflows/screenshots/<name>.png (shown in the README).
+
+The browser is Debian's chromium (or $CHROMIUM), driven by Playwright (pip package playwright;
+its own browser downloads are never needed)."""
 import io
 import json
+import os
+import shutil
 import time
-import urllib.request
 
 import pytest
 
-import cdp
 from workflow_helpers import WORKFLOWS_DIR, install_placeholders, ui_workflows
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.server, pytest.mark.slow]
@@ -31,6 +34,42 @@ DIALOGS_JS = ("Array.from(document.querySelectorAll('.p-dialog')).filter(d => d.
               ".map(e => e.innerText.trim().slice(0, 400)))")
 
 
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> str | None:
+    for name in ((os.environ.get("CHROMIUM"),) if os.environ.get("CHROMIUM") else ()) + CHROMIUM_NAMES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class Frontend:
+    """One Playwright page on the ComfyUI frontend; collects console errors, uncaught exceptions
+    and failed loads (Chromium reports those on the console) as they come."""
+
+    def __init__(self, page):
+        self.page = page
+        self.events: list[str] = []
+        page.on("console", lambda m: self.events.append(f"console: {m.text} {m.location.get('url', '')}".strip())
+                if m.type in ("error", "assert") else None)
+        page.on("pageerror", lambda e: self.events.append(f"exception: {e}"))
+
+    def evaluate(self, expression: str):
+        return self.page.evaluate(expression)
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        self.page.wait_for_function(expression, timeout=timeout * 1000, polling=200)
+
+    def screenshot(self) -> bytes:
+        return self.page.screenshot()
+
+    def console_errors(self, since: int = 0) -> list[str]:
+        """The errors seen since event index `since` (use len(frontend.events) as a mark)."""
+        return list(self.events[since:])
+
+
 def frontend_present() -> bool:
     try:
         import comfyui_frontend_package  # noqa: F401
@@ -41,24 +80,31 @@ def frontend_present() -> bool:
 
 @pytest.fixture(scope="module")
 def browser(comfy_server, sd15_checkpoint):
-    if cdp.find_chromium() is None:
+    chromium = find_chromium()
+    if chromium is None:
         pytest.skip("Chromium not found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -r requirements-dev.txt")
     if not frontend_present():
         pytest.skip("the ComfyUI frontend (pip package comfyui-frontend-package) is not installed")
     install_placeholders(comfy_server, sd15_checkpoint)
-    req = urllib.request.Request(comfy_server.url + "/settings", data=json.dumps(SETTINGS).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=30).read()
-    import make_ui
-    b = cdp.Browser(*make_ui.WINDOW)
-    try:
-        b.navigate(comfy_server.url + "/")
-        b.wait_for("!!(window.app && window.app.graph && document.querySelector('canvas'))", timeout=120)
-        time.sleep(1.0)
-        b.page_errors = b.console_errors()
-        yield b
-    finally:
-        b.close()
+    comfy_server.client.post("/settings", SETTINGS)
+    from workflows import make_ui
+    width, height = make_ui.WINDOW
+    with sync_playwright() as pw:
+        chrome = pw.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            b = Frontend(chrome.new_page(viewport={"width": width, "height": height}, device_scale_factor=1))
+            b.page.goto(comfy_server.url + "/")
+            b.wait_for("!!(window.app && window.app.graph && document.querySelector('canvas'))", timeout=120)
+            time.sleep(1.0)
+            b.page_errors = b.console_errors()
+            yield b
+        finally:
+            chrome.close()
 
 
 def load(browser, workflow: dict, name: str):
@@ -81,8 +127,8 @@ def test_page_loads_the_pack_without_errors(browser):
 
 @pytest.mark.parametrize("name", sorted(ui_workflows()))
 def test_workflow_loads_in_the_frontend(browser, name, comfyui_version):
-    import api_graph
-    import make_ui
+    from workflows import api_graph
+    from workflows import make_ui
     chosen = api_graph.for_comfyui(name, comfyui_version)
     if chosen != name:  # its nodes are not in this ComfyUI (test_workflows checks that)
         pytest.skip(f"{name} is not for ComfyUI {comfyui_version}: {chosen} is")

@@ -1,4 +1,4 @@
-"""The command line, ``python -m para_core`` (spec section 4), on small synthetic files.
+"""The command line, ``python -m para_core`` (docs/spec.md section 4), on small synthetic files.
 
 A few tests run the real ``python -m para_core`` in a subprocess (exit codes, stdout/stderr,
 no traceback); the rest call ``cli.main`` in-process, which is the same code without the
@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from core_helpers import CKPT_LAYERS, PARA_LAYERS, REPO_ROOT, make_checkpoint, save_subject
-from para_core import load_para, merge_states, reduce_weight_general
-from para_core.checkpoint import Checkpoint
+from para_core import load_para, merge_states
+from para_core.functional.projection import reduce_weight
+from para_core.base_model import Checkpoint
 from para_core.cli import main, parse_file_strength
 from para_core.export import lora_keys
 
@@ -117,7 +118,7 @@ def test_python_m_para_core_export_lora_reproduces_the_weights(cli):
         W0 = ckpt.weight(layer).float()
         k = lora[ku].shape[1]
         delta = (lora[ku].reshape(-1, k) @ lora[kd].reshape(k, -1)) * (lora[ka] / k)
-        torch.testing.assert_close(W0 + delta.reshape(W0.shape), reduce_weight_general(W0, U, V, 0.7),
+        torch.testing.assert_close(W0 + delta.reshape(W0.shape), reduce_weight(W0, U, V, 0.7),
                                    atol=1e-5, rtol=0)
 
 
@@ -132,7 +133,7 @@ def test_python_m_para_core_bake_keeps_other_tensors_bit_identical(cli):
         assert after[key].dtype == t.dtype
         if layer in factors:
             U, V = factors[layer]
-            assert torch.equal(after[key], reduce_weight_general(t, U, V))
+            assert torch.equal(after[key], reduce_weight(t, U, V))
         else:
             assert torch.equal(after[key].view(torch.uint8), t.view(torch.uint8)), key
 
@@ -219,7 +220,7 @@ def test_inspect_energy_removed_is_the_frobenius_share(files, capsys):
     layer = entry["name"]
     W0 = Checkpoint(files["ckpt"]).weight(layer).float()
     U, V = load_para(files["a"]).factors()[layer]
-    W = reduce_weight_general(W0, U, V)
+    W = reduce_weight(W0, U, V)
     assert entry["energy_removed"] == pytest.approx(float((W0 - W).pow(2).sum() / W0.pow(2).sum()), rel=1e-4)
 
 
@@ -289,7 +290,7 @@ def test_bake_with_two_files_and_strengths(files, capsys):
     layer = "diffusion_model." + PARA_LAYERS[0]
     U, V = merged.factors()[layer]
     W0 = Checkpoint(files["ckpt"]).weight(layer)
-    torch.testing.assert_close(Checkpoint(out).weight(layer), reduce_weight_general(W0, U, V), atol=1e-6, rtol=0)
+    torch.testing.assert_close(Checkpoint(out).weight(layer), reduce_weight(W0, U, V), atol=1e-6, rtol=0)
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["para.baked"])["mode"] == "sequential"
 

@@ -1,4 +1,4 @@
-"""Reading SD-style checkpoints lazily, and baking adapters into them (spec section 4)."""
+"""Reading SD-style checkpoints lazily, and baking adapters into them (docs/spec.md section 4)."""
 import json
 import os
 
@@ -8,8 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from core_helpers import CKPT_LAYERS, PARA_LAYERS, make_checkpoint, make_subject, save_subject
-from para_core import ParaError, merge_states, reduce_weight_general
-from para_core.checkpoint import Checkpoint, bake
+from para_core import ParaError, merge_states
+from para_core.functional.projection import reduce_weight
+from para_core.base_model import Checkpoint, bake
 
 LAYERS = {"diffusion_model." + k: v for k, v in CKPT_LAYERS.items()}
 
@@ -124,7 +125,7 @@ def test_bake_reduces_adapted_weights_and_copies_everything_else(ckpt_path, tmp_
         assert after[key].dtype == t.dtype and after[key].shape == t.shape
         if key in adapted:
             U, V = factors[adapted[key]]
-            assert torch.equal(after[key], reduce_weight_general(t, U, V))
+            assert torch.equal(after[key], reduce_weight(t, U, V))
             assert not torch.equal(after[key], t)
         else:
             assert torch.equal(after[key].view(torch.uint8), t.view(torch.uint8)), key
@@ -148,7 +149,7 @@ def test_bake_of_one_file_scales_its_factors_by_the_strength(ckpt_path, tmp_path
     layer = "diffusion_model." + PARA_LAYERS[1]
     U, V = state.factors()[layer]
     W0 = Checkpoint(ckpt_path).weight(layer)
-    torch.testing.assert_close(Checkpoint(out).weight(layer), reduce_weight_general(W0, U, V, 0.3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(Checkpoint(out).weight(layer), reduce_weight(W0, U, V, 0.3), atol=1e-6, rtol=0)
 
 
 def test_bake_of_several_files_uses_the_merge(ckpt_path, tmp_path):
@@ -159,7 +160,7 @@ def test_bake_of_several_files_uses_the_merge(ckpt_path, tmp_path):
     layer = "diffusion_model." + PARA_LAYERS[0]
     U, V = merged.factors()[layer]
     W0 = Checkpoint(ckpt_path).weight(layer)
-    torch.testing.assert_close(Checkpoint(out).weight(layer), reduce_weight_general(W0, U, V), atol=1e-6, rtol=0)
+    torch.testing.assert_close(Checkpoint(out).weight(layer), reduce_weight(W0, U, V), atol=1e-6, rtol=0)
 
 
 def test_bake_of_a_misfitting_adapter_names_the_layer_and_writes_nothing(ckpt_path, tmp_path):

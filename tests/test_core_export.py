@@ -1,9 +1,10 @@
-"""Exact export to a standard LoRA (spec section 2, "Export to a standard LoRA")."""
+"""Exact export to a standard LoRA (docs/spec.md section 2, "Export to a standard LoRA")."""
 import pytest
 import torch
 
 from core_helpers import make_subject, randn
-from para_core import ParaState, export_lora, lora_keys, merge_states, reduce_weight_general
+from para_core import ParaState, export_lora, lora_keys, merge_states
+from para_core.functional.projection import reduce_weight
 
 SHAPES = {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": (24, 24),
           "middle_block.0.emb_layers.1": (32, 64),
@@ -30,7 +31,7 @@ def test_lora_reproduces_the_reduction_in_fp32(strength):
     state = _state()
     lora = export_lora(state, BASE.__getitem__, strength)
     for layer, (U, V) in state.factors().items():
-        expected = reduce_weight_general(BASE[layer], U, V, strength)
+        expected = reduce_weight(BASE[layer], U, V, strength)
         torch.testing.assert_close(lora_weight(BASE[layer], lora, layer), expected, atol=1e-5, rtol=0)
 
 
@@ -58,7 +59,7 @@ def test_half_precision_storage_reproduces_up_to_its_rounding(dtype):
         assert lora[ku].dtype == dtype and lora[kd].dtype == dtype
         up, down = lora32[ku].reshape(lora32[ku].shape[0], -1), lora32[kd].reshape(lora32[kd].shape[0], -1)
         bound = (eps * (up.abs() @ down.abs()) * 1.01 + 1e-7).reshape(BASE[layer].shape)
-        expected = reduce_weight_general(BASE[layer], U, V)
+        expected = reduce_weight(BASE[layer], U, V)
         err = (lora_weight(BASE[layer], lora, layer) - expected).abs()
         assert (err <= bound).all()
 
@@ -69,7 +70,7 @@ def test_merged_state_exports_its_general_form():
     for layer, (U, V) in merged.factors().items():
         assert lora[lora_keys(layer)[2]].item() == U.shape[1]
         torch.testing.assert_close(lora_weight(BASE[layer], lora, layer),
-                                   reduce_weight_general(BASE[layer], U, V, 0.8), atol=1e-5, rtol=0)
+                                   reduce_weight(BASE[layer], U, V, 0.8), atol=1e-5, rtol=0)
 
 
 def test_layers_of_rank_zero_are_left_out():

@@ -1,4 +1,4 @@
-"""The PaRa file (spec section 2): round trip, metadata, atomic writes, load errors, fitting a model."""
+"""The PaRa file (docs/spec.md section 2): round trip, metadata, atomic writes, load errors, fitting a model."""
 import json
 import os
 import struct
@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import para_core.fileformat as fileformat
+import para_core.read as read
+import para_core.write as write
 from core_helpers import CKPT_LAYERS, make_subject, randn
 from para_core import (FingerprintWarning, ParaError, ParaState, build_metadata, check_fingerprint, check_fits,
                        fingerprint, kohya_name, load_para, merge_states, save_para)
@@ -43,9 +44,9 @@ def test_subject_round_trip_keeps_tensors_and_spec_metadata(tmp_path):
 
 def test_subject_tensors_are_named_layer_dot_para_B(tmp_path):
     path = save_para(make_subject(), tmp_path / "dog.safetensors")
-    header = fileformat._read_header(str(path))
-    assert {k for k in header if k != "__metadata__"} == {l + ".para_B" for l in make_subject().layers}
-    assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
+    header = read.read_header(str(path))
+    assert set(header.shapes) == {l + ".para_B" for l in make_subject().layers}
+    assert set(header.dtypes.values()) == {"F32"}
 
 
 def test_merged_round_trip_keeps_U_V_and_merge_mode(tmp_path):
@@ -95,7 +96,7 @@ def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(fileformat, "save_file", crash)
+    monkeypatch.setattr(write, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_para(make_subject(seed=2), path)
     assert path.read_bytes() == before
@@ -106,7 +107,7 @@ def test_crash_on_first_write_leaves_no_file(tmp_path, monkeypatch):
     def crash(tensors, filename, metadata=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fileformat, "save_file", crash)
+    monkeypatch.setattr(write, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_para(make_subject(), tmp_path / "a.safetensors")
     assert os.listdir(tmp_path) == []
@@ -259,3 +260,16 @@ def test_fingerprint_mismatch_is_a_warning_showing_both():
     with pytest.warns(FingerprintWarning, match="aaaaaaaaaaaaaaaa.*bbbbbbbbbbbbbbbb"):
         assert check_fingerprint(state, "bbbbbbbbbbbbbbbb")
     assert check_fingerprint(state, "aaaaaaaaaaaaaaaa") is None
+
+
+@pytest.mark.parametrize("spelling", ["kohya", "bare"])
+def test_one_layer_under_two_names_is_an_error(tmp_path, spelling):
+    """diffusion_model.X.para_B and lora_unet_X.para_B (or X.para_B) in one file: the loaders would
+    apply both or either, and disagree."""
+    layer = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    other = kohya_name(layer) if spelling == "kohya" else layer[len("diffusion_model."):]
+    path = tmp_path / "twice.safetensors"
+    save_file({f"{layer}.para_B": randn(16, 2, seed=1), f"{other}.para_B": randn(16, 2, seed=2)}, str(path))
+    with pytest.raises(ParaError, match="two spellings of the same layer") as e:
+        load_para(path)
+    assert str(path) in str(e.value) and other in str(e.value)

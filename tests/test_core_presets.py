@@ -1,4 +1,4 @@
-"""Layer presets on ComfyUI's SD1.5 LDM module names (spec section 1, "Layer presets")."""
+"""Layer presets on ComfyUI's SD1.5 LDM module names (docs/spec.md section 1, "Layer presets")."""
 import pytest
 
 from para_core import PRESET_NAMES, PresetError, select_layers

@@ -1,10 +1,18 @@
-"""The reduction W' = W0 - s Q (Q^T W0) against a dense reference (spec section 1)."""
+"""The (U, V) form W' = W0 - s U (V^T W0), a subject's U = V = QR(B), against a dense reference
+(docs/spec.md section 1)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core_helpers import dense_projector, dense_reduce, randn
-from para_core import (RankCap, basis, basis_batched, effective_rank, reduce_activation, reduce_weight,
-                       reduce_weight_general, reduction_delta)
+from para_core import RankCap, basis, basis_batched, effective_rank
+from para_core.functional import projection
+
+
+def reduce_weight(W0, B, strength=1.0):
+    """The paper's W0 - s Q (Q^T W0), Q = QR(B)."""
+    Q = basis(B)
+    return projection.reduce_weight(W0, Q, Q, strength)
 
 SHAPES = {"linear": (48, 40), "conv3x3": (48, 8, 3, 3), "conv1x1": (48, 24, 1, 1)}
 # Tolerance of the result relative to max|W0|: float32 arithmetic, or one rounding to the dtype.
@@ -87,23 +95,26 @@ def test_strength_two_is_a_norm_preserving_reflection():
     torch.testing.assert_close(reduce_weight(W2, B, 2.0), W0, atol=1e-5, rtol=0)
 
 
-def test_reduction_delta_is_the_change_of_the_weight():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_delta_is_the_change_of_the_weight(dtype):
     W0 = randn(48, 8, 3, 3, seed=14)
     Q = basis(randn(48, 4, seed=15))
-    delta = reduction_delta(W0, Q, Q)
-    torch.testing.assert_close(W0 + delta, reduce_weight_general(W0, Q, Q), atol=1e-6, rtol=0)
+    delta = projection.delta(W0, Q, Q, 0.6, dtype)
+    assert delta.dtype == dtype and delta.shape == W0.shape
+    torch.testing.assert_close((W0 + delta.float()).double(), dense_reduce(W0, Q, 0.6),
+                               atol=1e-5 if dtype == torch.float32 else 5e-2, rtol=0)
 
 
 def test_general_form_with_U_V_matches_dense_formula():
     W0 = randn(24, 30, seed=16)
     U, V = randn(24, 3, seed=17), randn(24, 3, seed=18)
     ref = W0.double() - 0.7 * U.double() @ (V.double().t() @ W0.double())
-    torch.testing.assert_close(reduce_weight_general(W0, U, V, 0.7).double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(projection.reduce_weight(W0, U, V, 0.7).double(), ref, atol=1e-5, rtol=0)
 
 
 def test_factors_that_do_not_fit_the_weight_are_rejected():
     with pytest.raises(ValueError, match="do not fit"):
-        reduce_weight_general(randn(24, 30), randn(20, 3), randn(20, 3))
+        projection.reduce_weight(randn(24, 30), randn(20, 3), randn(20, 3))
 
 
 def test_one_dimensional_weights_are_never_adapted():
@@ -111,13 +122,16 @@ def test_one_dimensional_weights_are_never_adapted():
         reduce_weight(torch.ones(32), randn(32, 2))
 
 
-def test_activation_side_equals_weight_side():
+@pytest.mark.parametrize("strength", [1.0, 0.3])
+def test_activation_side_equals_the_reduced_weight(strength):
+    """h - s U (V^T h) with h = W0 x is (W0 - s U (V^T W0)) x: the projector acts on the outputs only."""
     W0 = randn(48, 40, seed=19)
-    Q = basis(randn(48, 4, seed=20))
+    U, V = randn(48, 4, seed=20), randn(48, 4, seed=22)
     x = randn(7, 40, seed=21)
-    h = x @ W0.t()
-    torch.testing.assert_close(reduce_activation(h, Q, channel_dim=-1), x @ reduce_weight_general(W0, Q, Q).t(),
-                               atol=1e-5, rtol=0)
+    got = projection.forward_activation_side(F.linear, x, W0, None, U, V, -1, strength)
+    torch.testing.assert_close(got, F.linear(x, projection.reduce_weight(W0, U, V, strength)), atol=1e-4, rtol=0)
+    h = F.linear(x, W0)
+    torch.testing.assert_close(h + projection.output_delta(h, U, V, -1, strength), got, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------- rank caps

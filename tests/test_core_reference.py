@@ -1,4 +1,4 @@
-"""The reference code's parametrization (spec section 1b): W' = W0 - U D with U, D trained freely.
+"""The reference code's parametrization (docs/spec.md section 1b): W' = W0 - U D with U, D trained freely.
 
 Dense references are written out here in float64 (U0 = the first r unit vectors, D0 = U0^T W0,
 y = W0 x + b - U (D x)) and compared with para_core's factored formulas, on Linear and Conv.
@@ -12,14 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from core_helpers import CKPT_LAYERS, PARA_LAYERS, dense_reduce, make_checkpoint, make_subject, randn
-from para_core import (ParaError, ParaState, effective_rank, export_lora, init_reference, load_para, lora_keys,
-                       merge_states, reduce_weight_reference, reference_state, save_para)
-from para_core.checkpoint import Checkpoint
+from para_core import (ParaError, ParaState, RankCap, effective_rank, export_lora, load_para, lora_keys,
+                       merge_states, reference_state, save_para)
+from para_core.base_model import Checkpoint
 from para_core.cli import main
-from para_core.reduction import RankCap
-from para_core.reference import (forward_reference_activation_side, forward_reference_weight_side,
-                                 merge_reference_sum, reference_delta, reference_lora)
-from para_core.train import init_B, layer_op
+from para_core.functional import reference
+from para_core.functional.base import layer_op
+from para_core.functional.projection import init_B
 
 PREFIX = "diffusion_model."
 
@@ -45,7 +44,7 @@ def _dense_weight(W0, U, D, s=1.0):
 @pytest.mark.parametrize("shape", [(12, 20), (8, 3, 3, 3)], ids=["linear", "conv"])
 def test_reference_init_is_the_first_unit_vectors_and_D0_the_first_rows(shape):
     W0 = randn(*shape, seed=3)
-    U0, D0 = init_reference(W0, 3, "reference")
+    U0, D0 = reference.init(W0, 3, "reference")
     assert torch.equal(U0, torch.eye(shape[0], 3))
     assert torch.equal(D0, W0.reshape(shape[0], -1)[:3])
     # the authors' code: QR of lora_up = 0 (torch gives the same columns, with signed zeros)
@@ -56,7 +55,7 @@ def test_reference_init_is_the_first_unit_vectors_and_D0_the_first_rows(shape):
 @pytest.mark.parametrize("method", ["kaiming", "orthogonal", "top-singular", "bottom-singular"])
 def test_other_inits_take_U0_from_the_QR_of_B0_and_D0_as_U0_transpose_W0(method):
     W0 = randn(16, 24, seed=4)
-    U0, D0 = init_reference(W0, 4, method, torch.Generator().manual_seed(5))
+    U0, D0 = reference.init(W0, 4, method, torch.Generator().manual_seed(5))
     B0 = init_B(W0, 4, method, torch.Generator().manual_seed(5))
     Q, _ = torch.linalg.qr(B0.double())
     torch.testing.assert_close(U0.double(), Q, atol=1e-6, rtol=0)
@@ -66,8 +65,8 @@ def test_other_inits_take_U0_from_the_QR_of_B0_and_D0_as_U0_transpose_W0(method)
 @pytest.mark.parametrize("method", ["reference", "orthogonal"])
 def test_at_step_zero_the_reference_model_is_the_papers(method):
     W0 = randn(10, 3, 3, 3, seed=6)
-    U0, D0 = init_reference(W0, 2, method, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(reduce_weight_reference(W0, U0, D0).double(), dense_reduce(W0, U0), atol=1e-6, rtol=0)
+    U0, D0 = reference.init(W0, 2, method, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reference.reduce_weight(W0, U0, D0).double(), dense_reduce(W0, U0), atol=1e-6, rtol=0)
 
 
 def test_paper_init_reference_gives_the_same_subspace():
@@ -80,15 +79,15 @@ def test_paper_init_reference_gives_the_same_subspace():
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
 def test_weight_form_is_W0_minus_s_U_D(strength):
     W0, U, D = randn(12, 4, 3, 3, seed=1), randn(12, 3, seed=2), randn(3, 36, seed=3)
-    torch.testing.assert_close(reduce_weight_reference(W0, U, D, strength).double(), _dense_weight(W0, U, D, strength),
+    torch.testing.assert_close(reference.reduce_weight(W0, U, D, strength).double(), _dense_weight(W0, U, D, strength),
                                atol=1e-5, rtol=0)
-    torch.testing.assert_close(reference_delta(W0.shape, U, D, strength).double(),
+    torch.testing.assert_close(reference.delta(W0.shape, U, D, strength).double(),
                                _dense_weight(W0, U, D, strength) - W0.double(), atol=1e-5, rtol=0)
 
 
 def test_weight_form_keeps_the_storage_dtype():
     W0 = randn(8, 8, seed=1).half()
-    assert reduce_weight_reference(W0, randn(8, 2), randn(2, 8)).dtype == torch.float16
+    assert reference.reduce_weight(W0, randn(8, 2), randn(2, 8)).dtype == torch.float16
 
 
 @pytest.mark.parametrize("module", [
@@ -107,7 +106,7 @@ def test_activation_and_weight_side_equal_the_dense_forward(module):
     op = layer_op(m)
     W = _dense_weight(W0, U, D).float()
     expected = F.linear(x, W, b) if channel_dim == -1 else m._conv_forward(x, W, b)
-    for fwd in (forward_reference_activation_side, forward_reference_weight_side):
+    for fwd in (reference.forward_activation_side, reference.forward_weight_side):
         torch.testing.assert_close(fwd(op, x, W0, b, U, D, channel_dim), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -115,7 +114,7 @@ def test_gradients_reach_U_and_D_on_both_sides():
     m = torch.nn.Conv2d(4, 8, 3, padding=1)
     x = randn(1, 4, 6, 6)
     grads = []
-    for fwd in (forward_reference_activation_side, forward_reference_weight_side):
+    for fwd in (reference.forward_activation_side, reference.forward_weight_side):
         U = randn(8, 2, seed=1).requires_grad_()
         D = randn(2, 36, seed=2).requires_grad_()
         fwd(layer_op(m), x, m.weight.detach(), None, U, D, 1).square().sum().backward()
@@ -212,7 +211,7 @@ def test_sum_merge_concatenates_the_terms():
     l = PREFIX + PARA_LAYERS[0]
     assert m.rank(l) == 5
     expected = W0.double() - 0.5 * a.U[l].double() @ a.D[l].double() + b.U[l].double() @ b.D[l].double()
-    torch.testing.assert_close(reduce_weight_reference(W0, m.U[l], m.D[l]).double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference.reduce_weight(W0, m.U[l], m.D[l]).double(), expected, atol=1e-5, rtol=0)
 
 
 def test_sum_of_a_merged_reference_file_round_trips(tmp_path):
@@ -233,7 +232,7 @@ def test_mixing_paper_and_reference_adapters_is_an_error_saying_what_to_do():
 
 
 def test_merge_reference_sum_of_one_item_scales_U():
-    U, D = merge_reference_sum([(randn(4, 2), randn(2, 3), 2.0)])
+    U, D = reference.merge_sum([(randn(4, 2), randn(2, 3), 2.0)])
     torch.testing.assert_close(U, 2 * randn(4, 2))
 
 
@@ -323,3 +322,24 @@ def test_kohya_named_reference_files_resolve_to_the_model_layers(tmp_path):
     assert set(fitted.layers) == set(st.layers)
     for l in st.layers:
         assert torch.equal(fitted.D[l], st.D[l]) and torch.equal(fitted.U[l], st.U[l])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool], ids=["int32", "bool"])
+def test_integer_or_bool_reference_factors_are_refused_like_the_others(tmp_path, dtype):
+    """PaRa Load/Loader, Export and resume read files through load_para: the one validator refuses
+    what stock Load LoRA refuses (they used to pass it)."""
+    l = PREFIX + PARA_LAYERS[0]
+    shape = CKPT_LAYERS[PARA_LAYERS[0]]
+    path = tmp_path / "ints.safetensors"
+    save_file({f"{l}.para_U": torch.ones(shape[0], 2).to(dtype), f"{l}.para_D": torch.ones(2, math.prod(shape[1:])).to(dtype)},
+              str(path), metadata={"para.kind": "reference"})
+    with pytest.raises(ParaError, match=f"ints.safetensors: {l}.para_U has dtype {dtype}; PaRa tensors are floating point"):
+        load_para(path)
+
+
+def test_a_rank_zero_reference_layer_is_the_base_layer_on_both_sides():
+    m = torch.nn.Conv2d(4, 8, 3, padding=1)
+    x = randn(1, 4, 6, 6)
+    U, D = torch.zeros(8, 0), torch.zeros(0, 36)
+    for fwd in (reference.forward_activation_side, reference.forward_weight_side):
+        torch.testing.assert_close(fwd(layer_op(m), x, m.weight.detach(), m.bias.detach(), U, D, 1), m(x).detach())

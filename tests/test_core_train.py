@@ -1,12 +1,16 @@
-"""The training forward: weight side == activation side == F(x; W0 - Q Q^T W0) + b, gradients on B only."""
+"""The training forward of the (U, V) form: weight side == activation side == F(x; W0 - Q Q^T W0) + b,
+gradients on B only (functional/projection.py's forwards, which the PaRa Trainer's layers run)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from core_helpers import dense_projector, dense_reduce, generator, randn
-from para_core import RankCap, basis
-from para_core.train import (INIT_METHODS, ParaLayer, cheaper_side, forward_activation_side, forward_weight_side,
-                             init_B, layer_op)
+from para_core import RankCap, basis, effective_rank
+from para_core.functional.base import layer_op
+from para_core.functional.projection import (INIT_METHODS, cheaper_side, forward_activation_side, forward_weight_side,
+                                             init_B)
+
+SIDES = {"weight": forward_weight_side, "activation": forward_activation_side}
 
 
 def _linear(seed=0):
@@ -17,6 +21,19 @@ def _linear(seed=0):
 def _conv(seed=0, groups=1):
     torch.manual_seed(seed)
     return torch.nn.Conv2d(8, 48, 3, stride=2, padding=1, bias=True, groups=groups)
+
+
+def _frozen(module):
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _run(module, x, B, side, strength=1.0):
+    """A frozen layer's output with a trainable B, as the PaRa Trainer computes it."""
+    Q = basis(B)
+    cd = -1 if isinstance(module, torch.nn.Linear) else 1
+    return SIDES[side](layer_op(module), x, module.weight, module.bias, Q, Q, cd, strength)
 
 
 def _dense_forward(module, x, B):
@@ -31,14 +48,13 @@ CASES = {"linear": (_linear, (2, 5, 40)), "conv": (_conv, (2, 8, 9, 9))}
 
 
 @pytest.mark.parametrize("kind", list(CASES))
-@pytest.mark.parametrize("side", ["weight", "activation"])
+@pytest.mark.parametrize("side", list(SIDES))
 def test_both_sides_equal_the_dense_reference(kind, side):
     make, xshape = CASES[kind]
-    layer = ParaLayer(make(), rank=4, cap=RankCap.NONE, side=side, generator=generator(1))
+    module = _frozen(make())
+    B = init_B(module.weight, 4, "orthogonal", generator(1))
     x = randn(*xshape, seed=2)
-    y = layer(x)
-    assert layer.last_side == side
-    torch.testing.assert_close(y.double(), _dense_forward(layer.base, x, layer.B), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_run(module, x, B, side).double(), _dense_forward(module, x, B), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -46,64 +62,59 @@ def test_weight_side_equals_activation_side(kind):
     make, xshape = CASES[kind]
     module = make()
     x = randn(*xshape, seed=3)
-    Q = basis(randn(48, 4, seed=4))
-    op, cd = layer_op(module), (-1 if kind == "linear" else 1)
-    a = forward_weight_side(op, x, module.weight, module.bias, Q, cd, strength=0.7)
-    b = forward_activation_side(op, x, module.weight, module.bias, Q, cd, strength=0.7)
+    B = randn(48, 4, seed=4)
+    a, b = _run(module, x, B, "weight", 0.7), _run(module, x, B, "activation", 0.7)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", list(CASES))
-@pytest.mark.parametrize("side", ["weight", "activation"])
+@pytest.mark.parametrize("side", list(SIDES))
 def test_gradient_reaches_only_B(kind, side):
     make, xshape = CASES[kind]
-    layer = ParaLayer(make(), rank=4, cap=RankCap.NONE, side=side, generator=generator(5))
-    layer(randn(*xshape, seed=6)).square().sum().backward()
-    assert layer.base.weight.grad is None and layer.base.bias.grad is None
-    assert layer.B.grad is not None and layer.B.grad.abs().sum() > 0
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["B"]
+    module = _frozen(make())
+    B = torch.nn.Parameter(init_B(module.weight, 4, "orthogonal", generator(5)))
+    _run(module, randn(*xshape, seed=6), B, side).square().sum().backward()
+    assert module.weight.grad is None and module.bias.grad is None
+    assert B.grad is not None and B.grad.abs().sum() > 0
 
 
-def test_bias_is_untouched():
-    module = _linear()
+@pytest.mark.parametrize("side", list(SIDES))
+def test_bias_is_untouched(side):
+    module = _frozen(_linear())
     bias = module.bias.detach().clone()
-    layer = ParaLayer(module, rank=4, cap=RankCap.NONE, generator=generator(7))
     x = torch.zeros(3, 40)
-    torch.testing.assert_close(layer(x), bias.expand(3, 48))  # W' 0 + b = b
+    torch.testing.assert_close(_run(module, x, randn(48, 4, seed=7), side), bias.expand(3, 48))  # W' 0 + b = b
     assert torch.equal(module.bias, bias)
 
 
 def test_base_weight_is_not_modified():
-    module = _conv()
+    module = _frozen(_conv())
     W0 = module.weight.detach().clone()
-    layer = ParaLayer(module, rank=4, cap=RankCap.NONE, side="weight", generator=generator(8))
-    layer(randn(2, 8, 9, 9)).sum().backward()
+    B = torch.nn.Parameter(randn(48, 4, seed=8))
+    _run(module, randn(2, 8, 9, 9), B, "weight").sum().backward()
     assert torch.equal(module.weight, W0)
 
 
 def test_rank_follows_the_reference_cap_by_default():
-    assert ParaLayer(_linear(), rank=4).rank == 1  # 48 < 40*4: 48 // 40
-    assert ParaLayer(_linear(), rank=4, cap=RankCap.NONE).rank == 4
+    assert effective_rank(4, _linear().weight.shape) == 1  # 48 < 40*4: 48 // 40
+    assert effective_rank(4, _linear().weight.shape, RankCap.NONE) == 4
 
 
-def test_auto_side_picks_the_cheaper_one_for_inference():
-    layer = ParaLayer(_linear(), rank=2, cap=RankCap.NONE, side="auto")
-    with torch.no_grad():
-        layer(randn(1, 5, 40))  # 5 tokens < 40 inputs
-        assert layer.last_side == "activation"
-        layer(randn(4, 50, 40))
-        assert layer.last_side == "weight"
+def test_cheaper_side_for_inference_and_for_training():
+    assert cheaper_side(5, 40) == "activation" and cheaper_side(200, 40) == "weight"
     assert cheaper_side(10, 100) == "activation" and cheaper_side(100, 10) == "weight"
+    # training B: the weight side also forms the full weight gradient, so outputs win once inner > 6 r
+    assert cheaper_side(10_000, 40, rank=4, backward=True) == "activation"
+    assert cheaper_side(10_000, 20, rank=4, backward=True) == "weight"
 
 
-def test_grouped_conv_uses_the_activation_side_and_reduces_the_outputs():
-    module = _conv(groups=2)
-    layer = ParaLayer(module, rank=3, cap=RankCap.NONE, side="weight", generator=generator(9))
+def test_grouped_conv_reduces_the_outputs_on_the_activation_side():
+    module = _frozen(_conv(groups=2))
+    B = randn(48, 3, seed=9)
     x = randn(2, 8, 9, 9, seed=10)
-    y = layer(x)
-    assert layer.last_side == "activation"
+    y = _run(module, x, B, "activation")
     h = F.conv2d(x.double(), module.weight.double(), None, 2, 1, 1, 2)
-    P = dense_projector(layer.B.detach())
+    P = dense_projector(B)
     ref = torch.einsum("oc,bchw->bohw", torch.eye(48, dtype=torch.float64) - P, h) + module.bias.double()[:, None, None]
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
 

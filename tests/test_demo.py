@@ -1,21 +1,16 @@
-"""The one-command demo (workflows/demo.py) end to end at --quick, and its message when ComfyUI
-is missing; the client's own /ws reader (the demo's progress needs no websocket-client)."""
-import base64
+"""The one-command demo (workflows/demo.py) end to end at --quick, its message when ComfyUI is
+missing, and which model it uses."""
 import csv
-import hashlib
 import json
 import os
 import shlex
-import socket
-import struct
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-import comfy_env
+from harness import comfyui, models
 from workflow_helpers import WORKFLOWS_DIR
 
 DEMO = WORKFLOWS_DIR / "demo.py"
@@ -25,7 +20,7 @@ def test_without_comfyui_it_says_how_to_get_it(tmp_path):
     env = dict(os.environ, COMFYUI_PATH=str(tmp_path / "nowhere"), HOME=str(tmp_path))
     r = subprocess.run([sys.executable, str(DEMO), "--quick", "--out", str(tmp_path / "out")], env=env,
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    if comfy_env.PACK_ROOT.parent.name == "custom_nodes":
+    if comfyui.PACK_ROOT.parent.name == "custom_nodes":
         pytest.skip("this checkout lives in a ComfyUI's custom_nodes, so the demo always finds that ComfyUI")
     assert r.returncode == 2, r.stdout + r.stderr
     assert "git clone https://github.com/comfyanonymous/ComfyUI" in r.stderr
@@ -35,7 +30,7 @@ def test_without_comfyui_it_says_how_to_get_it(tmp_path):
 
 def readme_batch_example() -> list[str]:
     """The documented batch command that runs on what the demo leaves behind, as argv."""
-    lines = (comfy_env.PACK_ROOT / "docs" / "workflows.md").read_text().splitlines()
+    lines = (comfyui.PACK_ROOT / "docs" / "workflows.md").read_text().splitlines()
     start = next(i for i, ln in enumerate(lines) if "workflows/batch.py 2_generate_with_para_file --start-server" in ln)
     text = ""
     for ln in lines[start:]:
@@ -120,8 +115,8 @@ def test_quick_demo_writes_para_files_images_loss_plots_and_a_summary(comfyui_pa
 
 
 def test_a_user_checkpoint_runs_the_shipped_workflows_at_the_paper_settings(tmp_path):
-    import demo
-    import api_graph
+    from workflows import demo
+    from workflows import api_graph
     s = demo.settings_for(demo.parse_args(["--checkpoint", "my_model.safetensors"]))
     assert s["size"] == 512 and s["train_steps"] == 1000
     train = api_graph.load("1_train_subject")
@@ -138,105 +133,14 @@ def test_a_user_checkpoint_runs_the_shipped_workflows_at_the_paper_settings(tmp_
 
 
 # ------------------------------------------------------------------------------------------
-# Live progress without websocket-client (issue 13.11: ComfyUI 0.3.64 does not install it)
-# ------------------------------------------------------------------------------------------
-
-@pytest.mark.server
-def test_progress_comes_from_ws_without_websocket_client(comfy_server, monkeypatch):
-    import comfy_client
-    monkeypatch.setitem(sys.modules, "websocket", None)  # `import websocket` raises ImportError
-    c = comfy_client.Client(comfy_server.url)
-    events = []
-    res = c.run(comfy_env.txt2img_graph(steps=3, seed=11, prefix="ws_check"), timeout=300, on_event=events.append)
-    c.close()
-    assert res.ok, res.error
-    assert c.ws_error is None
-    progress = [e for e in events if e["type"] == "progress"]
-    assert [e["value"] for e in progress][-1] == 3 and {e["max"] for e in progress} == {3}
-    assert any(e["type"] == "executing" and e.get("node") == "sampler" for e in events)
-
-
-def _frame(opcode, payload, fin=True):
-    n = len(payload)
-    size = bytes([n]) if n < 126 else bytes([126]) + struct.pack(">H", n) if n < 65536 else \
-        bytes([127]) + struct.pack(">Q", n)
-    return bytes([(0x80 if fin else 0) | opcode]) + size + payload
-
-
-def _unmask(sock):
-    head = sock.recv(2)
-    n = head[1] & 0x7F
-    mask = sock.recv(4)
-    data = b""
-    while len(data) < n:
-        data += sock.recv(n - len(data))
-    return head[0] & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(data))
-
-
-def test_the_ws_reader_reassembles_fragments_answers_pings_and_sees_the_close():
-    import comfy_client
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    seen = {}
-
-    def serve():
-        conn, _ = srv.accept()
-        req = b""
-        while b"\r\n\r\n" not in req:
-            req += conn.recv(4096)
-        key = [ln.split(b":", 1)[1].strip() for ln in req.split(b"\r\n") if ln.lower().startswith(b"sec-websocket-key")][0]
-        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-        big = b"x" * 70000
-        frames = _frame(0x1, b'{"type": "st', fin=False) + _frame(0x9, b"hi") + _frame(0x0, b'atus"}') + _frame(0x2, big) + _frame(0x1, b"y" * 300)
-        for i in range(0, len(frames), 7):  # in small pieces: frames split across reads
-            conn.sendall(frames[i:i + 7])
-        seen["pong"] = _unmask(conn)
-        conn.sendall(_frame(0x8, struct.pack(">H", 1000)))
-        seen["close"] = _unmask(conn)
-        conn.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    ws = comfy_client.WebSocket(f"ws://127.0.0.1:{srv.getsockname()[1]}/ws?clientId=abc")
-    assert ws.recv() == '{"type": "status"}'
-    assert ws.recv() == b"x" * 70000
-    assert ws.recv() == "y" * 300
-    assert ws.recv() is None
-    t.join(5)
-    srv.close()
-    assert seen["pong"] == (0xA, b"hi") and seen["close"][0] == 0x8
-
-
-def test_a_server_that_refuses_the_upgrade_is_a_clear_error():
-    import comfy_client
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-
-    def serve():
-        conn, _ = srv.accept()
-        conn.recv(4096)
-        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-        conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    with pytest.raises(comfy_client.WebSocketError, match="404 Not Found"):
-        comfy_client.WebSocket(f"ws://127.0.0.1:{srv.getsockname()[1]}/ws")
-    srv.close()
-
-
-# ------------------------------------------------------------------------------------------
 # Which model the demo uses (issue 11.6). The builds take minutes, so train_base's build and
 # cache check are replaced here; the builds themselves are tested in test_quality_pipeline.py.
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bench_steps", [1200, 5000], ids=["small-benchmark-base", "large-benchmark-base"])
 def test_the_demo_uses_the_benchmark_base_when_built_else_builds_one_once(monkeypatch, tmp_path, bench_steps):
-    import demo
-    import train_base
+    from workflows import demo
+    from bench import train_base
     built = []
     current = set()
     bench = tmp_path / "para_quality_base.safetensors"
@@ -264,15 +168,15 @@ def test_the_demo_uses_the_benchmark_base_when_built_else_builds_one_once(monkey
 
 
 def test_quick_stays_on_random_weights_and_says_so(monkeypatch):
-    import demo
-    monkeypatch.setattr(comfy_env, "cached_sd15_checkpoint", lambda: Path("test_sd15.safetensors"))
+    from workflows import demo
+    monkeypatch.setattr(models, "cached_sd15_checkpoint", lambda: Path("test_sd15.safetensors"))
     path, what = demo.demo_checkpoint(True)
     assert path.name == "test_sd15.safetensors" and "random weights" in what and "noise" in what
 
 
 def test_the_first_queue_of_workflow_5_holds_only_the_export_branch():
-    import demo
-    import api_graph
+    from workflows import demo
+    from workflows import api_graph
     g = api_graph.load("5_export_as_lora")
     part = demo.only_for(g, api_graph.find(g, "PaRa Export LoRA"))
     assert sorted(api_graph.title(n) for n in part.values()) == ["Load Checkpoint", "PaRa Export LoRA", "PaRa Load"]

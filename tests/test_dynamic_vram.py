@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
 pytestmark = pytest.mark.comfyui
 SETTINGS = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e-2, optimizer="AdamW",
@@ -25,7 +25,7 @@ SETTINGS = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rat
 def mods(para_pack):
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return get("nodes.trainer"), get("nodes.training"), get("nodes.dynamic_vram"), get("para_core")
+    return get("nodes.trainer_node"), get("nodes.training_loop"), get("nodes.dynamic_vram"), get("para_core")
 
 
 @pytest.fixture
@@ -95,7 +95,8 @@ def test_every_out_of_memory_form_stops_with_advice_and_keeps_the_last_step(mods
     if form == "AcceleratorError" and not (hasattr(torch, "AcceleratorError") and hasattr(mm, "is_oom")):
         pytest.skip("no AcceleratorError / comfy.model_management.is_oom here")
     error = getattr(torch, form)
-    real, calls = training.basis_batched, []
+    para = importlib.import_module(training.__name__.rsplit('.', 1)[0] + ".adapters.para")
+    real, calls = para.basis_batched, []
 
     def basis_batched(B):  # the device gives up at the third step (no GPU to exhaust here)
         calls.append(1)
@@ -103,12 +104,12 @@ def test_every_out_of_memory_form_stops_with_advice_and_keeps_the_last_step(mods
             raise error("CUDA error: out of memory")
         return real(B)
 
-    monkeypatch.setattr(training, "basis_batched", basis_batched)
+    monkeypatch.setattr(para, "basis_batched", basis_batched)
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     prefix = f"oom_{form}"
     with torch.inference_mode():
         with pytest.raises(core.ParaError, match="out of memory"):
-            trainer.PaRaTrainer.execute(model=tiny_model, latents=lat, positive=comfy_env.random_conditioning(1),
+            trainer.PaRaTrainer.execute(model=tiny_model, latents=lat, positive=models.random_conditioning(1),
                                         **dict(SETTINGS, steps=10, save_every=100, filename_prefix=prefix))
     import folder_paths
     mine = re.compile(re.escape(prefix) + r"_\d{5}_step\d{6}\.safetensors")  # exactly this prefix's files

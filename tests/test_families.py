@@ -1,13 +1,13 @@
 """SDXL, SD2-v, SD3, Flux and Lumina 2 end to end (issue 14).
 
-Each family's small model (tests/family_models.py, random weights, built once and cached) is
+Each family's small model (harness/families.py, random weights, built once and cached) is
 checked to be detected by ComfyUI as that family, its training loss is checked to be the
 family's own objective (eps, v or flow velocity), and then a real ComfyUI server runs the whole
 pack on it: Load Diffusion Model -> PaRa Trainer (checkpoints every step) -> PaRa Save ->
 KSampler; a resume from the step-1 checkpoint; PaRa Loader -> KSampler; PaRa Load -> PaRa Merge
 -> PaRa Apply -> KSampler; PaRa Export LoRA -> stock LoraLoaderModelOnly -> KSampler. The only
 test-made inputs are the conditioning and latents (the node PaRaTestFamilyInputs of
-family_models.py): these families' text encoders and VAEs are too big to build here.
+harness/families.py): these families' text encoders and VAEs are too big to build here.
 """
 import json
 import math
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import comfy_env
-import family_models as fm
+from harness import families as fm, models
+from harness.server import ComfyServer, load_latent
 
 pytestmark = pytest.mark.comfyui
 FAMILIES = fm.FAMILY_NAMES
@@ -59,7 +59,7 @@ def test_training_loss_is_the_familys_own_objective(loaded, para_pack):
     the network's raw prediction against the family's target: eps (SDXL), v (SD2-v), flow
     velocity noise - x0 (SD3, Flux, Lumina 2)."""
     import importlib
-    training = importlib.import_module(para_pack.__name__ + ".nodes.training")
+    training = importlib.import_module(para_pack.__name__ + ".nodes.training_loop")
     name, model = loaded
     ms = model.model.model_sampling
     g = torch.Generator().manual_seed(0)
@@ -82,9 +82,9 @@ def test_training_loss_is_the_familys_own_objective(loaded, para_pack):
 @pytest.fixture(scope="module")
 def family_server(comfyui_path):
     """A ComfyUI server with every family's model in models/diffusion_models and the test input
-    node (family_models.py) in custom_nodes."""
+    node (harness/families.py) in custom_nodes."""
     paths = [fm.cached(n) for n in FAMILIES if fm.has_family(n)]
-    server = comfy_env.ComfyServer(comfyui_path)
+    server = ComfyServer(comfyui_path)
     for p in paths:
         server.add_model("diffusion_models", p)
     (server.custom_nodes_dir / "para_test_families.py").symlink_to(Path(fm.__file__).resolve())
@@ -121,7 +121,7 @@ def base_nodes(name):
 def latent(server, entry, prefix):
     files = [p for p in server.output_files(entry, "latents") if p.name.startswith(Path(prefix).name)]
     assert len(files) == 1, (prefix, server.output_files(entry, "latents"))
-    return comfy_env.load_latent(files[0]).float()
+    return load_latent(files[0]).float()
 
 
 def rel_diff(a, b):
@@ -150,7 +150,7 @@ def test_train_resume_save_load_merge_export_through_the_server(name, family_ser
     para = load_para(str(para_dir / final))
     meta = para.metadata
     assert meta["para.base_arch"] == f.config_class
-    from para_core.fileformat import ARCHITECTURES
+    from para_core.write import ARCHITECTURES
     assert meta["modelspec.architecture"] == ARCHITECTURES[f.config_class] + "/para"
     assert json.loads(meta["para.train"])["steps"] == 2
     assert sorted(para.layers) == sorted("diffusion_model." + l for l in select_layers(fm.weight_shapes(name), "noxattn"))
@@ -206,7 +206,7 @@ def tiny_flux(comfy_in_process):
     config = comfy.supported_models.Flux(cfg)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
-    comfy_env.init_weights_(model.diffusion_model, 0)
+    models.init_weights_(model.diffusion_model, 0)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
@@ -216,7 +216,7 @@ def test_trainer_trains_flux_blocks_that_update_their_input_in_place(checkpointi
     with and without gradient checkpointing, and both must give the same loss and B."""
     import importlib
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
     results = []
     for gc in sorted({False, checkpointing}):
         with torch.inference_mode():

@@ -13,10 +13,15 @@ attention only, one layer in the middle of the network) on SD3, Flux and Lumina 
 """
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
-import family_models as fm
+if __name__ == "__main__":  # run as a script (see the end): the repo root makes harness/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import families as fm  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
@@ -287,7 +292,7 @@ def test_families_too_big_to_build_are_detected_from_their_shapes_and_get_the_pr
 def preset_table(real: bool = True):
     """Rows (family, preset, layers, parameters at rank 4 with the reference cap) for the README."""
     from para_core import select_layers
-    from para_core.reduction import effective_rank
+    from para_core.functional.base import effective_rank
     rows = []
     for name in fm.FAMILY_NAMES:
         shapes = fm.weight_shapes(name, real=real)
@@ -304,9 +309,7 @@ def preset_table(real: bool = True):
 
 if __name__ == "__main__":  # python tests/test_families_presets.py: the README's per-family preset table
     import tempfile
-    import comfy_env
-    comfy_env.setup_comfy(base_directory=tempfile.mkdtemp())
-    import sys
-    sys.path.insert(0, str(comfy_env.PACK_ROOT))
+    from harness import comfyui
+    comfyui.setup_comfy(base_directory=tempfile.mkdtemp())
     for fam, preset, n, p in preset_table():
         print(f"| {fm.REAL_NAMES[fam]} | `{preset}` | {n} | {p:,} |")

@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -21,8 +21,11 @@ def mods(para_pack):
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
     return SimpleNamespace(pn=get("nodes.para_nodes"), patching=get("nodes.patching"), core=get("para_core"),
-                           trainer=get("nodes.trainer"), training=get("nodes.training"), nodes=get("nodes"),
-                           trainstate=get("para_core.trainstate"), fileformat=get("para_core.fileformat"))
+                           trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"), nodes=get("nodes"),
+                           trainer_state=get("para_core.trainer_state"), write=get("para_core.write"),
+                           adapters_base=get("nodes.adapters.base"), adapters=SimpleNamespace(
+                               ParaAdapter=get("nodes.adapters.para").ParaAdapter,
+                               ReferenceAdapter=get("nodes.adapters.reference").ReferenceAdapter))
 
 
 def folder(kind):
@@ -89,7 +92,6 @@ CASES = ["nan", "u_without_v", "three_d", "scalar", "wrong_out", "rank_too_high"
 
 @pytest.mark.parametrize("case", CASES)
 def test_stock_load_lora_rejects_what_para_load_rejects_with_the_same_message(mods, tiny_model, case):
-    import folder_paths
     tensors, says, when = broken_files(mods, tiny_model)[case]
     name = f"broken_{case}.safetensors"
     write_raw(os.path.join(folder("loras"), name), tensors)
@@ -100,13 +102,117 @@ def test_stock_load_lora_rejects_what_para_load_rejects_with_the_same_message(mo
     with pytest.raises(mods.core.ParaError, match=says) as ours:
         para_load(mods, tiny_model, name)
     stock_msg, our_msg = str(stock.value), str(ours.value)
-    assert stock_msg.startswith(folder_paths.get_full_path("loras", name) + ": ")
+    # ComfyUI hands the adapters the tensors only, and names the failed node (and so its file) itself.
+    assert stock_msg.startswith(mods.adapters_base.STOCK_SOURCE + ": ")
     # Same text after the file name (patch-time ones name the model differently: this model vs its family).
     strip = lambda m: m.split(": ", 1)[1].split(" in this")[0]
     assert strip(stock_msg) == strip(our_msg)
     # Nothing of the failed prompt stays in the model: the next prompt sees the base weights.
     after = patched_weights(tiny_model)
     assert all(torch.equal(after[k], base[k]) for k in base)
+
+
+def test_one_layer_under_two_names_stops_stock_load_lora_and_its_bypass(mods, tiny_model):
+    import comfy.sd
+    shapes = mods.patching.layer_shapes(tiny_model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    lora = {f"{l0}.para_B": torch.randn(shapes[l0][0], 2), f"{mods.core.kohya_name(l0)}.para_B": torch.randn(shapes[l0][0], 2)}
+    loaders = [comfy.sd.load_lora_for_models]
+    if hasattr(comfy.sd, "load_bypass_lora_for_models"):  # 0.33+
+        loaders.append(comfy.sd.load_bypass_lora_for_models)
+    for load in loaders:
+        with pytest.raises(mods.core.ParaError, match="two spellings of the same layer"):
+            load(tiny_model, None, lora, 1.0, 0)
+
+
+def test_para_merge_honours_cancel(mods, tiny_model):
+    """Cancel (ComfyUI's interrupt flag) stops a merge at its next layer: 100,000 layers took minutes
+    and Cancel came 349 s late. Once cleared, the same merge runs."""
+    import comfy.model_management as mm
+    a, b = subject_state(mods, tiny_model, seed=1), subject_state(mods, tiny_model, seed=2)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            mods.pn.PaRaMerge.execute(mode="union", para_1=a, strength_1=1.0, para_2=b, strength_2=1.0)
+    finally:
+        mm.interrupt_current_processing(False)
+    (merged,) = mods.pn.PaRaMerge.execute(mode="union", para_1=a, strength_1=1.0, para_2=b, strength_2=1.0).args
+    assert merged.layers == a.layers
+
+
+def float8_file(mods, model, kind, seed=0):
+    """A PaRa file of ``kind`` on the first noxattn layer, stored in F8_E4M3 (as other tools write them)."""
+    shapes = mods.patching.layer_shapes(model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    out, inner = shapes[l0][0], int(torch.tensor(shapes[l0][1:]).prod())
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out, 2, generator=g))[0]
+    second = {"subject": None, "merged": ("para_V", U * 0.5), "reference": ("para_D", torch.randn(2, inner, generator=g) * 0.1)}[kind]
+    tensors = {f"{l0}.para_B": U} if second is None else {f"{l0}.para_U": U, f"{l0}.{second[0]}": second[1]}
+    return l0, {k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("kind", ["subject", "merged", "reference"])
+def test_float8_files_apply_the_same_through_para_loader_and_stock_load_lora(mods, tiny_model, kind):
+    l0, tensors = float8_file(mods, tiny_model, kind)
+    name = f"fp8_{kind}.safetensors"
+    for where in ("loras", "para"):
+        write_raw(os.path.join(folder(where), name), tensors)
+    base = patched_weights(tiny_model)[l0 + ".weight"]
+    stock, ours = stock_load(tiny_model, name)[l0 + ".weight"], para_load(mods, tiny_model, name)[l0 + ".weight"]
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_a_float8_subject_continues_in_the_stock_trainer(mods, tiny_model):
+    import comfy.weight_adapter as wa
+    l0, tensors = float8_file(mods, tiny_model, "subject")
+    adapter = next(a for a in (cls.load(l0, tensors, 1.0, None) for cls in wa.adapters) if a is not None)
+    trained = adapter.to_train()
+    assert trained.para_B.dtype == torch.float32 and torch.equal(trained.para_B.detach(), tensors[f"{l0}.para_B"].float())
+
+
+def test_para_loader_refuses_integer_reference_factors_like_stock_load_lora(mods, tiny_model):
+    shapes = mods.patching.layer_shapes(tiny_model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    inner = int(torch.tensor(shapes[l0][1:]).prod())
+    tensors = {f"{l0}.para_U": torch.ones(shapes[l0][0], 2, dtype=torch.int32),
+               f"{l0}.para_D": torch.ones(2, inner, dtype=torch.int32)}
+    for where in ("loras", "para"):
+        write_raw(os.path.join(folder(where), "ref_int.safetensors"), tensors)
+    with pytest.raises(mods.core.ParaError, match="para_U has dtype torch.int32"):
+        para_load(mods, tiny_model, "ref_int.safetensors")
+    with pytest.raises(mods.core.ParaError, match="para_U has dtype torch.int32"):
+        stock_load(tiny_model, "ref_int.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["subject", "merged", "reference"])
+def test_adapters_survive_comfyuis_rebuild_from_loaded_keys_and_weights(mods, tiny_model, kind):
+    """ComfyUI 0.3x rebuilds every patch as type(a)(a.loaded_keys, weights) with its tensors moved
+    (comfy.lora.prefetch_prepared_value, dynamic VRAM on CUDA): the rebuilt adapter computes the
+    same weight, and its errors still name the file and the layer."""
+    import comfy.lora
+    para = mods.adapters
+    shapes = mods.patching.layer_shapes(tiny_model)
+    l0 = mods.core.select_layers(shapes, "noxattn")[0]
+    out, inner = shapes[l0][0], int(torch.tensor(shapes[l0][1:]).prod())
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(out, 2, generator=g))[0]
+    if kind == "reference":
+        adapter = para.ReferenceAdapter.from_factors(U, torch.randn(2, inner, generator=g) * 0.1, "dog.safetensors", l0)
+    else:
+        V = U if kind == "subject" else torch.randn(out, 2, generator=g)
+        adapter = para.ParaAdapter.from_factors(U, V, "dog.safetensors", l0)
+    rebuild = getattr(comfy.lora, "prefetch_prepared_value", None)  # 0.33; 0.3.64 has no rebuild, do what it does
+    again = rebuild(adapter, [0], None, None, False) if rebuild else type(adapter)(adapter.loaded_keys, adapter.weights)
+    assert type(again) is type(adapter) and again is not adapter
+    W0 = mods.patching.original_weight(tiny_model, l0).float()
+    key, same = l0 + ".weight", lambda w: w
+    want = adapter.calculate_weight(W0.clone(), key, 0.7, 1.0, 0, same)
+    torch.testing.assert_close(again.calculate_weight(W0.clone(), key, 0.7, 1.0, 0, same), want, rtol=0, atol=0)
+    assert (want - W0).abs().max() > 1e-4
+    with pytest.raises(mods.core.ParaError, match=f"dog.safetensors: layer {l0} has {out} output channels"):
+        again.calculate_weight(torch.randn(out + 1, *shapes[l0][1:]), key, 1.0, 1.0, 0, same)
 
 
 def test_stock_load_lora_still_applies_a_good_file(mods, tiny_model):
@@ -131,7 +237,7 @@ def test_huge_but_finite_factors_are_refused_by_para_loader_and_stock_load_lora(
     base = patched_weights(tiny_model)
     with pytest.raises(mods.core.ParaError, match="huge.safetensors.*not finite"):
         para_load(mods, tiny_model, "huge.safetensors")
-    with pytest.raises(mods.core.ParaError, match="huge.safetensors.*not finite"):
+    with pytest.raises(mods.core.ParaError, match="patched weight .* not finite"):  # ComfyUI names the node and file
         stock_load(tiny_model, "huge.safetensors")
     with pytest.raises(mods.core.ParaError, match="not finite"):
         mods.pn.PaRaExportLoRA.execute(model=tiny_model, para=merged, filename_prefix="huge_lora", strength=1.0,
@@ -205,13 +311,13 @@ BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e
 @pytest.fixture
 def model(comfy_in_process):
     with torch.inference_mode():
-        return comfy_env.make_tiny_model(seed=0)
+        return models.make_tiny_model(seed=0)
 
 
 def train(mods, model, **kw):
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     with torch.inference_mode():
-        out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=comfy_env.random_conditioning(1),
+        out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=models.random_conditioning(1),
                                                **dict(BASE, **kw))
     return out
 
@@ -259,13 +365,13 @@ def test_a_failed_save_is_retried_at_the_next_one(mods, model, monkeypatch):
 def resumable(mods, model, prefix):
     train(mods, model, steps=2, save_every=2, filename_prefix=prefix)
     (name,) = [f for f in os.listdir(folder("para")) if f.startswith(prefix + "_") and f.endswith(".safetensors")]
-    return name, mods.trainstate.trainer_state_path(os.path.join(folder("para"), name))
+    return name, mods.trainer_state.trainer_state_path(os.path.join(folder("para"), name))
 
 
 def test_trainer_state_of_another_rank_is_a_clear_error(mods, model):
     name, tpath = resumable(mods, model, "rank2")
     other, other_t = resumable(mods, model, "rank1_src")
-    state = mods.trainstate.load_trainer_state(other_t)
+    state = mods.trainer_state.load_trainer_state(other_t)
     for st in state["optimizer"]["state"].values():
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -301,9 +407,8 @@ def test_nan_stop_advice_depends_on_the_training_dtype(mods, model, monkeypatch,
 
 
 @pytest.mark.parametrize("case, says", [("nan", "NaN or Inf"), ("three_d", "expected \\(rank, in\\*kh\\*kw\\)"),
-                                        ("wrong_out", "do not fit the weight")])
+                                        ("wrong_out", "output channels")])
 def test_stock_load_lora_checks_reference_files_too(mods, tiny_model, case, says):
-    import folder_paths
     shapes = mods.patching.layer_shapes(tiny_model)
     l0 = mods.core.select_layers(shapes, "noxattn")[0]
     out, inner = shapes[l0][0], int(torch.tensor(shapes[l0][1:]).prod())
@@ -319,6 +424,6 @@ def test_stock_load_lora_checks_reference_files_too(mods, tiny_model, case, says
     base = patched_weights(tiny_model)
     with pytest.raises(mods.core.ParaError, match=says) as err:
         stock_load(tiny_model, name)
-    assert str(err.value).startswith(folder_paths.get_full_path("loras", name) + ": ")
+    assert str(err.value).startswith(mods.adapters_base.STOCK_SOURCE + ": ")
     after = patched_weights(tiny_model)
     assert all(torch.equal(after[k], base[k]) for k in base)

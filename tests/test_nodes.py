@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
 pytestmark = pytest.mark.comfyui
 
@@ -110,7 +110,7 @@ def test_lowvram_partial_load_gives_same_output(tiny_model, core, pn, patching):
     """With weights left offloaded (LowVramPatch), ComfyUI applies the adapter at forward time."""
     st = subject(core, patching, tiny_model, 3)
     (patched,) = pn.PaRaApply.execute(model=tiny_model, para=st, strength=1.0).args
-    pos = comfy_env.random_conditioning(0)
+    pos = models.random_conditioning(0)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([1.0])
 
@@ -219,7 +219,7 @@ def test_union_merge_is_projection_onto_union(tiny_model, core, pn, patching):
 
 
 def test_wrong_family_file_is_an_error_naming_the_layer(tiny_model, core, pn, patching, tiny_model_factory):
-    other = tiny_model_factory(seed=0, unet_config=dict(comfy_env.TINY_UNET_CONFIG, model_channels=64))
+    other = tiny_model_factory(seed=0, unet_config=dict(models.TINY_UNET_CONFIG, model_channels=64))
     st = subject(core, patching, other, 10)
     with pytest.raises(core.ParaError, match=r"layer diffusion_model\.\S+"):
         pn.PaRaApply.execute(model=tiny_model, para=st, strength=1.0)

@@ -7,22 +7,20 @@ import json
 import re
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 
 import pytest
 
-import comfy_env
+from harness import comfyui
 from workflow_helpers import UI_DIR, WORKFLOWS_DIR, ui_workflows
 
-ROOT = comfy_env.PACK_ROOT
+ROOT = comfyui.PACK_ROOT
 TEMPLATES = sorted(p.stem for p in UI_DIR.glob("*.json"))
 
 
 @pytest.mark.comfyui
 def test_comfy_config_reads_the_registry_fields(comfy_in_process):
     from comfy_config import config_parser
-    cfg = config_parser.extract_node_configuration(str(comfy_env.PACK_ROOT))
+    cfg = config_parser.extract_node_configuration(str(comfyui.PACK_ROOT))
     assert cfg.project.name == "comfyui-para"
     assert cfg.project.urls.repository.startswith("https://github.com/")
     assert cfg.tool_comfy.publisher_id and cfg.tool_comfy.display_name == "ComfyUI-PaRa"
@@ -49,15 +47,12 @@ def test_templates_route_lists_and_serves_the_shipped_workflows_and_no_tool(comf
     serves each one's JSON and picture; the Python tools, API graphs, sweeps and screenshots in
     workflows/ (a folder name ComfyUI also serves templates from) are neither listed nor served."""
     def get(path):
-        try:
-            with urllib.request.urlopen(comfy_server.url + path, timeout=30) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, b""
+        status, body = comfy_server.client.request("GET", path)
+        return status, body if status == 200 else b""
 
     status, body = get("/api/workflow_templates")
     assert status == 200
-    pack = comfy_env.PACK_DIR_NAME
+    pack = comfyui.PACK_DIR_NAME
     assert UI_DIR.name == "example_workflows"  # the folder name current ComfyUI asks for
     assert sorted(json.loads(body)[pack]) == TEMPLATES == sorted(ui_workflows())
     for name in TEMPLATES:
@@ -95,7 +90,8 @@ def archive() -> set[str]:
 def test_archive_holds_what_a_user_runs(archive):
     needed = {"__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md", "workflows/demo.py",
               "workflows/batch.py"}
-    needed |= {p for p in git("ls-files", "para_core", "nodes", "example_workflows", "docs", "workflows/api")}
+    needed |= {p for p in git("ls-files", "para_core", "nodes", "example_workflows", "docs", "workflows/api",
+                              "harness")}  # harness/: the demo's and batch tool's server and client
     assert any(p.endswith(".jpg") for p in needed) and any(p.startswith("docs/") for p in needed)
     assert sorted(needed - archive) == []
 
@@ -104,7 +100,6 @@ def test_archive_leaves_out_tests_ci_benchmark_results_and_screenshots(archive):
     assert sorted(p for p in archive if p.startswith(LEFT_OUT)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the demo and the benchmarks still import the ComfyUI harness from tests/")
 def test_no_shipped_tool_needs_a_folder_the_archive_leaves_out(archive):
     reaches = re.compile(r"sys\.path\.(?:insert|append)\(.*[\"'](?:tests|\.ci)[\"']")
     needing = sorted(p for p in archive if p.endswith(".py") and reaches.search((ROOT / p).read_text()))

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-import comfy_env
+from harness import models
+from harness.server import load_latent
 
 pytestmark = pytest.mark.comfyui
 
@@ -155,26 +156,26 @@ def test_para_false_is_refused_in_comfyui(mods, dunet, cmodel, tmp_path):
 
 
 @pytest.mark.server
-def test_server_peft_adapter_samples_like_its_import(mods, dunet, comfy_server, tmp_path):
+def test_server_peft_adapter_samples_like_its_import(mods, dunet, comfy_server, sd15_checkpoint):
     """PaRa Loader with the PEFT folder in models/para gives the latents of PaRa Loader with the
     import saved as a PaRa file."""
     core, core_peft = mods["para_core"], mods["para_core.peft"]
     para_dir = comfy_server.models_dir / "para"
     deft_adapter(dunet, para_dir / "dog_peft", "qr")
     from safetensors import safe_open
-    with safe_open(str(comfy_env.cached_sd15_checkpoint()), "pt") as f:
+    with safe_open(str(sd15_checkpoint), "pt") as f:
         layers = ["diffusion_model." + k[len("model.diffusion_model."):-len(".weight")] for k in f.keys()
                   if k.startswith("model.diffusion_model.") and k.endswith(".weight") and len(f.get_slice(k).get_shape()) >= 2]
     imported = core_peft.to_model_names(core.load_para(str(para_dir / "dog_peft")), core_peft.diffusers_unet_names(layers))
     core.save_para(imported, str(para_dir / "dog_imported.safetensors"))
 
     def latent(name, strength=1.0):
-        g = comfy_env.txt2img_graph(save="latent", seed=5, prefix=name.replace("/", "_"))
+        g = models.txt2img_graph(save="latent", seed=5, prefix=name.replace("/", "_"))
         g["para"] = {"class_type": "PaRaLoader", "inputs": {"model": ["ckpt", 0], "para_name": name, "strength": strength}}
         g["sampler"]["inputs"]["model"] = ["para", 0]
         entry = comfy_server.run(g, timeout=180)
         (path,) = comfy_server.output_files(entry, "latents")
-        return comfy_env.load_latent(path)
+        return load_latent(path)
 
     a, b = latent("dog_peft/adapter_model.safetensors"), latent("dog_imported.safetensors")
     base = latent("dog_imported.safetensors", 0.0)

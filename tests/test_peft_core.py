@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from core_helpers import CKPT_LAYERS, PARA_LAYERS, make_checkpoint, make_subject
-from para_core import ParaError, ParaState, load_para, merge_states, reduce_weight_general, save_para
+from para_core import ParaError, ParaState, load_para, merge_states, save_para
 from para_core import peft as core_peft
-from para_core.checkpoint import Checkpoint
+from para_core.base_model import Checkpoint
+from para_core.functional.projection import reduce_weight
 from para_core.cli import main
 
 peft = pytest.importorskip("peft", minversion="0.21.2",
@@ -70,7 +71,7 @@ def weights_with(unet, weights):
 
 
 def our_weights(unet, state, strength=1.0):
-    return {l: reduce_weight_general(unet.get_submodule(l).weight.detach().float(), U, V, strength)
+    return {l: reduce_weight(unet.get_submodule(l).weight.detach().float(), U, V, strength)
             for l, (U, V) in state.factors().items()}
 
 
@@ -141,6 +142,33 @@ def test_trained_biases_and_other_peft_types_are_refused(unet, tmp_path):
         load_para(str(tmp_path / "l"))
     with pytest.raises(ParaError, match="LoRA file"):
         load_para(str(tmp_path / "l" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["qr", "relu"])
+def test_peft_tensors_go_through_the_validator_of_every_para_file(unet, tmp_path, method):
+    """A deft_P with NaN is refused naming its layer; a float8 one is read exactly in float32
+    (as para_B/para_U are), then expressed like any other."""
+    from safetensors.torch import load_file, save_file
+    deft_model(unet, method).save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    for name, change in (("nan", lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))),
+                         ("f8", lambda t: t.to(torch.float8_e4m3fn))):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "a", folder)
+        save_file(dict(tensors, **{key: change(tensors[key])}), str(folder / "adapter_model.safetensors"))
+        if name == "nan":
+            with pytest.raises(ParaError, match=r"deft_P read as para_B.*NaN or Inf"):
+                load_para(str(folder))
+            continue
+        state = load_para(str(folder))
+        layer = key[len("base_model.model."):-len(".deft_P")]
+        stored = state.B[layer] if method == "qr" else state.U[layer]
+        assert stored.dtype == torch.float32
+        assert torch.equal(stored, tensors[key].to(torch.float8_e4m3fn).float())
+        if method == "relu":
+            assert torch.equal(state.V[layer], torch.relu(stored))
 
 
 def test_alpha_does_not_change_a_para_adapter(unet, tmp_path):

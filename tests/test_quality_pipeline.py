@@ -4,20 +4,13 @@ format, and the whole pipeline end to end at tiny settings.
 The numbers of the real benchmark come from `python bench/quality.py`; these tests only show
 that the machinery is deterministic, that the judges are accurate on ground truth, and that
 every stage runs through ComfyUI (skipped when ComfyUI is absent)."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
 
 pytest.importorskip("scipy", reason="the benchmark's judges need scipy (ComfyUI installs it; or pip install scipy)")
 pytest.importorskip("PIL", reason="the benchmark's world draws with Pillow (ComfyUI installs it; or pip install pillow)")
 
-import world  # noqa: E402
-import judges  # noqa: E402
+from bench import judges, world  # noqa: E402
 
 # What bench/judges.py states about itself (see the benchmark's judges table).
 JUDGE_ACCURACY = {"background": 0.98, "colour": 0.97, "size": 0.95, "shape": 0.95, "count": 0.95}
@@ -108,7 +101,7 @@ def test_judges_read_a_known_scene(trained_judges):
 def test_instance_judge_tells_the_instance_from_its_plain_class(trained_judges, size):
     """An instance (a base shape with a mark) is recognised on every background that differs
     from its body colour; the same object without its mark, or with the other mark, is not."""
-    import quality
+    from bench import quality
     for trig, inst in quality.INSTANCES.items():
         for bg in world.BACKGROUNDS:
             if bg == inst["colour"]:
@@ -136,7 +129,7 @@ def test_base_builder_writes_an_sd15_checkpoint_with_the_world_latent(comfy_in_p
     import torch
     import comfy.sd
     import comfy.latent_formats
-    import train_base
+    from bench import train_base
     monkeypatch.setenv("PARA_QUALITY_CACHE", str(tmp_path))
     ckpt = train_base.build(tmp_path / "tiny_base.safetensors", seed=0, decoder_steps=1, decoder_batch=2,
                             unet_steps=8, unet_batch=2, world_limit=1)
@@ -164,10 +157,10 @@ def test_base_text_encoder_keeps_each_word_and_gives_the_padding_the_caption(com
     it as it was), and the end/padding tokens change with every word of the caption."""
     import torch
     import comfy.sd1_clip
-    import comfy_env
-    import train_base
+    from harness import models
+    from bench import train_base
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-    train_base.summary_text_encoder_(train_base.local_text_encoder_(comfy_env.init_weights_(clip, 1)))
+    train_base.summary_text_encoder_(train_base.local_text_encoder_(models.init_weights_(clip, 1)))
     tok = comfy.sd1_clip.SDTokenizer()
 
     def enc(text):
@@ -193,7 +186,7 @@ def test_benchmark_runs_end_to_end_at_tiny_settings(sd15_checkpoint, tmp_path):
     """The whole benchmark at tiny settings through ComfyUI's nodes and the pack's PaRa nodes, on
     the test suite's SD1.5-format checkpoint (random weights: only the form of the outputs is
     checked, not their values)."""
-    import quality
+    from bench import quality
     out = tmp_path / "out"
     res = quality.run(out, quality.Settings.quick(), sd15_checkpoint)
     line = res["result_line"]

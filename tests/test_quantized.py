@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import comfy_env
+from harness import comfyui, models
 from para_core import ParaError, ParaState, build_metadata, export_lora, fingerprint, save_para
-from para_core.checkpoint import Checkpoint, bake
+from para_core.base_model import Checkpoint, bake
 
 P = "model.diffusion_model."
 
@@ -121,11 +121,11 @@ def test_cli_inspect_and_export_accept_a_quantized_base(files, tmp_path):
     import subprocess
     env_py = sys.executable
     r = subprocess.run([env_py, "-m", "para_core", "inspect", str(files["para"]), "--base", str(files["quant"])],
-                       cwd=str(comfy_env.PACK_ROOT), capture_output=True, text=True, timeout=120)
+                       cwd=str(comfyui.PACK_ROOT), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "lora.safetensors"
     r = subprocess.run([env_py, "-m", "para_core", "export-lora", "--base", str(files["quant"]), "--para",
-                        str(files["para"]), "-o", str(out)], cwd=str(comfy_env.PACK_ROOT), capture_output=True,
+                        str(files["para"]), "-o", str(out)], cwd=str(comfyui.PACK_ROOT), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.exists()
@@ -147,7 +147,7 @@ def test_legacy_scaled_fp8_files_are_read_with_their_scale(tmp_path):
 @pytest.fixture(scope="module")
 def fp8_checkpoint(sd15_checkpoint):
     """The test checkpoint with every 2-D diffusion-model weight stored as fp8 + comfy_quant."""
-    path = comfy_env.cache_dir() / "test_sd15_fp8.safetensors"
+    path = models.cache_dir() / "test_sd15_fp8.safetensors"
     if not path.exists() or path.stat().st_mtime < sd15_checkpoint.stat().st_mtime:
         sd = load_file(str(sd15_checkpoint))
         for k in list(sd):
@@ -155,7 +155,7 @@ def fp8_checkpoint(sd15_checkpoint):
                 layer = k[: -len(".weight")]
                 sd[k], sd[layer + ".weight_scale"] = quantize_fp8(sd[k].float())
                 sd[layer + ".comfy_quant"] = comfy_quant("float8_e4m3fn")
-        comfy_env._atomic_save(sd, path, {})
+        models.atomic_save(sd, path, {})
     return path
 
 
@@ -218,9 +218,9 @@ def test_para_patching_on_a_quantized_model_reduces_w0_and_unpatches_exactly(qua
 def test_singular_vector_init_and_export_read_the_dequantized_weight(quantized_model, para_pack):
     mp, QT = quantized_model
     patching = importlib.import_module(para_pack.__name__ + ".nodes.patching")
-    train = importlib.import_module(para_pack.__name__ + ".para_core.train")
+    projection = importlib.import_module(para_pack.__name__ + ".para_core.functional.projection")
     W0 = patching.original_weight(mp, LAYER)
-    B = train.init_B(W0, 4, "top-singular")
+    B = projection.init_B(W0, 4, "top-singular")
     U = torch.linalg.svd(W0.float(), full_matrices=False)[0][:, :4]
     torch.testing.assert_close((B.t() @ U).abs(), torch.eye(4), rtol=1e-4, atol=1e-4)
 
@@ -230,7 +230,7 @@ def test_para_trainer_trains_on_a_quantized_model(quantized_model, para_pack):
     nn.Linear) holding a QuantizedTensor: the trainer reads it dequantized, as its forward does."""
     import comfy.utils
     mp, QT = quantized_model
-    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
     assert isinstance(comfy.utils.get_attr(mp.model, LAYER + ".weight"), QT)
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
@@ -262,8 +262,8 @@ def test_bypass_loading_works_on_a_quantized_model(quantized_model, para_pack):
     quantized = [l for l in layers if isinstance(stored(l), QT)]
     assert quantized
     raw = {l: stored(l).dequantize().clone() for l in quantized}
-    pos, neg = comfy_env.random_conditioning(1, dim=768), comfy_env.random_conditioning(2, dim=768)
-    run = lambda m: comfy_env.sample_latent(m, pos, neg, seed=1, steps=2, cfg=2.0)
+    pos, neg = models.random_conditioning(1, dim=768), models.random_conditioning(2, dim=768)
+    run = lambda m: models.sample_latent(m, pos, neg, seed=1, steps=2, cfg=2.0)
     base = run(mp)
     bypassed = run(comfy.sd.load_bypass_lora_for_models(mp, None, lora, 1.0, 0)[0])
     for l in quantized:  # still the same quantized weight

@@ -1,4 +1,4 @@
-"""PaRa Trainer with parametrization=reference (issue 11, spec section 1b): U and D trained freely,
+"""PaRa Trainer with parametrization=reference (issue 11, docs/spec.md section 1b): U and D trained freely,
 W' = W0 - U D. In-process on the tiny model with real ComfyUI classes (under inference mode, as
 the server runs nodes), then through the real server: init=reference with the smallest learning
 rate gives, after one step, W0 - U0 U0^T W0 (U0 = the first r unit vectors); a reference file through
@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-import comfy_env
+from harness import comfyui, models
+from harness.server import load_latent
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -25,15 +26,16 @@ def mods(para_pack):
     from types import SimpleNamespace
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer"), training=get("nodes.training"),
+    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
                            patching=get("nodes.patching"), core=get("para_core"),
-                           reference=get("para_core.reference"))
+                           reference=get("para_core.functional.reference"),
+                           reference_adapter=get("nodes.adapters.reference"))
 
 
 @pytest.fixture
 def model(comfy_in_process):
     with torch.inference_mode():
-        return comfy_env.make_tiny_model(seed=0)
+        return models.make_tiny_model(seed=0)
 
 
 def latents(n=1, seed=0):
@@ -43,7 +45,7 @@ def latents(n=1, seed=0):
 def train(mods, model, lat=None, **kw):
     lat = latents() if lat is None else lat
     with torch.inference_mode():
-        out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=comfy_env.random_conditioning(1),
+        out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=models.random_conditioning(1),
                                                **dict(BASE, **kw))
     return out.args[:4]
 
@@ -90,7 +92,7 @@ def test_U_and_D_both_train_in_float32_and_the_base_is_untouched(mods, model):
     assert all(torch.equal(v, base[k]) for k, v in snapshot(model).items())
     l = para.layers[0]
     W0 = base[l + ".weight"]
-    U0, D0 = mods.reference.init_reference(W0, para.rank(l), "reference")
+    U0, D0 = mods.reference.init(W0, para.rank(l), "reference")
     assert not torch.equal(para.U[l], U0) and not torch.equal(para.D[l], D0)
     assert all(t.dtype == torch.float32 for t in list(para.U.values()) + list(para.D.values()))
     md = json.loads(para.metadata["para.train"])
@@ -103,7 +105,7 @@ def test_training_forward_equals_the_patched_model(mods, model):
     out_model, para, _, _ = train(mods, model, steps=2)
     import comfy.model_management as mm
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma, ctx = torch.tensor([2.0, 0.5]), comfy_env.random_conditioning(2)[0][0].expand(2, -1, -1)
+    sigma, ctx = torch.tensor([2.0, 0.5]), models.random_conditioning(2)[0][0].expand(2, -1, -1)
     with torch.no_grad():
         mm.load_models_gpu([out_model], force_full_load=True)
         patched = out_model.model.apply_model(x, sigma, c_crossattn=ctx)
@@ -111,7 +113,7 @@ def test_training_forward_equals_the_patched_model(mods, model):
         mm.load_models_gpu([model], force_full_load=True)
         modules = {l: dict(model.model.named_modules())[l] for l in para.layers}
         for side in ("activation", "weight"):
-            fwd = mods.training.ReferenceForward(modules, {l: torch.nn.Parameter(u) for l, u in para.U.items()},
+            fwd = mods.reference_adapter.ReferenceForward(modules, {l: torch.nn.Parameter(u) for l, u in para.U.items()},
                                                  {l: torch.nn.Parameter(d) for l, d in para.D.items()}, side=side)
             fwd.install()
             try:
@@ -199,7 +201,7 @@ def server_files(comfy_server, sd15_checkpoint):
     from PIL import Image
     from safetensors import safe_open
     import sys
-    sys.path.insert(0, str(comfy_env.PACK_ROOT))
+    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core as core
     img = Image.new("RGB", (64, 64))
     img.putdata([((x * 4) % 256, (y * 4) % 256, 128) for y in range(64) for x in range(64)])
@@ -225,13 +227,13 @@ def server_files(comfy_server, sd15_checkpoint):
 
 
 def _sample_graph(prefix):
-    return comfy_env.txt2img_graph(save="latent", seed=11, prefix=prefix, steps=2)
+    return models.txt2img_graph(save="latent", seed=11, prefix=prefix, steps=2)
 
 
 def run_latent(server, g):
     entry = server.run(g, timeout=300)
     (path,) = server.output_files(entry, "latents")
-    return comfy_env.load_latent(path)
+    return load_latent(path)
 
 
 @pytest.mark.server
@@ -257,7 +259,7 @@ def test_server_one_tiny_reference_step_gives_W0_minus_U0_U0T_W0(comfy_server, s
     saved = sorted((comfy_server.models_dir / "para").glob("srv_ref_*_step000001.safetensors"))
     assert len(saved) == 1
     import sys
-    sys.path.insert(0, str(comfy_env.PACK_ROOT))
+    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core as core
     st = core.load_para(str(saved[0]))
     assert st.kind == "reference" and set(st.layers) == set(server_files["layers"])
@@ -292,7 +294,7 @@ def test_server_reference_file_through_stock_load_lora_equals_para_loader(comfy_
 @pytest.mark.server
 def test_server_exported_lora_of_a_reference_file_equals_para_loader(comfy_server, server_files):
     export = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}},
         "load": {"class_type": "PaRaLoad", "inputs": {"para_name": "ref_file.safetensors"}},
         "export": {"class_type": "PaRaExportLoRA", "inputs": {"model": ["ckpt", 0], "para": ["load", 0],
                                                               "filename_prefix": "ref_export", "strength": 1.0,

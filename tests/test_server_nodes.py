@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-import comfy_env
+from harness import comfyui, models
+from harness.server import load_latent
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.server]
 
@@ -15,7 +16,7 @@ NODE_IDS = ["PaRaLoader", "PaRaLoad", "PaRaApply", "PaRaMerge", "PaRaSave", "PaR
 @pytest.fixture(scope="module")
 def core():
     import sys
-    sys.path.insert(0, str(comfy_env.PACK_ROOT))
+    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     return para_core
 
@@ -62,7 +63,7 @@ def para_files(comfy_server, sd15_checkpoint, core):
 
 
 def graph_with(model_node=None, extra=None, seed=7, prefix="t"):
-    g = comfy_env.txt2img_graph(save="latent", seed=seed, prefix=prefix)
+    g = models.txt2img_graph(save="latent", seed=seed, prefix=prefix)
     if model_node is not None:
         g.update(extra or {})
         g["sampler"]["inputs"]["model"] = model_node
@@ -72,11 +73,11 @@ def graph_with(model_node=None, extra=None, seed=7, prefix="t"):
 def run_latent(server, g):
     entry = server.run(g, timeout=180)
     (path,) = server.output_files(entry, "latents")
-    return comfy_env.load_latent(path)
+    return load_latent(path)
 
 
 def test_object_info_lists_every_node_with_inputs(comfy_server):
-    info = comfy_server.object_info()
+    info = comfy_server.client.object_info()
     for node_id in NODE_IDS:
         assert node_id in info, f"{node_id} missing from /object_info; import failures: {comfy_server.import_failures()}"
         assert info[node_id]["category"] == "PaRa"
@@ -99,14 +100,14 @@ def test_para_loader_changes_the_image_and_equals_the_exported_lora(comfy_server
             "model": ["ckpt", 0], "para_name": para_files["s0"], "strength": 1.0}}}, prefix="para"))
     assert (para - base).abs().max() > 1e-3, "PaRa did not change the output"
     export = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}},
         "load": {"class_type": "PaRaLoad", "inputs": {"para_name": para_files["s0"]}},
         "export": {"class_type": "PaRaExportLoRA", "inputs": {"model": ["ckpt", 0], "para": ["load", 0],
                                                               "filename_prefix": "exported", "strength": 1.0,
                                                               "dtype": "fp32"}},
     }
     comfy_server.run(export, timeout=180)
-    loras = comfy_server.object_info()["LoraLoaderModelOnly"]["input"]["required"]["lora_name"][0]
+    loras = comfy_server.client.object_info()["LoraLoaderModelOnly"]["input"]["required"]["lora_name"][0]
     exported = [n for n in loras if n.startswith("exported")]
     assert exported, f"the exported LoRA is not in Load LoRA's list: {loras}"
     via_lora = run_latent(comfy_server, graph_with(
@@ -160,11 +161,11 @@ def test_bad_file_is_a_clear_error_and_the_server_goes_on(comfy_server, para_fil
     g = graph_with(["para", 0], {"para": {"class_type": "PaRaLoader", "inputs": {
         "model": ["ckpt", 0], "para_name": para_files[key], "strength": 1.0}}}, prefix="bad")
     entry = comfy_server.run(g, check=False, timeout=180)
-    assert comfy_env.status_str(entry) == "error"
-    msg = comfy_server.error_message(entry)
+    assert entry.status == "error"
+    msg = entry.message
     assert para_files[key] in msg and re.search(pattern, msg), msg
     ok = comfy_server.run(graph_with(prefix="after_bad"), timeout=180)
-    assert comfy_env.status_str(ok) == "success"
+    assert ok.status == "success"
 
 
 def test_merge_of_different_families_is_an_error(comfy_server, para_files):
@@ -176,17 +177,17 @@ def test_merge_of_different_families_is_an_error(comfy_server, para_files):
         "apply": {"class_type": "PaRaApply", "inputs": {"model": ["ckpt", 0], "para": ["merge", 0], "strength": 1.0}},
     }, prefix="badmerge")
     entry = comfy_server.run(g, check=False, timeout=180)
-    assert comfy_env.status_str(entry) == "error"
-    assert "different models" in comfy_server.error_message(entry)
+    assert entry.status == "error"
+    assert "different models" in entry.message
 
 
 def test_nan_strength_is_a_clear_error(comfy_server, para_files):
     g = graph_with(["para", 0], {"para": {"class_type": "PaRaLoader", "inputs": {
         "model": ["ckpt", 0], "para_name": para_files["s0"], "strength": math.nan}}}, prefix="nan")
     entry = comfy_server.run(g, check=False, timeout=180)
-    assert comfy_env.status_str(entry) == "error", entry
-    assert "strength" in comfy_server.error_message(entry)
-    assert comfy_env.status_str(comfy_server.run(graph_with(prefix="after_nan"), timeout=180)) == "success"
+    assert entry.status == "error", entry
+    assert "strength" in entry.message
+    assert comfy_server.run(graph_with(prefix="after_nan"), timeout=180).status == "success"
 
 
 def test_a_file_rewritten_under_the_same_name_is_reloaded(comfy_server, para_files, core):

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-import comfy_env
+from harness import models
+from harness.server import load_latent
 
 pytestmark = pytest.mark.comfyui
 ALGORITHM = "PaRa"
@@ -20,12 +21,17 @@ def pack(para_pack):
 
 @pytest.fixture(scope="module")
 def ta(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.train_adapter")
+    return importlib.import_module(pack.__name__ + ".nodes.adapters.para")
 
 
 @pytest.fixture(scope="module")
 def adapter_mod(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.adapter")
+    return importlib.import_module(pack.__name__ + ".nodes.adapters.para")
+
+
+@pytest.fixture(scope="module")
+def reference_mod(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.adapters.reference")
 
 
 def test_para_is_offered_in_comfyuis_adapter_map(adapter_mod):
@@ -79,6 +85,48 @@ def test_bypass_training_gives_the_weight_wrapper_gradients(ta, adapter_mod, con
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("B", [torch.zeros(64, 3), torch.full((64, 3), 1e-40), torch.ones(64, 3)],
+                         ids=["zeros", "1e-40", "dependent-columns"])
+def test_to_train_refuses_a_B_without_a_basis(adapter_mod, B):
+    """QR(B) has no gradient there: TrainLoraNode would train NaN and Save LoRA write it."""
+    with pytest.raises(Exception, match="rank-deficient or vanishing.*existing_lora"):
+        adapter_mod.ParaAdapter.load("l", {"l.para_B": B}, 1.0, None).to_train()
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_to_train_continues_a_reference_file_in_weight_and_bypass_mode(reference_mod, conv):
+    """A reference file (para_U/para_D, PaRa Trainer's parametrization reference) as existing_lora:
+    U and D train on, the weight wrapper is W0 - U D, and bypass gives the wrapper's gradients."""
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Conv2d(8, 80, 3, padding=1) if conv else torch.nn.Linear(8, 80)
+    with torch.no_grad():
+        layer.bias.normal_(generator=g)
+    inner = layer.weight[0].numel()
+    U, D = torch.randn(80, 2, generator=g), torch.randn(2, inner, generator=g) * 0.1
+    x = torch.randn(2, 8, 5, 5, generator=g) if conv else torch.randn(3, 8, generator=g)
+    target = torch.randn_like(layer(x))
+    from comfy.weight_adapter.base import WeightAdapterTrainBase
+    modes = ("wrapper", "bypass") if hasattr(WeightAdapterTrainBase, "bypass_forward") else ("wrapper",)  # 0.33+
+    grads = []
+    for mode in modes:
+        t = reference_mod.ReferenceAdapter.load("l", {"l.para_U": U, "l.para_D": D}, 1.0, None).to_train()
+        assert [n for n, _ in t.named_parameters()] == ["para_U", "para_D"]  # saved as a reference file again
+        if mode == "wrapper":
+            W = t(layer.weight)
+            torch.testing.assert_close(W, layer.weight - (U @ D).reshape(layer.weight.shape))
+            y = layer._conv_forward(x, W, layer.bias) if conv else torch.nn.functional.linear(x, W, layer.bias)
+        else:  # the geometry ComfyUI's bypass hook sets on the adapter
+            t.is_conv, t.conv_dim = conv, 2 if conv else 0
+            t.kernel_size, t.in_channels = (3, 3) if conv else (), 8
+            t.kw_dict = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1} if conv else {}
+            y = t.bypass_forward(layer.forward, x)
+        (y - target).square().mean().backward()
+        grads.append((t.para_U.grad.clone(), t.para_D.grad.clone()))
+    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+    for a, b in zip(grads[0], grads[-1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------ through the server
 
 def train_graph(info, prefix, **overrides):
@@ -96,7 +144,7 @@ def train_graph(info, prefix, **overrides):
     lora_out = info["TrainLoraNode"]["output"].index("LORA_MODEL")
     save_node = "SaveLoRA" if "SaveLoRA" in info else "SaveLoRANode"  # 0.3.64's id
     return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_env.SD15_CHECKPOINT_NAME}},
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.SD15_CHECKPOINT_NAME}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks", "clip": ["ckpt", 1]}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "train": {"class_type": "TrainLoraNode", "inputs": inputs},
@@ -111,17 +159,17 @@ def saved_lora(server, prefix):
 
 
 def sample_with(server, prefix, node=None):
-    g = comfy_env.txt2img_graph(save="latent", seed=5, prefix=prefix)
+    g = models.txt2img_graph(save="latent", seed=5, prefix=prefix)
     if node is not None:
         g["m"] = node
         g["sampler"]["inputs"]["model"] = ["m", 0]
     (path,) = server.output_files(server.run(g, timeout=180), "latents")
-    return comfy_env.load_latent(path)
+    return load_latent(path)
 
 
 def test_train_lora_node_trains_para_and_stock_loaders_load_it(comfy_server):
     from safetensors.torch import load_file
-    info = comfy_server.object_info()
+    info = comfy_server.client.object_info()
     if "TrainLoraNode" not in info:
         pytest.skip("this ComfyUI has no TrainLoraNode")
     algo = info["TrainLoraNode"]["input"]["required"]["algorithm"]
@@ -157,14 +205,14 @@ def test_train_lora_node_bypass_mode_continues_a_para_file(comfy_server):
     result is a PaRa file again. (Its gradients equal weight mode's: the in-process test above;
     TrainLoraNode draws sigmas from the unseeded global RNG, so two server runs differ.)"""
     from safetensors.torch import load_file
-    info = comfy_server.object_info()
+    info = comfy_server.client.object_info()
     spec = info.get("TrainLoraNode", {}).get("input", {})
     if "bypass_mode" not in {**spec.get("required", {}), **spec.get("optional", {})}:
         pytest.skip("this ComfyUI's TrainLoraNode has no bypass mode (added after 0.3.64)")
     comfy_server.run(train_graph(info, "stock_start", steps=1), timeout=600)
     start_name = "para_start_1_steps_00001_.safetensors"  # TrainLoraNode reads the step count from the name
     shutil.copy(saved_lora(comfy_server, "stock_start"), comfy_server.models_dir / "loras" / start_name)
-    comfy_server.run(train_graph(comfy_server.object_info(), "stock_bypass", steps=1, bypass_mode=True,
+    comfy_server.run(train_graph(comfy_server.client.object_info(), "stock_bypass", steps=1, bypass_mode=True,
                                  existing_lora=start_name, optimizer="SGD", learning_rate=0.1), timeout=600)
     start = load_file(str(comfy_server.models_dir / "loras" / start_name))
     after = load_file(str(saved_lora(comfy_server, "stock_bypass")))
@@ -173,3 +221,44 @@ def test_train_lora_node_bypass_mode_continues_a_para_file(comfy_server):
     assert all(torch.isfinite(after[k]).all() for k in keys)
     moved = max((after[k] - start[k]).abs().max().item() for k in keys)
     assert moved > 1e-6, "bypass-mode training did not move B"
+
+
+def test_train_lora_node_continues_a_reference_file_and_refuses_a_B_without_basis(comfy_server, sd15_checkpoint):
+    """existing_lora = a reference file (PaRa Trainer's parametrization reference): its layers train
+    on as para_U/para_D, the result loads in stock Load LoRA; = a subject file whose B is all zeros:
+    a clear error (before: an empty NotImplementedError, and a NaN para_B written)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    import para_core
+    info = comfy_server.client.object_info()
+    if "TrainLoraNode" not in info:
+        pytest.skip("this ComfyUI has no TrainLoraNode")
+    with safe_open(str(sd15_checkpoint), "pt") as f:
+        shapes = {k[len("model."):-len(".weight")]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                  if k.startswith("model.diffusion_model.") and k.endswith(".weight") and len(f.get_slice(k).get_shape()) >= 2}
+    layers = para_core.select_layers(shapes, "selfattn")
+    g = torch.Generator().manual_seed(0)
+    U = {l: torch.randn(shapes[l][0], 2, generator=g) * 0.1 for l in layers}
+    D = {l: torch.randn(2, int(torch.tensor(shapes[l][1:]).prod()), generator=g) * 0.01 for l in layers}
+    start = "ref_start_1_steps_00001_.safetensors"  # TrainLoraNode reads the step count from the name
+    para_core.save_para(para_core.reference_state(U, D), str(comfy_server.models_dir / "loras" / start))
+    comfy_server.run(train_graph(info, "stock_ref", steps=1, existing_lora=start, optimizer="SGD", learning_rate=0.1),
+                     timeout=600)
+    after = load_file(str(saved_lora(comfy_server, "stock_ref")))
+    for l in layers:
+        for name, t in (("para_U", U[l]), ("para_D", D[l])):
+            assert torch.isfinite(after[f"{l}.{name}"]).all()
+    assert max((after[f"{l}.para_D"] - D[l]).abs().max().item() for l in layers) > 0, "U and D did not train"
+    name = "stock_ref_trained.safetensors"
+    shutil.copy(saved_lora(comfy_server, "stock_ref"), comfy_server.models_dir / "loras" / name)
+    base = sample_with(comfy_server, "ref_base")
+    stock = sample_with(comfy_server, "ref_stock", {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["ckpt", 0], "lora_name": name, "strength_model": 1.0}})
+    assert (stock - base).abs().max() > 1e-3
+
+    zero = "zero_1_steps_00001_.safetensors"
+    save_file({f"{layers[0]}.para_B": torch.zeros(shapes[layers[0]][0], 2)}, str(comfy_server.models_dir / "loras" / zero))
+    entry = comfy_server.run(train_graph(info, "stock_zero", steps=1, existing_lora=zero), timeout=600, check=False)
+    message = entry.message or ""
+    assert "rank-deficient or vanishing" in message and layers[0] in message, message[:500]
+    assert not list((comfy_server.output_dir / "loras").glob("stock_zero*.safetensors"))

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -29,15 +29,16 @@ def mods(pack):
     import importlib
     from types import SimpleNamespace
     get = lambda m: importlib.import_module(f"{pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer"), training=get("nodes.training"),
-                           patching=get("nodes.patching"), core=get("para_core"))
+    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
+                           patching=get("nodes.patching"), core=get("para_core"), para=get("nodes.adapters.para"),
+                           projection=get("para_core.functional.projection"))
 
 
 @pytest.fixture
 def model(comfy_in_process):
     # Built under inference mode, as a checkpoint loaded by a node in the server is.
     with torch.inference_mode():
-        return comfy_env.make_tiny_model(seed=0)
+        return models.make_tiny_model(seed=0)
 
 
 def latents(n=1, seed=0):
@@ -46,7 +47,7 @@ def latents(n=1, seed=0):
 
 def train(mods, model, lat=None, positive=None, **kw):
     lat = latents() if lat is None else lat
-    positive = comfy_env.random_conditioning(1) if positive is None else positive
+    positive = models.random_conditioning(1) if positive is None else positive
     with torch.inference_mode():  # as the server runs every node
         out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=positive, **dict(BASE, **kw))
     return out.args[:4]  # (MODEL, PARA, {"loss": [...]}, steps); [4] is the previews
@@ -90,7 +91,7 @@ def fixed_loss(mods, model, lat, positive, n=16):
 # ------------------------------------------------------------------------- training works
 
 def test_loss_falls_on_a_fixed_target(mods, model):
-    lat, pos = latents(1, seed=3), comfy_env.random_conditioning(1)
+    lat, pos = latents(1, seed=3), models.random_conditioning(1)
     before = fixed_loss(mods, model, lat, pos)
     out_model, para, loss, steps = train(mods, model, lat, pos, steps=40, learning_rate=2e-2)
     after = fixed_loss(mods, out_model, lat, pos)
@@ -108,7 +109,7 @@ def test_only_B_changes_and_the_model_is_left_as_found(mods, model):
     assert not model.patches and "forward" not in vars(modules["diffusion_model.input_blocks.1.0.in_layers.2"])
     assert not any("forward" in vars(m) for m in modules.values()), "a forward override was left behind"
     init = mods.training.generator_for(0, "init")
-    B0 = mods.core.train.init_B(before[para.layers[0] + ".weight"], 4, "orthogonal", init)
+    B0 = mods.projection.init_B(before[para.layers[0] + ".weight"], 4, "orthogonal", init)
     assert not torch.equal(para.B[para.layers[0]], B0), "B did not train"
     assert all(b.dtype == torch.float32 and not b.requires_grad for b in para.B.values())
 
@@ -122,7 +123,8 @@ def test_patched_weights_equal_the_core_reduction_of_the_trained_B(mods, model):
     after = snapshot(out_model)
     out_model.unpatch_model()
     for l in para.layers:
-        ref = mods.core.reduce_weight(base[l + ".weight"], para.B[l])
+        Q = mods.core.basis(para.B[l])
+        ref = mods.projection.reduce_weight(base[l + ".weight"], Q, Q)
         torch.testing.assert_close(after[l + ".weight"], ref, rtol=1e-5, atol=1e-6)
     for k, v in base.items():
         if k[: -len(".weight")] not in para.B:
@@ -134,14 +136,14 @@ def test_training_forward_equals_the_patched_model(mods, model):
     out_model, para, _, _ = train(mods, model, steps=2)
     import comfy.model_management as mm
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma, ctx = torch.tensor([2.0, 0.5]), comfy_env.random_conditioning(2)[0][0].expand(2, -1, -1)
+    sigma, ctx = torch.tensor([2.0, 0.5]), models.random_conditioning(2)[0][0].expand(2, -1, -1)
     with torch.no_grad():
         mm.load_models_gpu([out_model], force_full_load=True)
         patched = out_model.model.apply_model(x, sigma, c_crossattn=ctx)
         out_model.unpatch_model()
         mm.load_models_gpu([model], force_full_load=True)
         mods_ = {l: dict(model.model.named_modules())[l] for l in para.layers}
-        fwd = mods.training.ParaForward(mods_, {l: torch.nn.Parameter(b) for l, b in para.B.items()})
+        fwd = mods.para.ParaForward(mods_, {l: torch.nn.Parameter(b) for l, b in para.B.items()})
         fwd.install()
         try:
             with torch.enable_grad():  # training: the activation side everywhere
@@ -174,7 +176,7 @@ def test_low_precision_training_keeps_B_in_float32(mods, model, dtype):
 
 
 def test_one_caption_per_image(mods, model):
-    pos = comfy_env.random_conditioning(1) + comfy_env.random_conditioning(2)
+    pos = models.random_conditioning(1) + models.random_conditioning(2)
     _, para, loss, _ = train(mods, model, latents(2), pos, steps=2, batch_size=2)
     assert len(loss["loss"]) == 2 and all(math.isfinite(v) for v in loss["loss"])
     assert json.loads(para.metadata["para.train"])["captions"] == 2
@@ -227,7 +229,7 @@ def test_checkpoints_are_valid_para_files_with_metadata_and_trainer_state(mods, 
         assert st.metadata["para.base_arch"] == mods.patching.model_family(model)
         assert st.metadata["para.base_fingerprint"] == fp
         assert json.loads(st.metadata["para.ranks"]) == {l: 4 for l in para.layers}
-        state = mods.core.trainstate.load_trainer_state(mods.core.trainstate.trainer_state_path(path))
+        state = mods.core.trainer_state.load_trainer_state(mods.core.trainer_state.trainer_state_path(path))
         assert state["step"] == step and state["loss_history"] == loss["loss"][:step]
     last = mods.core.load_para(os.path.join(para_dir(), files[-1]))
     assert all(torch.equal(last.B[l], para.B[l]) for l in para.layers)
@@ -263,7 +265,7 @@ def test_a_para_file_alone_warm_starts_B(mods, model):
 
 def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, model, monkeypatch):
     import comfy.model_management as mm
-    real, calls = mods.training.basis_batched, []
+    real, calls = mods.para.basis_batched, []
 
     # The Cancel button, pressed during step 4 (Q is computed once at the start of each step).
     # Not from a progress-bar hook: ComfyUI 0.33 throttles those (at most one per 100 ms), so on
@@ -274,7 +276,7 @@ def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, m
             mm.interrupt_current_processing(True)
         return real(B)
 
-    monkeypatch.setattr(mods.training, "basis_batched", basis_batched)
+    monkeypatch.setattr(mods.para, "basis_batched", basis_batched)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             train(mods, model, steps=50, filename_prefix="cancel")
@@ -286,7 +288,7 @@ def test_cancel_mid_run_saves_the_last_step_and_raises_comfyui_interrupt(mods, m
     st = mods.core.load_para(path)
     md = json.loads(st.metadata["para.train"])
     assert md["steps"] == 3 and md["stopped"] == "interrupted"
-    assert mods.core.trainstate.load_trainer_state(mods.core.trainstate.trainer_state_path(path))["step"] == 3
+    assert mods.core.trainer_state.load_trainer_state(mods.core.trainer_state.trainer_state_path(path))["step"] == 3
     assert not any("forward" in vars(m) for m in model.model.modules())
 
 
@@ -294,7 +296,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(mods, model):
     # Image 1's caption embedding is broken; the first epoch's order decides when it is drawn.
     seed = next(s for s in range(50) if mods.training.batch_indices(s, 0, 2, 1) == [0])
     assert mods.training.batch_indices(seed, 1, 2, 1) == [1]
-    pos = comfy_env.random_conditioning(1) + [[torch.full((1, 77, comfy_env.TINY_CONTEXT_DIM), float("nan")), {}]]
+    pos = models.random_conditioning(1) + [[torch.full((1, 77, models.TINY_CONTEXT_DIM), float("nan")), {}]]
     with pytest.raises(mods.core.ParaError, match="NaN/Inf at step 2") as err:
         train(mods, model, latents(2), pos, steps=10, seed=seed, filename_prefix="nan")
     assert checkpoints("nan") == ["nan_00001_step000001.safetensors"]
@@ -304,7 +306,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(mods, model):
 
 
 def test_out_of_memory_keeps_the_last_step_and_says_what_to_lower(mods, model, monkeypatch):
-    real, calls = mods.training.basis_batched, []
+    real, calls = mods.para.basis_batched, []
 
     def basis_batched(B):  # the allocator gives up at the third step (no GPU to exhaust here)
         calls.append(1)
@@ -312,7 +314,7 @@ def test_out_of_memory_keeps_the_last_step_and_says_what_to_lower(mods, model, m
             raise mods.training.OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(B)
 
-    monkeypatch.setattr(mods.training, "basis_batched", basis_batched)
+    monkeypatch.setattr(mods.para, "basis_batched", basis_batched)
     with pytest.raises(mods.core.ParaError, match="out of memory") as err:
         train(mods, model, steps=10, filename_prefix="oom")
     for advice in ("batch_size", "gradient_checkpointing", "rank"):
@@ -326,7 +328,7 @@ def test_out_of_memory_keeps_the_last_step_and_says_what_to_lower(mods, model, m
     ("empty latents", {"lat": {"samples": torch.zeros(0, 4, 8, 8)}}, "latents"),
     ("wrong latent channels", {"lat": {"samples": torch.zeros(1, 16, 8, 8)}}, "latents"),
     ("NaN latent", {"lat": {"samples": torch.full((1, 4, 8, 8), float("nan"))}}, "latents"),
-    ("3 images, 2 captions", {"lat": latents(3), "positive": comfy_env.random_conditioning(1) * 2}, "positive"),
+    ("3 images, 2 captions", {"lat": latents(3), "positive": models.random_conditioning(1) * 2}, "positive"),
     ("rank 0", {"rank": 0}, "rank"),
     ("rank above the layer size", {"rank": 1000}, "rank"),
     ("steps 0", {"steps": 0}, "steps"),
@@ -359,7 +361,7 @@ def test_loss_output_plots_with_comfyui_loss_graph(mods, model, comfy_base_dir):
 # ------------------------------------------------------------------------- through the server
 
 def _train_graph(image, steps, save_every, prefix, lr=1e-3):
-    g = comfy_env.txt2img_graph(save="image", prefix=prefix, steps=2)
+    g = models.txt2img_graph(save="image", prefix=prefix, steps=2)
     g["load"] = {"class_type": "LoadImage", "inputs": {"image": image}}
     g["encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["ckpt", 2]}}
     g["train"] = {"class_type": "PaRaTrainer", "inputs": dict(
@@ -382,15 +384,15 @@ def train_image(comfy_server):
 @pytest.mark.server
 def test_server_trains_then_samples_with_progress_on_the_websocket(comfy_server, train_image):
     graph = _train_graph(train_image, steps=3, save_every=3, prefix="srv_train")
-    with comfy_server.ws_messages() as ws:
-        prompt_id = comfy_server.queue(graph)
+    with comfy_server.client.listen() as ws:
+        prompt_id = comfy_server.client.queue(graph)
         entry = comfy_server.wait(prompt_id, timeout=300)
-        assert comfy_server.status_str(entry) == "success", comfy_server.error_message(entry)
-        ws.wait_for(lambda m: m.get("type") == "executing" and m["data"].get("node") is None
-                    and m["data"].get("prompt_id") == prompt_id, timeout=10)
+        assert entry.status == "success", entry.message
+        ws.wait_for(lambda m: m.get("type") == "executing" and m.get("node") is None
+                    and m.get("prompt_id") == prompt_id, timeout=10)
     progress = [p for p in ws.of_type("progress", prompt_id) if p.get("node") == "train"]
     assert [p["value"] for p in progress][-1] == 3 and progress[-1]["max"] == 3
-    assert any(b"step 3/3" in msg for msg in ws.binary), "the loss text did not reach the node"
+    assert any("step 3/3" in m["text"] for m in ws.of_type("progress_text")), "the loss text did not reach the node"
     images = comfy_server.output_files(entry, "images")
     assert len(images) == 1 and images[0].is_file()
     assert (comfy_server.models_dir / "para" / "srv_train_00001_step000003.safetensors").is_file()
@@ -400,14 +402,14 @@ def test_server_trains_then_samples_with_progress_on_the_websocket(comfy_server,
 @pytest.mark.server
 def test_server_interrupt_cancels_training_and_the_next_prompt_runs(comfy_server, train_image):
     graph = _train_graph(train_image, steps=100_000, save_every=0, prefix="srv_cancel")
-    with comfy_server.ws_messages() as ws:
-        prompt_id = comfy_server.queue(graph)
-        ws.wait_for(lambda m: m.get("type") == "progress" and m["data"].get("node") == "train"
-                    and m["data"].get("value", 0) >= 2, timeout=300)
-        comfy_server.interrupt()
+    with comfy_server.client.listen() as ws:
+        prompt_id = comfy_server.client.queue(graph)
+        ws.wait_for(lambda m: m.get("type") == "progress" and m.get("node") == "train"
+                    and m.get("value", 0) >= 2, timeout=300)
+        comfy_server.client.interrupt()
         entry = comfy_server.wait(prompt_id, timeout=120)
-    assert comfy_server.error_details(entry)["event"] == "execution_interrupted"
+    assert entry.error_details["event"] == "execution_interrupted"
     saved = sorted((comfy_server.models_dir / "para").glob("srv_cancel_*_step*.safetensors"))
     assert len(saved) == 1 and int(saved[0].stem.rsplit("step", 1)[1]) >= 2
     after = comfy_server.run(_train_graph(train_image, steps=1, save_every=0, prefix="srv_after"), timeout=300)
-    assert comfy_server.status_str(after) == "success"
+    assert after.status == "success"

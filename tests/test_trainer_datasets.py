@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -22,13 +22,13 @@ BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=3, learning_rate=1e
 def trainer(para_pack):
     import importlib
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    return importlib.import_module(para_pack.__name__ + ".nodes.trainer")
+    return importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
 
 
 @pytest.fixture
 def model(comfy_in_process):
     with torch.inference_mode():
-        return comfy_env.make_tiny_model(seed=0)
+        return models.make_tiny_model(seed=0)
 
 
 def latent(h, w, seed, n=1):
@@ -37,7 +37,7 @@ def latent(h, w, seed, n=1):
 
 def cond(seed):
     """One conditioning entry [tensor, {}] (a CONDITIONING is a list of these)."""
-    return comfy_env.random_conditioning(seed)[0]
+    return models.random_conditioning(seed)[0]
 
 
 def as_lists(**settings):
@@ -151,7 +151,7 @@ def write_images(folder, sizes, word="sks"):
         (folder / f"{word}_{i:02d}.txt").write_text(f"a photo of {word} number {i}\n")
 
 
-def dataset_graph(folder, bucket: bool, prefix: str, ckpt=comfy_env.SD15_CHECKPOINT_NAME):
+def dataset_graph(folder, bucket: bool, prefix: str, ckpt=models.SD15_CHECKPOINT_NAME):
     g = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": folder}},
@@ -169,7 +169,7 @@ def dataset_graph(folder, bucket: bool, prefix: str, ckpt=comfy_env.SD15_CHECKPO
 
 @pytest.mark.parametrize("bucket", [False, True], ids=["per-image", "resolution-bucket"])
 def test_server_trains_on_dataset_nodes_with_images_of_two_sizes(comfy_server, comfyui_version, bucket):
-    info = comfy_server.object_info()
+    info = comfy_server.client.object_info()
     missing = [n for n in ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset", "ResolutionBucket") if n not in info]
     if missing:
         pytest.skip(f"ComfyUI {comfyui_version} has no {', '.join(missing)} (added after 0.3.64)")

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-import comfy_env
+from harness import models
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
 BASE = dict(rank=4, layers="noxattn", rank_cap="none", steps=4, learning_rate=1e-2, optimizer="AdamW",
             batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
@@ -20,14 +20,14 @@ def mods(para_pack):
     from types import SimpleNamespace
     importlib.import_module(para_pack.__name__ + ".nodes").setup()
     get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer"), previews=get("nodes.previews"), core=get("para_core"))
+    return SimpleNamespace(trainer=get("nodes.trainer_node"), previews=get("nodes.previews"), core=get("para_core"))
 
 
 def train(mods, **kw):
     with torch.inference_mode():
-        model = comfy_env.make_tiny_model(seed=0)
+        model = models.make_tiny_model(seed=0)
         lat = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
-        positive = comfy_env.random_conditioning(1)
+        positive = models.random_conditioning(1)
         return mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=positive, **dict(BASE, **kw))
 
 
@@ -54,7 +54,7 @@ def test_previews_show_the_model_being_trained(mods):
     assert float((first - last).abs().max()) > 0.05
     import comfy.samplers
     trained = out.args[0]
-    positive = comfy_env.random_conditioning(1)
+    positive = models.random_conditioning(1)
     guider = comfy.samplers.CFGGuider(trained)
     guider.set_conds(positive, mods.previews.zeroed(positive))
     guider.set_cfg(1.0)
@@ -98,7 +98,7 @@ def train_image(comfy_server):
 
 
 def _graph(image, prefix, **previews):
-    g = comfy_env.txt2img_graph(save="latent", prefix=prefix, steps=1)
+    g = models.txt2img_graph(save="latent", prefix=prefix, steps=1)
     g["load"] = {"class_type": "LoadImage", "inputs": {"image": image}}
     g["encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["ckpt", 2]}}
     g["train"] = {"class_type": "PaRaTrainer", "inputs": dict(
@@ -115,12 +115,13 @@ def _graph(image, prefix, **previews):
 @pytest.mark.server
 def test_server_previews_appear_every_n_steps_without_changing_B(comfy_server, train_image):
     from safetensors.torch import load_file
-    with comfy_server.ws_messages() as ws:
+    with comfy_server.client.listen() as ws:
         on = comfy_server.run(_graph(train_image, "prev_on", preview_every=2, preview_steps=2,
                                      preview_vae=["ckpt", 2], preview_seed=3), timeout=300)
+        jpegs = [m for m in ws.of_type("preview_image") if m["image"][:3] == b"\xff\xd8\xff"]
     off = comfy_server.run(_graph(train_image, "prev_off"), timeout=300)
-    jpegs = [m for m in ws.binary if b"\xff\xd8\xff" in m[:64]]
     assert len(jpegs) >= 2, "no live preview image reached the node"  # steps 2 and 4 (the final sample adds its own)
+    assert all(m.get("node") in (None, "train") for m in jpegs)
     saved = comfy_server.output_files(on, "images")
     assert len([p for p in saved if p.name.startswith("prev_on")]) == 2
     from PIL import Image

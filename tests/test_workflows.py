@@ -5,11 +5,9 @@ import math
 
 import pytest
 
+from harness.client import Client, Result
 from workflow_helpers import UI_DIR, api_workflows, install_placeholders, ui_workflows
-
-import api_graph  # noqa: E402  (workflows/, put on sys.path by workflow_helpers)
-import comfy_client  # noqa: E402
-import make_ui  # noqa: E402
+from workflows import api_graph, make_ui
 
 EXPECTED = ["1_train_subject", "1_train_subject_comfyui-0.3.64", "2_generate_with_para_file",
             "3_merge_two_subjects", "4_single_image_edit", "5_export_as_lora"]
@@ -43,7 +41,7 @@ def placed(comfy_server, sd15_checkpoint):
 
 @pytest.fixture(scope="module")
 def object_info(comfy_server, placed):
-    return comfy_server.object_info()
+    return comfy_server.client.object_info()
 
 
 def skip_unless_for_this_version(name, version):
@@ -218,12 +216,12 @@ SMALL = dict(size=64, sample_steps=2, train_steps=2)
 
 @pytest.fixture(scope="module")
 def client(comfy_server, placed):
-    c = comfy_client.Client(comfy_server.url)
+    c = Client(comfy_server.url)
     yield c
     c.close()
 
 
-def run_ok(client, graph, timeout=600) -> comfy_client.Result:
+def run_ok(client, graph, timeout=600) -> Result:
     res = client.run(graph, timeout=timeout)
     assert res.ok, res.error
     return res

@@ -1,21 +1,16 @@
 """Helpers for the workflow, batch, demo and browser tests: PaRa files made for the test
-checkpoint without training, and the workflows/ modules on sys.path."""
+checkpoint without training, and the shipped workflows."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import comfy_env
+from harness import comfyui
 
-WORKFLOWS_DIR = comfy_env.PACK_ROOT / "workflows"
-UI_DIR = comfy_env.PACK_ROOT / "example_workflows"  # the UI-format files (the templates menu)
-if str(WORKFLOWS_DIR) not in sys.path:
-    sys.path.insert(0, str(WORKFLOWS_DIR))
+WORKFLOWS_DIR = comfyui.PACK_ROOT / "workflows"
+UI_DIR = comfyui.PACK_ROOT / "example_workflows"  # the UI-format files (the templates menu)
 
 
 def core():
-    if str(comfy_env.PACK_ROOT) not in sys.path:
-        sys.path.insert(0, str(comfy_env.PACK_ROOT))
     import para_core
     return para_core
 
@@ -54,7 +49,7 @@ def make_subject_file(path: Path, checkpoint: Path, seed: int, rank: int = 4, pr
 
 
 def api_workflows() -> dict[str, dict]:
-    import api_graph
+    from workflows import api_graph
     return {name: api_graph.load(name) for name in api_graph.names()}
 
 
@@ -69,7 +64,7 @@ def install_placeholders(server, checkpoint: Path, size: int = 64) -> dict[str, 
     name), PaRa files (random subjects for it), the LoRA (a PaRa file, which the stock loader
     reads), the training-image folder (drawn, with captions) and the image to edit.
     Idempotent. Returns {kind: [names]}."""
-    import demo
+    from workflows import demo
     made: dict[str, list[str]] = {}
     for graph in api_workflows().values():
         for node in graph.values():

@@ -42,16 +42,15 @@ import json
 import signal
 import sys
 import time
-import urllib.error
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/ and workflows/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import api_graph  # noqa: E402
-import comfy_client  # noqa: E402
+from harness.client import Client, PromptRejected, Result, describe_rejection  # noqa: E402
+from workflows import api_graph  # noqa: E402
 
 
 class SweepError(ValueError):
@@ -301,7 +300,7 @@ def short(v, n: int = 40) -> str:
 class Runner:
     def __init__(self, servers: list[str], out: Path, max_queued: int = 2, timeout: float | None = None,
                  poll: float = 0.3, log=print):
-        self.clients = [comfy_client.Client(u) for u in servers]
+        self.clients = [Client(u) for u in servers]
         self.down: set[int] = set()
         self.fail_counts = {i: 0 for i in range(len(self.clients))}
         self.out = out
@@ -360,7 +359,7 @@ class Runner:
                     if (not waiting and not active) or time.monotonic() > deadline:
                         break
                     time.sleep(0.2)
-            except (urllib.error.URLError, OSError, ValueError) as e:
+            except (OSError, ValueError) as e:
                 self.log(f"could not clean up on {c.url} ({e}); its queue may still hold jobs of this batch")
             for pid, job in ours.items():
                 job.status = "cancelled"
@@ -398,7 +397,7 @@ class Runner:
                     try:
                         res = self.clients[i].result(job.prompt_id)
                         self.fail_counts[i] = 0
-                    except (urllib.error.URLError, OSError, ValueError) as e:
+                    except (OSError, ValueError) as e:
                         self._server_trouble(i, e, inflight, pending)
                         break
                     if res is None:
@@ -430,11 +429,11 @@ class Runner:
         job.server, job.attempts = c.url, job.attempts + 1
         try:
             job.prompt_id = c.queue(job.graph)
-        except comfy_client.PromptRejected as e:
+        except PromptRejected as e:
             job.status, job.error = "rejected", str(e)
             self.log(f"FAILED job {job.index} ({job.describe()}): ComfyUI rejected it: {e}")
             return
-        except (urllib.error.URLError, OSError, RuntimeError) as e:
+        except (OSError, RuntimeError) as e:
             pending.appendleft(job)
             self._server_trouble(i, e, inflight, pending, force=True)
             return
@@ -443,7 +442,7 @@ class Runner:
         self.log(f"queued job {job.index}/{total} on {c.url}: {job.describe()}")
         if c.last_node_errors:
             self.log(f"warning: job {job.index}: ComfyUI runs only the valid outputs: "
-                     + comfy_client.describe_rejection({"node_errors": c.last_node_errors}))
+                     + describe_rejection({"node_errors": c.last_node_errors}))
 
     def _server_trouble(self, i: int, err, inflight, pending, force: bool = False):
         self.fail_counts[i] += 1
@@ -459,7 +458,7 @@ class Runner:
                 job.status, job.error = "error", f"server {job.server} stopped answering"
         inflight[i] = []
 
-    def _finish(self, i: int, job: Job, res: comfy_client.Result):
+    def _finish(self, i: int, job: Job, res: Result):
         job.seconds = time.monotonic() - job._t0
         if not res.ok:
             job.status, job.error = "error", res.error or "failed"
@@ -472,7 +471,7 @@ class Runner:
             try:
                 self.clients[i].download(item, self.out / name)
                 job.files.append(name)
-            except (urllib.error.URLError, OSError) as e:
+            except OSError as e:
                 job.error = f"could not download {item['filename']}: {e}"
 
 
@@ -661,20 +660,19 @@ def main(argv=None) -> int:
 
 def start_server(base: Path, cpu: bool):
     """A headless ComfyUI on a free loopback port with base as its base directory and this pack
-    in its custom_nodes (tests/comfy_env.py, as the demo does); None (after a message) if it
+    in its custom_nodes (harness.server, as the demo does); None (after a message) if it
     cannot start."""
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    import comfy_env  # noqa: PLC0415
-    root = comfy_env.find_comfyui()
+    from harness import comfyui, server as comfy_server  # noqa: PLC0415
+    root = comfyui.find_comfyui()
     if root is None:
-        print(f"error: --start-server: {comfy_env.COMFYUI_MISSING}", file=sys.stderr)
+        print(f"error: --start-server: {comfyui.COMFYUI_MISSING}", file=sys.stderr)
         return None
     if not (base / "models").is_dir():
         print(f"error: --start-server {base}: no models/ folder there; give a ComfyUI base directory such as the "
               "demo's demo_output/comfyui (run python workflows/demo.py first)", file=sys.stderr)
         return None
     device = "cpu" if cpu or not _has_gpu() else "cuda"
-    server = comfy_env.ComfyServer(root, base_dir=base.resolve(), device=device)
+    server = comfy_server.ComfyServer(root, base_dir=base.resolve(), device=device)
     print(f"starting ComfyUI ({root}) on {server.url} with base directory {base} ...", flush=True)
     try:
         server.start(timeout=180)

@@ -30,14 +30,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/, workflows/, bench/ importable
+    sys.path.insert(0, str(ROOT))
 
-import api_graph  # noqa: E402
-import comfy_client  # noqa: E402
-import comfy_env  # noqa: E402  (finds ComfyUI, builds the test model, runs the server)
-import world  # noqa: E402  (the synthetic world the demo's trained model knows; numpy and PIL only)
+from bench import world  # noqa: E402  (the synthetic world the demo's trained model knows; numpy and PIL only)
+from harness import comfyui, models, server as comfy_server  # noqa: E402  (find ComfyUI, the test model, the server)
+from harness.client import Client, Result, describe_rejection  # noqa: E402
+from workflows import api_graph  # noqa: E402
 
 GET_COMFYUI = f"""ComfyUI was not found. The demo looks in:
   1. $COMFYUI_PATH
@@ -101,7 +100,7 @@ RANDOM_BASE = ("a small SD1.5-format model with random weights: its pictures are
 
 
 def demo_base_path() -> Path:
-    import train_base  # noqa: PLC0415  (bench/; imports numpy only at module level)
+    from bench import train_base  # noqa: PLC0415  (imports numpy only at module level)
     return train_base.cache_dir() / f"para_demo_base_u{DEMO_BASE_UNET_STEPS}.safetensors"
 
 
@@ -113,8 +112,8 @@ def demo_checkpoint(quick: bool, log=print) -> tuple[Path, str]:
     when it is missing and small enough (see DEMO_BASE_UNET_STEPS), else the demo's own smaller
     base, built once with the benchmark's builder (bench/train_base.build) and cached beside it."""
     if quick:
-        return comfy_env.cached_sd15_checkpoint(), RANDOM_BASE
-    import train_base  # noqa: PLC0415
+        return models.cached_sd15_checkpoint(), RANDOM_BASE
+    from bench import train_base  # noqa: PLC0415
     bench = train_base.checkpoint_path()
     what = "the quality benchmark's trained base model of the shapes world (bench/train_base.py)"
     if train_base.is_current(bench):
@@ -231,7 +230,7 @@ class Demo:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def run(self, label: str, graph: dict, timeout: float) -> comfy_client.Result:
+    def run(self, label: str, graph: dict, timeout: float) -> Result:
         print(f"  queue {label}", flush=True)
         t0 = time.monotonic()
         res = self.client.run(graph, timeout=timeout, on_event=ProgressPrinter(graph))
@@ -239,13 +238,13 @@ class Demo:
         self.timings[label] = self.timings.get(label, 0.0) + dt
         if res.node_errors:  # the shipped graphs, filled in by the demo, must be valid as queued
             raise SystemExit(f"workflow {label}: ComfyUI ran only part of it: "
-                             f"{comfy_client.describe_rejection({'node_errors': res.node_errors})}")
+                             f"{describe_rejection({'node_errors': res.node_errors})}")
         if not res.ok:
             raise SystemExit(f"workflow {label} failed: {res.error}\n(ComfyUI log: {self.server.log_path})")
         print(f"    done in {dt:.1f} s", flush=True)
         return res
 
-    def collect_images(self, res: comfy_client.Result, graph: dict, stem: str) -> list[str]:
+    def collect_images(self, res: Result, graph: dict, stem: str) -> list[str]:
         saved = []
         for nid, item in res.files(kinds=("images",)):
             node = graph.get(nid, {})
@@ -362,7 +361,7 @@ class Demo:
 
     def main(self) -> int:
         args = self.args
-        comfy_root = comfy_env.find_comfyui()
+        comfy_root = comfyui.find_comfyui()
         if comfy_root is None:
             print(GET_COMFYUI, file=sys.stderr)
             return 2
@@ -394,7 +393,7 @@ class Demo:
         self.summary["device"] = device
         print(f"ComfyUI:    {comfy_root}\ncheckpoint: {ckpt} ({what})\ndevice:     {device}\n"
               f"settings:   {json.dumps(self.s)}\noutput:     {self.out}", flush=True)
-        self.server = comfy_env.ComfyServer(comfy_root, base_dir=self.out / "comfyui",
+        self.server = comfy_server.ComfyServer(comfy_root, base_dir=self.out / "comfyui",
                                             device="cuda" if self.gpu else "cpu")
         self.server.add_model("checkpoints", ckpt, self.ckpt_name)
         self.results: dict[str, Path] = {}
@@ -409,9 +408,11 @@ class Demo:
             if self.server.import_failures():
                 raise SystemExit(f"this pack failed to import in ComfyUI: {self.server.import_failures()}\n"
                                  f"{self.server.log_tail()}")
-            self.client = comfy_client.Client(self.server.url)
+            self.client = Client(self.server.url)
             self.node_types = set(self.client.object_info())
-            if self.client.events() is None:
+            try:
+                self.client.listen()
+            except OSError:
                 print(f"(no live progress: /ws did not answer: {self.client.ws_error})", flush=True)
             print("workflow 1: train a subject from captioned images, then generate (two subjects)", flush=True)
             para_a = self.train_subject("sks")

@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as a script: the repo root makes harness/ importable
+    sys.path.insert(0, str(HERE.parent))
 API_DIR = HERE / "api"
 # The UI files, where ComfyUI's templates menu looks first (0.3.64 and 0.33 list a pack's
 # example_workflows/ and, with a "consider renaming" log line, workflows/ and others).
@@ -364,20 +366,20 @@ def build_all(object_info: dict, version: str | None = None) -> dict[str, str]:
 
 def fetch_object_info(server: str | None) -> tuple[dict, str]:
     """(/object_info, the ComfyUI version) of a running server, or of one started here."""
-    import urllib.request
+    from harness import comfyui  # noqa: PLC0415
+    from harness.client import Client  # noqa: PLC0415
+    from harness.server import ComfyServer  # noqa: PLC0415
 
-    def get(url, path):
-        with urllib.request.urlopen(url.rstrip("/") + path, timeout=120) as r:
-            return json.loads(r.read())
+    def info(client):
+        return client.object_info(), client.get("/system_stats")["system"]["comfyui_version"]
 
     if server:
-        return get(server, "/object_info"), get(server, "/system_stats")["system"]["comfyui_version"]
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    import comfy_env
-    if comfy_env.find_comfyui() is None:
-        sys.exit(comfy_env.COMFYUI_MISSING)
-    with comfy_env.ComfyServer() as srv:
-        return srv.object_info(), get(srv.url, "/system_stats")["system"]["comfyui_version"]
+        with Client(server, timeout=120) as client:
+            return info(client)
+    if comfyui.find_comfyui() is None:
+        sys.exit(comfyui.COMFYUI_MISSING)
+    with ComfyServer() as srv:
+        return info(srv.client)
 
 
 # ComfyUI's templates menu shows <name>.jpg beside <name>.json in a pack's template folder

@@ -16,7 +16,8 @@ from typing import Any, Dict
 
 import torch
 
-from .fileformat import ParaError, atomic_write
+from .errors import ParaError
+from .write import atomic_write
 
 __all__ = ["TRAINER_STATE_VERSION", "trainer_state_path", "save_trainer_state", "load_trainer_state"]
 

@@ -5,10 +5,10 @@ It reaches the model the way ComfyUI's own trainer does (comfy_extras/nodes_trai
 the loop instead of sampling. Noise, sigmas and the loss come from the model's own
 ``model_sampling``, so eps, v-prediction and flow models train the same way.
 
-Only B is trainable (``ParaForward``; ``ReferenceForward`` trains U and D instead, the reference
-code's parametrization). Each adapted layer's ``forward`` is replaced for the run (and restored in a
-``finally``) by para_core's activation-side forward on the layer's own weight: no copy of the
-base weights is made per step, and no full weight gradient is ever formed.
+What it trains is a ``LayerForwards`` (nodes/adapters/: ``ParaForward`` trains B, ``ReferenceForward``
+U and D, the reference code's parametrization). Each adapted layer's ``forward`` is replaced for the
+run (and restored in a ``finally``) by para_core's forward on the layer's own weight: no copy of
+the base weights is made per step, and no full weight gradient is ever formed.
 Every step's randomness (images, noise, sigmas) is drawn from generators seeded by
 (seed, step), never from the global RNG: a run resumed at step k continues exactly like one that
 never stopped.
@@ -32,13 +32,13 @@ import comfy.samplers
 import comfy.utils
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 
+from ..para_core.errors import ParaError
 from .dynamic_vram import is_out_of_memory
-from .patching import dequantize_tensor
 
-from ..para_core import ParaError, basis_batched
-from ..para_core.train import cheaper_side, forward_activation_side, forward_weight_side, is_linear, layer_op
-from ..para_core.reference import (cheaper_side_reference, forward_reference_activation_side,
-                                   forward_reference_weight_side)
+try:  # 0.3x: quantized checkpoints (fp8/int8 "mixed precision" files) hold QuantizedTensor weights
+    from comfy.quant_ops import QuantizedTensor
+except ImportError:  # 0.3.64
+    QuantizedTensor = None
 
 log = logging.getLogger("ComfyUI-PaRa")
 
@@ -133,6 +133,13 @@ def diffusion_loss_sum(model_sampling, denoised, x0, sigma) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- the adapted layers
 
+def dequantize_tensor(w: torch.Tensor) -> torch.Tensor:
+    """A QuantizedTensor's float value; any other tensor unchanged."""
+    if QuantizedTensor is not None and isinstance(w, QuantizedTensor):
+        return w.dequantize()
+    return w
+
+
 def _weight_and_bias(module, x):
     """The layer's weight and bias as its own forward would use them: ComfyUI's cast ops (dtype
     casting, low-VRAM offload, patches applied on the fly), or the plain tensors."""
@@ -143,19 +150,13 @@ def _weight_and_bias(module, x):
     return module.weight.to(x.dtype), b
 
 
-def _output_positions(module, x, channel_dim) -> int:
-    if channel_dim == -1:
-        return x.numel() // x.shape[-1]
-    stride = math.prod(getattr(module, "stride", (1,)))
-    return max(1, x.shape[0] * math.prod(x.shape[2:]) // stride)
-
-
 _MISSING = object()
 
 
 class LayerForwards:
-    """Forward overrides of the adapted layers, put in place by install() and taken out exactly by
-    remove() (what TrainingRun drives). Subclasses give parameters() and _forward_for(name, module)."""
+    """What a TrainingRun trains: forward overrides of the adapted layers, put in place by
+    install() and taken out exactly by remove(). Subclasses (nodes/adapters/: ParaForward,
+    ReferenceForward) give parameters() and _forward_for(name, module)."""
 
     def __init__(self, modules: Dict[str, torch.nn.Module]):
         self.modules = modules
@@ -182,95 +183,6 @@ class LayerForwards:
 
     def _forward_for(self, name: str, module: torch.nn.Module):
         raise NotImplementedError
-
-
-class ParaForward(LayerForwards):
-    """The trainable B of every adapted layer and the forward override that uses them."""
-
-    def __init__(self, modules: Dict[str, torch.nn.Module], B: Dict[str, torch.nn.Parameter], side: str = "auto"):
-        super().__init__(modules)
-        self.B = B
-        self.side = side  # "auto", or "activation"/"weight" to force one (bench/train.py compares them)
-        self.Q: Dict[str, torch.Tensor] = {}
-        self.sides: Dict[str, str] = {}
-
-    def parameters(self) -> List[torch.nn.Parameter]:
-        return list(self.B.values())
-
-    def prepare_step(self) -> None:
-        # One batched QR per distinct B shape instead of one per layer.
-        self.Q = basis_batched(self.B)
-
-    def remove(self) -> None:
-        super().remove()
-        self.Q = {}
-
-    def _forward_for(self, name, module):
-        op = layer_op(module)
-        channel_dim = -1 if is_linear(module) else 1
-        inner = math.prod(module.weight.shape[1:])
-        rank = self.B[name].shape[1]
-        grouped = getattr(module, "groups", 1) != 1
-
-        def forward(x, *args, **kwargs):
-            W0, b = _weight_and_bias(module, x)
-            # With a backward pass the weight side would form the full weight gradient
-            # g^T x (as costly as the layer itself); the activation side only adds rank-r
-            # products of the outputs, so it wins for every layer wider than 6 r
-            # (para_core.train.cheaper_side; measured in bench/train.py).
-            if grouped:
-                side = "activation"
-            elif self.side != "auto":
-                side = self.side
-            else:
-                side = cheaper_side(_output_positions(module, x, channel_dim), inner, rank=rank,
-                                    backward=torch.is_grad_enabled())
-            self.sides[name] = side
-            fwd = forward_activation_side if side == "activation" else forward_weight_side
-            return fwd(op, x, W0, b, self.Q[name], channel_dim)
-
-        return forward
-
-
-class ReferenceForward(LayerForwards):
-    """The reference code's parametrization (spec section 1b): trainable U (out, r) and
-    D (r, in*kh*kw) per layer, float32 masters, forward y = W0 x + b - U (D x)
-    (para_core.reference). ``side``: "auto", or "activation"/"weight" to force one."""
-
-    def __init__(self, modules: Dict[str, torch.nn.Module], U: Dict[str, torch.nn.Parameter],
-                 D: Dict[str, torch.nn.Parameter], side: str = "auto"):
-        super().__init__(modules)
-        missing = set(modules) ^ set(U) | set(modules) ^ set(D)
-        if missing:
-            raise ParaError(f"ReferenceForward: layer {sorted(missing)[0]} needs a module, a U and a D.")
-        self.U, self.D = U, D
-        self.side = side
-        self.sides: Dict[str, str] = {}
-
-    def parameters(self) -> List[torch.nn.Parameter]:
-        return [p for name in self.U for p in (self.U[name], self.D[name])]
-
-    def _forward_for(self, name, module):
-        op = layer_op(module)
-        channel_dim = -1 if is_linear(module) else 1
-        out, inner = module.weight.shape[0], math.prod(module.weight.shape[1:])
-        rank = self.U[name].shape[1]
-        grouped = getattr(module, "groups", 1) != 1
-
-        def forward(x, *args, **kwargs):
-            W0, b = _weight_and_bias(module, x)
-            if grouped:  # D x is no grouped conv; U D has W0's shape, so the weight side works
-                side = "weight"
-            elif self.side != "auto":
-                side = self.side
-            else:
-                side = cheaper_side_reference(_output_positions(module, x, channel_dim), out, inner, rank=rank,
-                                              backward=torch.is_grad_enabled())
-            self.sides[name] = side
-            fwd = forward_reference_activation_side if side == "activation" else forward_reference_weight_side
-            return fwd(op, x, W0, b, self.U[name], self.D[name], channel_dim)
-
-        return forward
 
 
 class GradientCheckpointing:

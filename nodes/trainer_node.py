@@ -1,7 +1,7 @@
 """PaRa Trainer: MODEL + latents + conditioning -> MODEL with the trained adapter, PARA, loss.
 
 The node checks its inputs (every error names the input), builds B for the selected layers
-(or takes it from a PaRa file / trainer checkpoint), hands the loop to training.py, writes
+(or takes it from a PaRa file / trainer checkpoint), hands the loop to training_loop.py, writes
 checkpoints into models/para, and applies the result through PaRa Apply's patching."""
 from __future__ import annotations
 
@@ -22,14 +22,17 @@ import folder_paths
 
 from ..para_core import (PRESET_NAMES, DEFAULT_PRESET, ParaError, ParaState, PresetError, build_metadata, check_fits,
                          load_para, save_para, select_layers)
-from ..para_core.reduction import RankCap, effective_rank
-from ..para_core.train import DEFAULT_INIT, INIT_METHODS, init_B, is_linear
-from ..para_core.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS, init_reference, reference_state
-from ..para_core.trainstate import load_trainer_state, save_trainer_state, trainer_state_path
+from ..para_core.functional import reference
+from ..para_core.functional.base import RankCap, effective_rank, is_linear
+from ..para_core.functional.projection import DEFAULT_INIT, INIT_METHODS, init_B
+from ..para_core.functional.reference import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS
+from ..para_core.state import reference_state
+from ..para_core.trainer_state import load_trainer_state, save_trainer_state, trainer_state_path
 from .para_nodes import CATEGORY, para_files
 from .patching import apply_para, layer_shapes, model_family, model_fingerprint, original_weight
-from .training import (OPTIMIZERS, TRAINING_DTYPES, ParaForward, ReferenceForward, TrainSettings, TrainingRun,
-                       generator_for)
+from .adapters.para import ParaForward
+from .adapters.reference import ReferenceForward
+from .training_loop import OPTIMIZERS, TRAINING_DTYPES, TrainSettings, TrainingRun, generator_for
 from .dynamic_vram import training_patcher
 from .previews import Previews, preview_inputs, preview_output
 from .types import PARA
@@ -175,14 +178,14 @@ class PaRaTrainer(io.ComfyNode):
             log.warning("PaRa: %s was trained with parametrization %s; continuing it as %s (input 'parametrization' "
                         "is %s).", resume_from, resume.parametrization, resume.parametrization, parametrization)
             parametrization = resume.parametrization
-        reference = parametrization == "reference"
+        is_reference = parametrization == reference.KIND
         if resume is None:
             spec = custom or layers
             names = choose_layers(shapes, spec, layers_input, family)
             ranks = choose_ranks(names, shapes, rank, rank_cap, rank_ratio)
             gen = generator_for(seed, "init")
-            if reference:  # U0 = QR(B0), D0 = U0^T W0 (spec section 1b)
-                UD0 = {l: init_reference(original_weight(model, l), ranks[l], init, gen) for l in names}
+            if is_reference:  # U0 = QR(B0), D0 = U0^T W0 (docs/spec.md section 1b)
+                UD0 = {l: reference.init(original_weight(model, l), ranks[l], init, gen) for l in names}
                 B0 = {l: UD0[l][0] for l in names}
                 D0 = {l: UD0[l][1] for l in names}
             else:
@@ -191,7 +194,7 @@ class PaRaTrainer(io.ComfyNode):
         else:
             spec = resume.para.metadata.get("para.layers", "") or "custom"
             names = resume.layers
-            if reference:
+            if is_reference:
                 B0 = {l: resume.para.U[l].float() for l in names}
                 D0 = {l: resume.para.D[l].float() for l in names}
             else:
@@ -207,7 +210,7 @@ class PaRaTrainer(io.ComfyNode):
         device = model.load_device
         # float32 masters whatever the training dtype (the authors' code keeps them in bf16)
         B = {l: torch.nn.Parameter(B0[l].detach().float().clone().to(device)) for l in names}
-        if reference:
+        if is_reference:
             D = {l: torch.nn.Parameter(D0[l].detach().float().clone().to(device)) for l in names}
             adapter = ReferenceForward(modules, B, D)
         else:
@@ -563,7 +566,7 @@ class Checkpoints:
         if run.optimizer_state_valid:
             # Trainer state first: the PaRa file, which the resume list shows, appears last, so a
             # listed checkpoint always has its state (a crash in between leaves an unlisted
-            # .trainer.pt, removed at the next start: fileformat.remove_stale_temp_files).
+            # .trainer.pt, removed at the next start: para_core.write.remove_stale_temp_files).
             save_trainer_state(self.info.trainer_state(run, os.path.basename(path), reason), tpath)
         try:
             save_para(self.info.state(run, reason), path)

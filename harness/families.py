@@ -3,7 +3,7 @@ built at test time with random weights and detected by ComfyUI's own model detec
 
 Each builder writes a diffusion-model-only safetensors file (fp16, bare keys, what ComfyUI's
 "Load Diffusion Model" node reads from models/diffusion_models) into the test cache
-(comfy_env.cache_dir()/families, never into the repo). The shapes are the smallest that ComfyUI
+(harness.models.cache_dir()/families, never into the repo). The shapes are the smallest that ComfyUI
 still detects as that family (see /work notes: detection reads sizes from the weights):
 
 | family | ComfyUI class | what is cut |
@@ -20,19 +20,16 @@ model expects (``conditioning()``). The same module is also a tiny ComfyUI custo
 (``PaRaTestFamilyInputs``, V1 API) that the server tests link into custom_nodes/: it outputs
 that conditioning and random latents, so every other node of a graph is the real one.
 
-Only the standard library is imported at module level (ComfyUI imports this file as a node).
+Only the standard library is imported at module level: ComfyUI imports this file on its own, as
+a single-file node outside any package, so the builders import the rest of the harness inside
+the functions that only the test process calls.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-_HERE = Path(os.path.realpath(__file__)).parent
-if str(_HERE) not in sys.path:
-    sys.path.insert(0, str(_HERE))
 
 BUILDER_VERSION = "1"
 
@@ -183,13 +180,13 @@ def weight_shapes(name: str, real: bool = False) -> dict:
 
 def build(name: str, path, seed: int = 0) -> Path:
     """Write the family's small diffusion model (fp16, bare keys) to path, atomically.
-    Needs ComfyUI importable (comfy_env.setup_comfy())."""
+    Needs ComfyUI importable (harness.comfyui.setup_comfy())."""
     import torch
-    import comfy_env
+    from harness import models
     family(name)
     t0 = time.perf_counter()
     with torch.no_grad():
-        module = comfy_env.init_weights_(_module(name), seed)
+        module = models.init_weights_(_module(name), seed)
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
         del module
         if name == "sd2v":
@@ -198,9 +195,9 @@ def build(name: str, path, seed: int = 0) -> Path:
     meta = {"modelspec.title": f"PaRa test {name} (random weights, not a real model)",
             "para_test.family": name, "para_test.builder_version": BUILDER_VERSION, "para_test.seed": str(seed),
             "para_test.config": _config_tag(name)}
-    comfy_env._atomic_save(tensors, Path(path), meta)
+    models.atomic_save(tensors, Path(path), meta)
     n = sum(v.numel() for v in tensors.values())
-    print(f"[family_models] built {name}: {n / 1e6:.1f}M params, {Path(path).stat().st_size / 2**20:.0f} MiB "
+    print(f"[harness.families] built {name}: {n / 1e6:.1f}M params, {Path(path).stat().st_size / 2**20:.0f} MiB "
           f"in {time.perf_counter() - t0:.1f}s -> {path}", file=sys.stderr)
     return Path(path)
 
@@ -210,8 +207,8 @@ def file_name(name: str) -> str:
 
 
 def _is_current(path: Path, name: str, seed: int) -> bool:
-    import comfy_env
-    meta = comfy_env.cached_metadata(path)
+    from harness import models
+    meta = models.cached_metadata(path)
     if meta is None:
         return False
     return (meta.get("para_test.family") == name and meta.get("para_test.builder_version") == BUILDER_VERSION
@@ -220,10 +217,10 @@ def _is_current(path: Path, name: str, seed: int) -> bool:
 
 def cached(name: str, seed: int = 0) -> Path:
     """The family's test model in the cache, built when missing or stale."""
-    import comfy_env
+    from harness import models
     # One folder per ComfyUI version: module layouts differ between versions (e.g. Lumina 2's
     # norm_final exists only in newer ones), and every tensor of a model must be initialised.
-    folder = comfy_env.cache_dir() / "families" / comfyui_version()
+    folder = models.cache_dir() / "families" / comfyui_version()
     path = folder / (file_name(name) if seed == 0 else f"test_{name}_s{seed}.safetensors")
     if not _is_current(path, name, seed):
         build(name, path, seed)

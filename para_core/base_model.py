@@ -19,12 +19,15 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 from safetensors import safe_open
 
-from .fileformat import (PREFIX, SUFFIXES, _LORA_MARKERS, ParaError, ParaState, _read_header,
-                         atomic_save_safetensors, check_fingerprint, check_finite_result, check_fits, fingerprint)
+from .errors import ParaError
+from .fit import check_fingerprint, check_fits, fingerprint
+from .functional import projection, reference
+from .functional.base import check_finite
 from .merge import MERGE_MODES, merge_states
 from .quantized import dequantize, find_quantized, requantize
-from .reduction import reduce_weight_general
-from .reference import reduce_weight_reference
+from .read import LORA_MARKERS, read_header
+from .state import PREFIX, SUFFIXES, ParaState
+from .write import atomic_save_safetensors
 
 __all__ = ["Checkpoint", "bake", "fit_states", "combined_factors", "LAYOUTS"]
 
@@ -63,20 +66,20 @@ class Checkpoint:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise ParaError(f"{self.path}: no such checkpoint file.")
-        header = _read_header(self.path, what="checkpoint")
-        self.metadata: Dict[str, str] = dict(header.get("__metadata__") or {})
-        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        self.keys: List[str] = list(self._entries)
+        header = read_header(self.path, what="checkpoint")
+        self.metadata: Dict[str, str] = dict(header.metadata)
+        self._shapes = header.shapes
+        self.keys: List[str] = header.keys
         if any(k.endswith(SUFFIXES) for k in self.keys):
             raise ParaError(f"{self.path}: this is a PaRa file, not a checkpoint. Give the base model's checkpoint "
                             "(the .safetensors from models/checkpoints or models/diffusion_models).")
-        if any(m in k for k in self.keys for m in _LORA_MARKERS):
+        if any(m in k for k in self.keys for m in LORA_MARKERS):
             raise ParaError(f"{self.path}: this is a LoRA file, not a checkpoint. Give the base model's checkpoint.")
         self.layout = self._detect_layout()
         prefix = LAYOUTS[self.layout]
         self._layer_keys: Dict[str, str] = {}
-        for k, e in self._entries.items():
-            if not (k.startswith(prefix) and k.endswith(".weight")) or len(e.get("shape", ())) < 2:
+        for k, shape in self._shapes.items():
+            if not (k.startswith(prefix) and k.endswith(".weight")) or len(shape) < 2:
                 continue
             if not prefix and k.startswith(_NOT_DIFFUSION):
                 continue
@@ -103,7 +106,7 @@ class Checkpoint:
 
     def layer_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """{"diffusion_model.<path>": shape} for every >= 2-D ``.weight`` (from the header, no data read)."""
-        return {l: tuple(int(d) for d in self._entries[k]["shape"]) for l, k in self._layer_keys.items()}
+        return {l: self._shapes[k] for l, k in self._layer_keys.items()}
 
     def key(self, layer: str) -> str:
         """The key under which ``layer``'s weight is stored in this file."""
@@ -175,14 +178,14 @@ class Checkpoint:
 
     def scale(self, spec):
         """The stored scale tensor of a quantized weight (None when the file lacks it)."""
-        return self.tensor(spec.scale_key) if spec.scale_key in self._entries else None
+        return self.tensor(spec.scale_key) if spec.scale_key in self._shapes else None
 
     def weight_slice(self, layer: str):
         """A lazy safetensors slice of ``layer``'s weight (nothing read until indexed)."""
         return self._handle().get_slice(self.key(layer))
 
     def fingerprint(self, layers: Sequence[str]) -> str:
-        """fileformat.fingerprint of these layers' weights, reading only the sampled entries."""
+        """fit.fingerprint of these layers' weights, reading only the sampled entries."""
         key = tuple(sorted(layers))
         if key not in self._fingerprints:
             self._fingerprints[key] = fingerprint(_LazyWeights(self, key))
@@ -257,10 +260,11 @@ def bake(ckpt, items: Sequence[Tuple[ParaState, float]], mode: str = "sum", out_
             # W0 - sum_i s_i U_i D_i (reference parametrization, only 'sum' combines them)
             strengths = [_check_strength(s, st.name) for st, (_, s) in zip(states, items)]
             ref = merge_states(list(states), strengths, mode if len(states) > 1 else "sum")
-            adapted = {ckpt.key(l): ("reference", ref.U[l], ref.D[l]) for l in ref.layers if ref.U[l].shape[1] > 0}
+            adapted = {ckpt.key(l): (reference.reduce_weight, ref.U[l], ref.D[l]) for l in ref.layers
+                       if ref.U[l].shape[1] > 0}
         else:
             factors = combined_factors(states, [s for _, s in items], mode)
-            adapted = {ckpt.key(l): ("general", U, V) for l, (U, V) in factors.items() if U.shape[1] > 0}
+            adapted = {ckpt.key(l): (projection.reduce_weight, U, V) for l, (U, V) in factors.items() if U.shape[1] > 0}
         tensors: Dict[str, torch.Tensor] = {}
         rescaled: Dict[str, torch.Tensor] = {}  # new scales of requantized weights
         for key in ckpt.keys:
@@ -270,10 +274,10 @@ def bake(ckpt, items: Sequence[Tuple[ParaState, float]], mode: str = "sum", out_
             t = ckpt.tensor(key)
             spec = ckpt.quantized(key) if key in adapted else None
             if key in adapted:
-                form, U, V = adapted[key]
+                reduce_weight, U, V = adapted[key]
                 w = t if spec is None else dequantize(t, ckpt.scale(spec), spec, f"{ckpt.path}: weight {key}")
-                w = (reduce_weight_reference if form == "reference" else reduce_weight_general)(w, U, V, 1.0)
-                check_finite_result(w, ", ".join(st.source or st.name for st in states), f"the baked weight {key} of {ckpt.name}")
+                w = reduce_weight(w, U, V, 1.0)
+                check_finite(w, ", ".join(st.source or st.name for st in states), f"the baked weight {key} of {ckpt.name}")
                 if spec is None:
                     t = w
                 else:  # back into the layer's format, with a scale for the new weight

@@ -1,0 +1,181 @@
+"""The (U, V) form of PaRa: W' = W0 - s U (V^T W0) (docs/spec.md sections 1 and 2).
+
+A trained subject has U = V = Q = QR(B) (the paper's equation 3, W0 - Q Q^T W0); a merged file
+stores U and V. The out x out projector is never formed. The verbs, as in reference.py:
+``init_B``, ``delta``, ``reduce_weight``, ``forward_weight_side``, ``output_delta`` /
+``forward_activation_side`` (also ComfyUI's bypass mode), ``cheaper_side``, ``to_lora``,
+``check_tensors``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from ..errors import ParaError
+from .base import add_bias, as_matrix, check_factor, require_pair
+
+__all__ = ["KINDS", "basis", "basis_batched", "INIT_METHODS", "DEFAULT_INIT", "init_B", "delta", "reduce_weight",
+           "forward_weight_side", "output_delta", "forward_activation_side", "cheaper_side", "to_lora",
+           "check_tensors"]
+
+KINDS = ("subject", "merged")
+INIT_METHODS = ("kaiming", "orthogonal", "top-singular", "bottom-singular", "reference")
+# orthogonal: the best of the inits that start from a random subspace, like the paper's, on the
+# pack's measurements; its unit-norm columns also make Adam's step the same relative size in every
+# layer width (kaiming columns are ~sqrt(out/3r) long, so they turn slower).
+DEFAULT_INIT = "orthogonal"
+
+
+def basis(B: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis Q (out, r) of the columns of B, by reduced QR in float32.
+
+    Works on a batch (..., out, r) too. Differentiable (torch.linalg.qr has a backward for
+    full-column-rank inputs with out >= r).
+    """
+    if B.dim() < 2:
+        raise ValueError(f"B must have shape (out, r), got {tuple(B.shape)}")
+    Q, _ = torch.linalg.qr(B.float(), mode="reduced")
+    return Q
+
+
+def basis_batched(Bs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Q for many layers: layers whose B has the same shape share one batched QR call."""
+    groups: Dict[Tuple[Tuple[int, ...], torch.device], list] = {}
+    for name, B in Bs.items():
+        groups.setdefault((tuple(B.shape), B.device), []).append(name)
+    out: Dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        Q = basis(torch.stack([Bs[n] for n in names]))
+        for i, n in enumerate(names):
+            out[n] = Q[i]
+    return out
+
+
+def init_B(weight: torch.Tensor, rank: int, method: str = DEFAULT_INIT, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Initial B (out, rank) in float32 on ``weight``'s device.
+
+    - ``kaiming``: kaiming-uniform random columns (kohya/LoRA's init for a down factor; not
+      what the reference code starts from, see ``reference``); a random r-dim subspace is removed
+      at step 0.
+    - ``orthogonal``: random orthonormal columns (same subspace law, better conditioned QR).
+    - ``top-singular``: the top-r left singular vectors of W0 (removes the most energy at once;
+      aggressive).
+    - ``bottom-singular``: the r weakest output directions of W0 (starts closest to the base
+      model; the reduction then grows where the data asks).
+    - ``reference``: what the authors' code starts from: B0 = 0, whose QR is the first r columns
+      of the identity; here B0 = those columns (QR of 0 has no gradient), so Q0 is the same:
+      the layer's first r output channels are removed at step 0.
+    """
+    out = weight.shape[0]
+    if method == "kaiming":
+        B = torch.empty(out, rank)
+        bound = math.sqrt(6.0 / ((1 + 5) * rank))  # kaiming_uniform_(a=sqrt(5)) with fan_in = rank
+        B.uniform_(-bound, bound, generator=generator)
+    elif method == "orthogonal":
+        G = torch.randn(out, rank, generator=generator)
+        B = torch.linalg.qr(G, mode="reduced")[0]
+    elif method == "reference":
+        B = torch.eye(out, rank)
+    elif method in ("top-singular", "bottom-singular"):
+        W = weight.detach().reshape(out, -1).float().cpu()
+        Uw, _, _ = torch.linalg.svd(W, full_matrices=False)
+        B = Uw[:, :rank].clone() if method == "top-singular" else Uw[:, -rank:].clone()
+        if B.shape[1] < rank:  # fewer singular directions than rank: pad with random ones
+            B = torch.cat([B, torch.randn(out, rank - B.shape[1], generator=generator)], 1)
+    else:
+        raise ValueError(f"unknown B initialisation {method!r}; use one of {', '.join(INIT_METHODS)}")
+    return B.to(weight.device)
+
+
+# ---------------------------------------------------------------- weight side
+
+def delta(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, strength: float = 1.0,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """-s U (V^T W0), shaped like ``weight``: the exact change of the weight, computed in ``dtype``
+    (float32 where a weight is patched or written; the training dtype in the trainer's forward)."""
+    W = as_matrix(weight).to(dtype)
+    Ud, Vd = U.to(W.device, dtype), V.to(W.device, dtype)
+    return (Ud @ (Vd.t() @ W)).mul_(-float(strength)).reshape(weight.shape)
+
+
+def reduce_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """W0 - s U (V^T W0), computed in float32 and returned in ``weight``'s dtype."""
+    if U.shape != V.shape or U.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"factors of shape {tuple(U.shape)}/{tuple(V.shape)} do not fit a weight of shape {tuple(weight.shape)}")
+    return (weight.float() + delta(weight, U, V, strength)).to(weight.dtype)
+
+
+def forward_weight_side(op, x, W0, bias, U, V, channel_dim: int, strength: float = 1.0):
+    """op(x, W0 - s U (V^T W0)) + b, in W0's dtype (``op``: the layer's bias-free op f(x, w))."""
+    return add_bias(op(x, W0 + delta(W0, U, V, strength, W0.dtype)), bias, channel_dim)
+
+
+# ---------------------------------------------------------------- activation side
+
+def output_delta(h: torch.Tensor, U: torch.Tensor, V: torch.Tensor, channel_dim: int,
+                 strength: float = 1.0) -> torch.Tensor:
+    """-s U (V^T h) along ``channel_dim`` (-1 for Linear outputs, 1 for convs), in ``h``'s dtype.
+
+    For h = W0 x (bias excluded) this is (W' - W0) x: the projector acts on the output channels
+    only. ComfyUI's bypass mode has y = W0 x + b and adds output_delta(y - b)."""
+    Ud, Vd = U.to(h.device, h.dtype), V.to(h.device, h.dtype)
+    d = (h.movedim(channel_dim, -1) @ Vd) @ Ud.t()
+    return d.mul_(-float(strength)).movedim(-1, channel_dim)
+
+
+def forward_activation_side(op, x, W0, bias, U, V, channel_dim: int, strength: float = 1.0):
+    """op(x, W0) - s U (V^T op(x, W0)) + b: the same output as forward_weight_side, from the
+    layer's own op (its kernel, its dtype). Grouped convs work only on this side."""
+    h = op(x, W0)
+    return add_bias(h + output_delta(h, U, V, channel_dim, strength), bias, channel_dim)
+
+
+def cheaper_side(tokens: int, inner: int, *, rank: int = 1, backward: bool = False) -> str:
+    """'activation' when projecting the outputs costs less than projecting the weight.
+
+    Forward only: the weight side costs ~4 * out * inner * r flops (independent of the tokens),
+    the activation side ~4 * tokens * out * r, so it wins when the layer sees fewer output
+    positions (tokens, batch included) than its fan-in ``inner`` = in * kh * kw. With a backward
+    pass (training B) the weight side also forms the full weight gradient g^T x (~2 * tokens *
+    out * inner, as much as the layer's own forward) and both sides triple their projection cost;
+    then the activation side wins whenever inner > 6 r, i.e. for every real layer.
+    """
+    if not backward:
+        return "activation" if tokens < inner else "weight"
+    activation = 12 * tokens * rank
+    weight = 2 * tokens * inner + 12 * inner * rank
+    return "activation" if activation <= weight else "weight"
+
+
+# ---------------------------------------------------------------- LoRA, checks
+
+def to_lora(W0: torch.Tensor, U: torch.Tensor, V: torch.Tensor, strength: float = 1.0
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lora_up, lora_down) in float32 with lora_up @ lora_down = -s U (V^T W0) exactly (alpha = rank,
+    scale 1): up = -s U (out, k), down = V^T W0 (k, in*kh*kw); convs up (out, k, 1, 1), down
+    (k, in, kh, kw), as LoCon stores them."""
+    Wm = as_matrix(W0).float()
+    k = U.shape[1]
+    up = -float(strength) * U.float().to(Wm.device)
+    down = V.float().to(Wm.device).t() @ Wm
+    if W0.dim() > 2:
+        up = up.reshape(up.shape[0], k, *([1] * (W0.dim() - 2)))
+        down = down.reshape(k, *W0.shape[1:])
+    return up, down
+
+
+def check_tensors(where: str, layer: str, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A subject layer ({"para_B": B}, B of shape (out, r)) or a merged one ({"para_U": U,
+    "para_V": V}, both (out, k)) as stored in ``where``: complete, 2-D, floating point, finite.
+    Returns the tensors to use (float8 ones upcast)."""
+    if "para_B" in tensors:
+        return {"para_B": check_factor(where, layer, "para_B", tensors["para_B"], "(out, rank)")}
+    require_pair(where, layer, ("para_U", tensors.get("para_U")), ("para_V", tensors.get("para_V")), "merged")
+    U = check_factor(where, layer, "para_U", tensors["para_U"], "(out, rank)")
+    V = check_factor(where, layer, "para_V", tensors["para_V"], "(out, rank)")
+    if U.shape != V.shape:
+        raise ParaError(f"{where}: layer {layer}: para_U {tuple(U.shape)} and para_V {tuple(V.shape)} differ in shape.")
+    return {"para_U": U, "para_V": V}
