@@ -178,6 +178,22 @@ def has_diffusers_names(state) -> bool:
     return state.metadata.get(LAYER_NAMES) == DIFFUSERS
 
 
+def merged_layer_names(states) -> Dict[str, str]:
+    """The metadata a merge of ``states`` needs so that its names still get mapped: PEFT imports
+    keep diffusers names until they meet a model, so a merge of only such states keeps the
+    marker; a merge of diffusers-named with model-named states is refused (their names cannot be
+    matched without the model)."""
+    marked = [has_diffusers_names(st) for st in states]
+    if all(marked):
+        return {LAYER_NAMES: DIFFUSERS} if marked else {}
+    if any(marked):
+        peft_names = ", ".join(st.name for st, m in zip(states, marked) if m)
+        raise ParaError(f"cannot merge {peft_names} (PEFT, with diffusers layer names) with adapters that name the "
+                        "model's layers: the two kinds of names only meet through a model. Apply them one after the "
+                        "other instead (two PaRa Loaders, or PaRa Apply twice).")
+    return {}
+
+
 def base_unknown_message(state) -> str:
     return (f"{state.name}: a PEFT DEFT adapter: it records no base fingerprint, so this pack cannot check that it "
             "was trained on this model's base weights"

@@ -232,7 +232,7 @@ def test_merges_export_when_they_are_sums_of_projections(unet, tmp_path):
     a, b = diffusers_subject(unet, (2,), seed=1), diffusers_subject(unet, (2,), seed=2)
     for mode, ok in (("sum", True), ("union", True), ("sequential", False)):
         merged = merge_states([a, b], [0.7, 1.0], mode)
-        merged.metadata[core_peft.LAYER_NAMES] = core_peft.DIFFUSERS
+        assert core_peft.has_diffusers_names(merged)  # a merge of PEFT imports still maps its names
         if not ok:
             with pytest.raises(ParaError, match="sequential"):
                 core_peft.save_peft(merged, str(tmp_path / mode), {}, {})
@@ -241,6 +241,14 @@ def test_merges_export_when_they_are_sums_of_projections(unet, tmp_path):
         core_peft.save_peft(merged, str(tmp_path / mode), {}, {})
         loaded = PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / mode))
         assert max_diff(peft_weights(loaded), our_weights(unet, merged)) < 1e-5, mode
+
+
+def test_a_peft_import_does_not_merge_with_a_model_named_adapter(unet):
+    a = diffusers_subject(unet, (2,))
+    b = ParaState(kind="subject", B={"diffusion_model." + l: t for l, t in a.B.items()}, source="dog.safetensors")
+    with pytest.raises(ParaError, match="cannot merge subject .*diffusers layer names.*one after the other"):
+        merge_states([a, b], [1.0, 1.0], "sum")
+    assert not core_peft.has_diffusers_names(merge_states([b, b], [1.0, 1.0], "sum"))
 
 
 def test_what_has_no_deft_form_is_refused(unet, tmp_path):
