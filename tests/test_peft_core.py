@@ -302,6 +302,14 @@ def test_cli_export_peft_inspect_and_round_trip(tmp_path, capsys):
         assert torch.equal(back.B[layer], st.B[layer])  # bit for bit
     # PEFT -> LoRA works too (the names are mapped through the checkpoint)
     assert main(["export-lora", "--base", str(ckpt), "--para", str(out), "-o", str(tmp_path / "l.safetensors")]) == 0
+    # and a merge of PEFT folders keeps their names: it still fits the checkpoint (bake, export)
+    assert main(["merge", "--mode", "sum", f"{out}:0.5", f"{out}:0.5", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["bake", "--base", str(ckpt), "--para", str(tmp_path / "m.safetensors"),
+                 "-o", str(tmp_path / "baked.safetensors")]) == 0
+    assert main(["bake", "--base", str(ckpt), "--para", str(out), "-o", str(tmp_path / "baked1.safetensors")]) == 0
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "baked.safetensors")), load_file(str(tmp_path / "baked1.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # 0.5 Q Q^T + 0.5 Q Q^T = Q Q^T
 
 
 def test_cli_errors_are_one_line(unet, tmp_path, capsys, monkeypatch):
