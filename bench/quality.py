@@ -223,7 +223,7 @@ class Comfy:
                         init="reference" if parametrization == "reference" else "kaiming", save_every=0,
                         filename_prefix="quality", resume_from="[none]",
                         custom_layers=layers or train_base.LIVE_LAYER_PATTERNS, trigger_words="", **kw)
-        model, para, loss, _ = out.args
+        model, para, loss, _ = out.args[:4]
         return model, para, loss["loss"]
 
     def train(self, key, images, captions, s: Settings, seed, rank=None, steps=None, layers=None, lr=None):

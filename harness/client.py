@@ -16,7 +16,9 @@ workflows/batch.py, workflows/demo.py and the benchmarks.
 A /ws message is a dict: the message's "data" plus its "type" ("status", "executing",
 "progress", "executed", "execution_start", "execution_cached", "execution_success",
 "execution_error", "execution_interrupted", ...), and "progress_text" ({"node", "text"}) for the
-binary text frames (e.g. PaRa Trainer's loss line). Binary preview images are not kept.
+binary text frames (e.g. PaRa Trainer's loss line), and "preview_image" ({"image_type", "image":
+the encoded bytes, "node" where the frame names it}) for the binary preview frames (a sampler's
+live preview, PaRa Trainer's training previews).
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ from pathlib import Path
 
 import aiohttp
 
-# ComfyUI's binary /ws frame for a node's text (server.py BinaryEventTypes.TEXT).
-_BINARY_TEXT = 3
+# ComfyUI's binary /ws frames (protocol.py BinaryEventTypes): a preview image (4 bytes image type,
+# 1 JPEG / 2 PNG, then the image), a node's text, a preview image with JSON metadata (4 bytes
+# length, the JSON, then the image).
+_BINARY_PREVIEW, _BINARY_TEXT, _BINARY_PREVIEW_WITH_METADATA = 1, 3, 4
 # Events that end a prompt: wait() checks /history at once when one arrives.
 _FINISHED = ("execution_success", "execution_error", "execution_interrupted")
 # Messages kept per connection; older ones are dropped (a long training run sends one per step).
@@ -164,11 +168,23 @@ def _decode(msg: aiohttp.WSMessage) -> dict | None:
         return dict(data if isinstance(data, dict) else {}, type=m.get("type"))
     if msg.type == aiohttp.WSMsgType.BINARY:
         raw = msg.data
-        if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != _BINARY_TEXT:
-            return None  # preview images
-        n = struct.unpack(">I", raw[4:8])[0]
-        return {"type": "progress_text", "node": raw[8:8 + n].decode(errors="replace"),
-                "text": raw[8 + n:].decode(errors="replace")}
+        if len(raw) < 8:
+            return None
+        event, n = struct.unpack(">II", raw[:8])
+        if event == _BINARY_TEXT:
+            return {"type": "progress_text", "node": raw[8:8 + n].decode(errors="replace"),
+                    "text": raw[8 + n:].decode(errors="replace")}
+        if event == _BINARY_PREVIEW:
+            return {"type": "preview_image", "image_type": "image/png" if n == 2 else "image/jpeg",
+                    "image": bytes(raw[8:])}
+        if event == _BINARY_PREVIEW_WITH_METADATA:
+            try:
+                meta = json.loads(raw[8:8 + n])
+            except ValueError:
+                meta = {}
+            meta = meta if isinstance(meta, dict) else {}
+            return {"type": "preview_image", "image_type": meta.get("image_type", "image/jpeg"),
+                    "node": meta.get("node_id"), "image": bytes(raw[8 + n:])}
     return None
 
 

@@ -16,13 +16,14 @@ import folder_paths
 
 from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetensors, build_metadata, export_lora,
                          load_para, merge_states, save_para)
-from ..para_core.write import numbered, remove_stale_temp_files
+from ..para_core.write import NameTaken, numbered, remove_stale_temp_files
 from .patching import apply_para, check_strength, fit_to_model, model_family, model_fingerprint, original_weight
 from .types import PARA, check_model, check_para
 
 log = logging.getLogger("ComfyUI-PaRa")
 CATEGORY = "PaRa"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_FORMATS = ("lora", "peft-deft")
 STRENGTH_TIP = ("How much of the learned subspace to remove: 1.0 = the paper, 0 = the base model, between 0 and 1 "
                 "interpolates, 2 reflects the weights across the subspace (norm-preserving), negative values "
                 "push away from the subject.")
@@ -275,13 +276,25 @@ def save_target(folder: str, prefix: str, input_name: str = "filename_prefix"):
     return full_folder, filename, counter
 
 
-def _save_names(folder: str, prefix: str) -> List[str]:
+def _save_names(folder: str, prefix: str, ext: str = ".safetensors") -> List[str]:
     """The names a save under ``prefix`` may take, in order: ComfyUI's next counter, then the ones
-    after it. The save claims the first free one atomically (para_core.write.atomic_write,
-    exclusive): two ComfyUIs sharing the folder never write over each other's files, even when
-    both listed the folder at the same moment."""
-    full_folder, filename, counter = save_target(folder, check_prefix(prefix, folder))
-    return numbered(lambda n: os.path.join(full_folder, f"{filename}_{n:05}_.safetensors"), counter)
+    after it (<prefix>_NNNNN_<ext>). The save claims the first free one atomically
+    (para_core.write.atomic_write, exclusive; claim_folder): two ComfyUIs sharing the folder never
+    write over each other's files, even when both listed the folder at the same moment."""
+    full_folder, filename, counter = save_target(folder, check_prefix(prefix, folder, len(f"_00001_{ext}")))
+    return numbered(lambda n: os.path.join(full_folder, f"{filename}_{n:05}_{ext}"), counter)
+
+
+def claim_folder(names: List[str]) -> str:
+    """Make the first of ``names`` that no file or folder has, as a new empty folder, and return
+    it: os.mkdir fails when the name exists, so no other writer ever writes into it."""
+    for path in names:
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise NameTaken(f"{names[0]}: this name and the {len(names) - 1} after it are all taken")
 
 
 def _write_into(kind: str, names: List[str], write, done: str) -> io.NodeOutput:
@@ -331,15 +344,25 @@ class PaRaExportLoRA(io.ComfyNode):
                     io.String.Input("filename_prefix", default="PaRa_lora", tooltip="File name prefix inside models/loras."),
                     _strength(),
                     io.Combo.Input("dtype", options=list(DTYPES), default="fp32",
-                                   tooltip="Storage dtype; fp32 reproduces the PaRa weights to float rounding, fp16/bf16 to their rounding.")],
-            outputs=[io.String.Output(display_name="filename", tooltip="The LoRA's name in the Load LoRA list.")],
+                                   tooltip="Storage dtype; fp32 reproduces the PaRa weights to float rounding, fp16/bf16 to their rounding."),
+                    io.Combo.Input("format", options=list(EXPORT_FORMATS), default="lora", optional=True,
+                                   tooltip="lora: a LoRA file in models/loras. peft-deft: a PEFT DEFT adapter folder "
+                                           "(para=true) in models/para for diffusers + peft (PeftModel.from_pretrained); "
+                                           "Linear layers only, base-independent.")],
+            outputs=[io.String.Output(display_name="filename", tooltip="The LoRA's name in the Load LoRA list "
+                                                                       "(peft-deft: the adapter's file in models/para).")],
         )
 
     @classmethod
-    def execute(cls, model, para, filename_prefix, strength, dtype) -> io.NodeOutput:
+    def execute(cls, model, para, filename_prefix, strength, dtype, format="lora") -> io.NodeOutput:
         check_model(model)
         check_para(para)
         strength = check_strength(strength)
+        if check_choice(format, list(EXPORT_FORMATS), "format") == "peft-deft":
+            from .peft import export_peft_node
+            names = _save_names(folder_paths.get_folder_paths("para")[0], filename_prefix, ext="")
+            return export_peft_node(fit_to_model(para, model), model, names, strength,
+                                    DTYPES[check_choice(dtype, list(DTYPES), "dtype")])
         names = _save_names(folder_paths.get_folder_paths("loras")[0], filename_prefix)
         state = fit_to_model(para, model)
         tensors = export_lora(state, lambda l: original_weight(model, l), strength,

@@ -90,6 +90,8 @@ def check_strength(strength: float, what: str = "strength") -> float:
 def fit_to_model(state: ParaState, model) -> ParaState:
     """Validate ``state`` against ``model`` (shapes; fingerprint warning) and resolve its names."""
     shapes = layer_shapes(model)
+    from .peft import to_model_names  # a PEFT DEFT adapter names layers the diffusers way
+    state = to_model_names(state, model, f"this {model_family(model)} model")
     state = check_fits(state, shapes, family=f"this {model_family(model)} model")
     msg = check_fingerprint(state, model_fingerprint(model, state.layers)) if state.metadata.get("para.base_fingerprint") else None
     if msg:

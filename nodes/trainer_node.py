@@ -36,6 +36,7 @@ from .adapters.para import ParaForward
 from .adapters.reference import ReferenceForward
 from .training_loop import OPTIMIZERS, TRAINING_DTYPES, TrainSettings, TrainingRun, generator_for
 from .dynamic_vram import training_patcher
+from .previews import Previews, preview_inputs, preview_output
 from .types import PARA, check_model
 
 log = logging.getLogger("ComfyUI-PaRa")
@@ -145,12 +146,13 @@ class PaRaTrainer(io.ComfyNode):
                                        "and it drifted more (bench/README.md, Quality)."),
                 io.Int.Input("rank_ratio", default=RankCap.DEFAULT_RATIO, min=1, max=4096, optional=True,
                              tooltip="The ratio of rank_cap's reference rules (the code's --loraRatio, default 40)."),
-            ],
+            ] + preview_inputs(),
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied (strength 1)."),
                 PARA.Output(display_name="PARA", tooltip="The trained adapter: save it with PaRa Save."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step, for ComfyUI's Plot Loss Graph node."),
                 io.Int.Output(display_name="steps", tooltip="Steps trained in total."),
+                preview_output(),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -163,7 +165,8 @@ class PaRaTrainer(io.ComfyNode):
     def execute(cls, model, latents, positive, rank, layers, rank_cap, steps, learning_rate, optimizer, batch_size,
                 seed, training_dtype, gradient_checkpointing, init, save_every, filename_prefix, resume_from,
                 custom_layers="", trigger_words="", parametrization=DEFAULT_PARAMETRIZATION,
-                rank_ratio=RankCap.DEFAULT_RATIO) -> io.NodeOutput:
+                rank_ratio=RankCap.DEFAULT_RATIO, preview_every=0, preview_prompt=None, preview_negative=None,
+                preview_seed=0, preview_steps=20, preview_cfg=5.0, preview_vae=None) -> io.NodeOutput:
         check_model(model)
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
@@ -234,11 +237,13 @@ class PaRaTrainer(io.ComfyNode):
             resume.warn_differences(info)
         checkpoints = Checkpoints(filename_prefix, info)
         progress = Progress(steps, node_id)
+        previews = Previews(preview_every, preview_prompt if preview_prompt is not None else positive[:1],
+                            preview_negative, preview_seed, preview_steps, preview_cfg, preview_vae, bar=progress.bar)
         run = TrainingRun(model, samples, positive, adapter, settings, start_step=start,
                           optimizer_state=resume.optimizer_state(optimizer) if resume else None,
                           scaler_state=trainer_state.get("scaler") if trainer_state else None,
                           loss_history=trainer_state.get("loss_history") if trainer_state else None,
-                          on_checkpoint=checkpoints, on_step=progress)
+                          on_checkpoint=checkpoints, on_step=lambda r: (progress(r), previews(r)))
         log.info("PaRa: training %d layers of this %s model (%r), ranks %s, %d trainable parameters, steps %d -> %d",
                  len(names), family, spec, rank_summary(ranks), sum(p.numel() for p in adapter.parameters()), start,
                  steps)
@@ -254,7 +259,8 @@ class PaRaTrainer(io.ComfyNode):
         if getattr(run, "save_errors", None):
             text += (f"\nWARNING: {len(run.save_errors)} checkpoint(s) could not be written (last: {run.save_errors[-1]}); "
                      "the result is only in memory: connect PARA to PaRa Save.")
-        return io.NodeOutput(out_model, state, {"loss": list(run.losses)}, run.step, ui=ui.PreviewText(text))
+        return io.NodeOutput(out_model, state, {"loss": list(run.losses)}, run.step, previews.batch(),
+                             ui=previews.ui(text, cls))
 
 
 # ------------------------------------------------------------------------- validation

@@ -390,6 +390,7 @@ class TrainingRun:
         grad_flags = {n: p.requires_grad for n, p in base.named_parameters()}
         base.requires_grad_(False)
         checkpointing = GradientCheckpointing(base.diffusion_model) if self.settings.gradient_checkpointing else None
+        self.guider, self.checkpointing = model_wrap, checkpointing  # for on_step's previews (nodes/previews.py)
         norms = NormInputCopies(base.diffusion_model)
         self.adapter.install()
         norms.install()

@@ -211,9 +211,11 @@ def _check_strength(s: float, where: str) -> float:
 def fit_states(ckpt: Checkpoint, states: Sequence[ParaState]) -> Tuple[List[ParaState], List[str]]:
     """Check each adapter fits ``ckpt`` (ParaError naming the first layer that does not) and
     compare fingerprints. Returns (states with names resolved, fingerprint warning messages)."""
+    from .peft import base_unknown_message, has_diffusers_names, resolve_for_checkpoint
     shapes = ckpt.layer_shapes()
+    messages = [base_unknown_message(st) for st in states if has_diffusers_names(st)]
+    states = [resolve_for_checkpoint(st, shapes, ckpt.describe()) for st in states]
     fitted = [check_fits(st, shapes, family=ckpt.describe()) for st in states]
-    messages = []
     for st in fitted:
         if st.metadata.get("para.base_fingerprint"):
             msg = check_fingerprint(st, ckpt.fingerprint(st.layers))

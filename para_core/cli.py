@@ -115,7 +115,10 @@ def check_inputs(args) -> None:
     """Every input path names an existing file; checked before torch is imported, so a typo
     fails at once. The message names the path as given (no advice about models/para: the
     command line reads any path)."""
+    from .peft import is_peft_folder  # standard library only
     for path, what in _input_paths(args):
+        if what == "PaRa file" and is_peft_folder(path):
+            continue  # a PEFT DEFT adapter folder (adapter_config.json + adapter_model.safetensors)
         if os.path.isdir(path):
             raise InputError(f"{path}: is a folder; give the path of a {what} (.safetensors)")
         if not os.path.isfile(path):
@@ -273,6 +276,9 @@ def cmd_export_lora(args) -> int:
     from .export import export_lora
     from .read import load_para
     from .write import ARCHITECTURES, atomic_save_safetensors
+    if getattr(args, "format", "lora") == "peft":
+        from .peft_cli import cmd_export_peft
+        return cmd_export_peft(args, _warn)
     state = load_para(args.para)
     _check_output(args.output, [args.para, args.base])
     with Checkpoint(args.base) as ckpt:
@@ -351,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "removed, and whether the base fingerprint matches."),
                        epilog=f"examples:\n  {PROG} inspect dog.safetensors\n"
                               f"  {PROG} inspect dog.safetensors --base v1-5-pruned-emaonly.safetensors --json")
-    p.add_argument("file", metavar="FILE", help="PaRa file (.safetensors)")
+    p.add_argument("file", metavar="FILE", help="PaRa file (.safetensors), or a PEFT DEFT adapter (its folder)")
     p.add_argument("--base", metavar="CKPT", help="the base checkpoint, for ranks of W0/W', energy and fingerprint")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
@@ -379,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--para", required=True, metavar="FILE", help="PaRa file")
     p.add_argument("--strength", type=_finite, default=1.0, metavar="S", help="strength baked into the LoRA (default 1)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="storage dtype (default fp32)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
+    p.add_argument("--format", choices=("lora", "peft"), default="lora",
+                   help="lora (default): a LoRA file; peft: a PEFT DEFT adapter folder (para=true) at OUT, for "
+                        "diffusers + peft (Linear layers only; needs the diffusers package for the names)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file (or, with --format peft, folder) to write")
     p.set_defaults(func=cmd_export_lora)
 
     p = sub.add_parser("bake", formatter_class=fmt, help="write a checkpoint with adapters applied",

@@ -111,6 +111,8 @@ def merge_states(states: Sequence[ParaState], strengths: Sequence[float], mode: 
     for i, s in enumerate(strengths):
         if not (s == s) or s in (float("inf"), float("-inf")):
             raise ParaError(f"strength of input {i + 1} ({states[i].name}) is {s}; give a finite number")
+    from .peft import merged_layer_names  # PEFT imports keep their diffusers names until they meet a model
+    names_metadata = merged_layer_names(states)
     kinds = {st.kind for st in states}
     if reference.KIND in kinds:
         _check_reference_merge(states, kinds, mode)
@@ -140,7 +142,8 @@ def merge_states(states: Sequence[ParaState], strengths: Sequence[float], mode: 
         base_fingerprint=fps.pop() if len(fps) == 1 and same_layers else "",
         merge_mode=mode,
         title="merge(" + ", ".join(f"{st.name}:{s:g}" for st, s in zip(states, strengths)) + f", {mode})",
-        extra={"para.merge_inputs": json.dumps([[st.name, float(s)] for st, s in zip(states, strengths)])},
+        extra={"para.merge_inputs": json.dumps([[st.name, float(s)] for st, s in zip(states, strengths)]),
+               **names_metadata},
     )
     if reference.KIND in kinds:  # W0 - sum_i s_i U_i D_i, the terms concatenated (a reference adapter)
         return reference_state(A, Bm, **fields)

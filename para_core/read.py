@@ -19,7 +19,7 @@ from .functional import projection, reference
 from .state import SUFFIXES, ParaState
 
 __all__ = ["Header", "read_header", "MAX_HEADER_BYTES", "MAX_LAYERS", "LORA_MARKERS", "layer_and_suffix",
-           "layer_kind", "check_layer_tensors", "check_spellings", "load_para"]
+           "layer_kind", "check_layer_tensors", "check_spellings", "read_layers", "load_para"]
 
 # A safetensors header is JSON; a real file's is kilobytes (a checkpoint's: a few MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -122,9 +122,28 @@ def check_spellings(where: str, layers: Iterable[str]) -> None:
         seen.setdefault(key, layer)
 
 
+def read_layers(path: str, groups: Mapping[str, Mapping[str, str]], device: str = "cpu"
+                ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{layer: {name: tensor}} for ``groups`` ({layer: {name: key}}) from the safetensors file
+    ``path`` (whose header read_header has checked): at most MAX_LAYERS layers, refused before any
+    tensor is read; a read that fails is a ParaError naming the file. Unvalidated: each layer goes
+    through check_layer_tensors next."""
+    if len(groups) > MAX_LAYERS:
+        raise ParaError(f"{path}: {len(groups)} layers, more than a PaRa file holds (at most {MAX_LAYERS}); it is not an "
+                        "adapter of a real model.")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            return {layer: {n: f.get_tensor(k) for n, k in names.items()} for layer, names in groups.items()}
+    except Exception as e:
+        raise ParaError(f"{path}: could not read the safetensors file ({e}); it may be corrupt, re-save it.") from None
+
+
 def load_para(path: str, device: str = "cpu") -> ParaState:
     """Load and validate a PaRa file; every problem is a ParaError naming the file."""
     path = os.fspath(path)
+    from . import peft  # PEFT's DEFT adapters (PaRa trained with diffusers + peft): a folder, its config, its weights
+    if os.path.isdir(path) and peft.is_peft_folder(path) or path.endswith(".json") and os.path.isfile(path):
+        return peft.load_peft(path, device)
     if not os.path.isfile(path):
         raise ParaError(f"{path}: no such PaRa file. Put .safetensors files in models/para.")
     header = read_header(path)
@@ -134,14 +153,13 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
         if layer is not None:
             groups.setdefault(layer, {})[name] = k
     if not groups:
+        if any(peft.is_deft_key(k) for k in header.shapes):
+            return peft.load_peft(path, device)
         if any(m in k for k in header.shapes for m in LORA_MARKERS):
             raise ParaError(f"{path}: this is a LoRA file, not a PaRa file (it has lora_up/lora_down-style tensors and no "
                             ".para_B). Load it with ComfyUI's 'Load LoRA' node instead.")
         raise ParaError(f"{path}: no PaRa tensors (*.para_B, *.para_U/*.para_V or *.para_U/*.para_D) in this file; it is "
                         "not a PaRa adapter.")
-    if len(groups) > MAX_LAYERS:
-        raise ParaError(f"{path}: {len(groups)} layers, more than a PaRa file holds (at most {MAX_LAYERS}); it is not an "
-                        "adapter of a real model.")
     check_spellings(path, groups)
     hint = reference.KIND if header.metadata.get("para.kind") == reference.KIND else "merged"
     kinds = {layer: layer_kind(path, layer, names, hint) for layer, names in groups.items()}
@@ -155,16 +173,9 @@ def load_para(path: str, device: str = "cpu") -> ParaState:
                         "(para_U/para_D) adapter.")
     (kind,) = found
     stores: Dict[str, Dict[str, torch.Tensor]] = {"para_B": {}, "para_U": {}, "para_V": {}, "para_D": {}}
-    try:
-        with safe_open(path, framework="pt", device=device) as f:
-            for layer, names in groups.items():
-                tensors = {n: f.get_tensor(k) for n, k in names.items()}
-                _, checked = check_layer_tensors(path, layer, tensors, kind)
-                for n, t in checked.items():
-                    stores[n][layer] = t
-    except ParaError:
-        raise
-    except Exception as e:
-        raise ParaError(f"{path}: could not read the safetensors file ({e}); it may be corrupt, re-save it.") from None
+    for layer, tensors in read_layers(path, groups, device).items():
+        _, checked = check_layer_tensors(path, layer, tensors, kind)
+        for n, t in checked.items():
+            stores[n][layer] = t
     return ParaState(kind=kind, B=stores["para_B"], U=stores["para_U"], V=stores["para_V"], D=stores["para_D"],
                      metadata=dict(header.metadata), source=path)

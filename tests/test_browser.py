@@ -1,7 +1,9 @@
 """The shipped UI workflows in the real ComfyUI frontend (the comfyui-frontend-package the server
 serves), in headless Chromium: each loads with no missing-nodes dialog and no console error,
 the frontend reads back the same nodes, links and widget values, and a screenshot of it is
-saved to workflows/screenshots/<name>.png (shown in the README).
+saved: into workflows/screenshots/<name>.png (the pictures the docs show) when
+PARA_UPDATE_SCREENSHOTS=1 is set, else into the test's temporary folder, so a test run never
+changes the checkout.
 
 The browser is Debian's chromium (or $CHROMIUM), driven by Playwright (pip package playwright;
 its own browser downloads are never needed)."""
@@ -18,6 +20,14 @@ from workflow_helpers import WORKFLOWS_DIR, install_placeholders, ui_workflows
 pytestmark = [pytest.mark.comfyui, pytest.mark.server, pytest.mark.slow]
 
 SHOTS = WORKFLOWS_DIR / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def shots_dir(tmp_path_factory):
+    """Where the screenshots go: the committed pictures only when asked to update them."""
+    if os.environ.get("PARA_UPDATE_SCREENSHOTS") == "1":
+        return SHOTS
+    return tmp_path_factory.mktemp("screenshots")
 # Settings for a clean first start: no template browser, no minimap, no canvas statistics, the
 # open workflows listed in the side bar rather than as tabs above the canvas.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
@@ -126,7 +136,7 @@ def test_page_loads_the_pack_without_errors(browser):
 
 
 @pytest.mark.parametrize("name", sorted(ui_workflows()))
-def test_workflow_loads_in_the_frontend(browser, name, comfyui_version):
+def test_workflow_loads_in_the_frontend(browser, name, comfyui_version, shots_dir):
     from workflows import api_graph
     from workflows import make_ui
     chosen = api_graph.for_comfyui(name, comfyui_version)
@@ -151,7 +161,7 @@ def test_workflow_loads_in_the_frontend(browser, name, comfyui_version):
     assert by_name(graph) == by_name(workflow)
     # The README's pictures come from the frontend of the version whose schemas made the file.
     if make_ui.made_with(name) == comfyui_version:
-        save_screenshot(browser.screenshot(), SHOTS / f"{name}.png")
+        save_screenshot(browser.screenshot(), shots_dir / f"{name}.png")
 
 
 def test_a_missing_node_is_reported_by_the_frontend(browser):

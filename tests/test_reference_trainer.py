@@ -47,7 +47,7 @@ def train(mods, model, lat=None, **kw):
     with torch.inference_mode():
         out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=models.random_conditioning(1),
                                                **dict(BASE, **kw))
-    return out.args
+    return out.args[:4]
 
 
 def snapshot(model):

@@ -50,7 +50,7 @@ def train(mods, model, lat=None, positive=None, **kw):
     positive = models.random_conditioning(1) if positive is None else positive
     with torch.inference_mode():  # as the server runs every node
         out = mods.trainer.PaRaTrainer.execute(model=model, latents=lat, positive=positive, **dict(BASE, **kw))
-    return out.args  # (MODEL, PARA, {"loss": [...]}, steps)
+    return out.args[:4]  # (MODEL, PARA, {"loss": [...]}, steps); [4] is the previews
 
 
 def para_dir():

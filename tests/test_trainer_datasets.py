@@ -50,7 +50,7 @@ def train(trainer, model, latents, positive, listed=True, **kw):
     inputs = dict(as_lists(model=model, **settings) if listed else dict(model=model, **settings))
     with torch.inference_mode():
         out = trainer.PaRaTrainer.execute(latents=latents, positive=positive, **inputs)
-    _, para, loss, steps = out.args
+    _, para, loss, steps = out.args[:4]
     return para, loss["loss"], steps
 
 
