@@ -218,39 +218,39 @@ def cmd_inspect(args) -> int:
         print(json.dumps(data, indent=2))
         return 0
     kind = data["kind"] + (f" (merge mode {data['merge_mode']})" if data["merge_mode"] else "")
-    print(f"file:       {data['file']}")
-    print(f"kind:       {kind}")
-    print(f"layers:     {len(data['layers'])}")
-    print(f"parameters: {_fmt_int(data['parameters'])}")
+    _print(f"file:       {data['file']}")
+    _print(f"kind:       {kind}")
+    _print(f"layers:     {len(data['layers'])}")
+    _print(f"parameters: {_fmt_int(data['parameters'])}")
     lora = data["lora_equivalent_parameters"]
-    print(f"LoRA at the same rank: {_fmt_int(lora)}" + ("" if lora is not None else " (needs --base)"))
+    _print(f"LoRA at the same rank: {_fmt_int(lora)}" + ("" if lora is not None else " (needs --base)"))
     base = data["base"]
     if base:
-        print(f"base:       {base['file']} ({base['family']}, layout {base['layout']})")
+        _print(f"base:       {base['file']} ({base['family']}, layout {base['layout']})")
         match = {True: "matches", False: "DIFFERS", None: "not recorded in the file"}[base["fingerprint_matches"]]
-        print(f"fingerprint: base {base['fingerprint']}, file {base['file_fingerprint'] or '-'} ({match})")
-    print()
+        _print(f"fingerprint: base {base['fingerprint']}, file {base['file_fingerprint'] or '-'} ({match})")
+    _print("")
     width = max(len(l["name"]) for l in data["layers"])
     head = f"  {'layer':<{width}}  {'shape':<12} {'rank':>4}"
     if base:
         head += f"  {'weight shape':<18} {'rank W0':>7} {'rank W' + chr(39):>7} {'energy removed':>14}"
-    print(head)
+    _print(head)
     for l in data["layers"]:
         line = f"  {l['name']:<{width}}  {str(tuple(l['shape'])):<12} {l['rank']:>4}"
         if base:
             line += (f"  {str(tuple(l['base_shape'])):<18} {l['rank_W0']:>7} {l['rank_W']:>7}"
                      f" {100 * l['energy_removed']:>13.3f}%")
-        print(line)
-    print()
-    print("metadata:")
+        _print(line)
+    _print("")
+    _print("metadata:")
     for k, v in data["metadata"].items():
         if k == "para.ranks" and isinstance(v, dict):
-            print(f"  {k}: {len(v)} layers (see the table)")
+            _print(f"  {k}: {len(v)} layers (see the table)")
         elif isinstance(v, (dict, list)):
             body = json.dumps(v, indent=2, sort_keys=True).replace("\n", "\n    ")
-            print(f"  {k}:\n    {body}")
+            _print(f"  {k}:\n    {body}")
         else:
-            print(f"  {k}: {v}")
+            _print(f"  {k}: {v}")
     return 0
 
 

@@ -8,9 +8,10 @@ def cmd_export_peft(args, warn) -> int:
     import torch
     from .base_model import Checkpoint, fit_states
     from .cli import DTYPES
-    from .errors import ParaError
+    from .errors import ParaError, printable
     from .read import load_para
-    from .peft import diffusers_unet_names, peft_paths, report_text, save_peft
+    from .peft import CONFIG_NAME, WEIGHTS_NAME, diffusers_unet_names, peft_paths, report_text, save_peft
+    from .write import check_replaceable
     out = args.output
     if os.path.isfile(out):
         raise ParaError(f"{out}: is a file; --format peft writes a folder (adapter_config.json + "
@@ -18,6 +19,8 @@ def cmd_export_peft(args, warn) -> int:
     found = peft_paths(args.para)  # a PEFT adapter in: never write over its own folder
     if found and os.path.isdir(out) and os.path.samefile(out, os.path.dirname(os.path.abspath(found[1]))):
         raise ParaError(f"{out}: the output would overwrite the input adapter; choose another output folder")
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # a read-only file in the folder: refused before any work
+        check_replaceable(os.path.join(out, name))
     state = load_para(args.para)
     with Checkpoint(args.base) as ckpt:
         (state,), messages = fit_states(ckpt, [state])
@@ -33,5 +36,5 @@ def cmd_export_peft(args, warn) -> int:
     if report["left_out_conv"] or report["left_out_unnamed"]:
         warn(f"{len(report['left_out_conv']) + len(report['left_out_unnamed'])} layer(s) of {state.name} are not in "
              "the PEFT adapter (see below): on those layers it differs from the PaRa file")
-    print(f"wrote {out}: " + report_text(report, args.strength))
+    print(printable(f"wrote {out}: " + report_text(report, args.strength)))
     return 0

@@ -426,3 +426,17 @@ def test_control_characters_in_a_path_are_escaped_in_the_one_error_line(files, c
     line = _one_error_line(err)
     assert "\x1b" not in err and "\r" not in err and "\x07" not in err
     assert "x\\x1b[31mred\\x07 line.safetensors" in line  # escaped; a line break becomes a space
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_read_only_file_in_a_peft_output_folder_is_refused_before_any_work(files, capsys, name):
+    out = files["out"] / "peft_out"
+    out.mkdir()
+    keep = out / name
+    keep.write_bytes(b"the user's file")
+    os.chmod(keep, 0o444)
+    assert main(["export-lora", "--base", str(files["ckpt"]), "--para", str(files["a"]), "--format", "peft",
+                 "-o", str(out)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(keep) in line and "read-only" in line
+    assert sorted(os.listdir(out)) == [name] and keep.read_bytes() == b"the user's file"

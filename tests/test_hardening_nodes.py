@@ -332,6 +332,47 @@ def test_a_name_another_writer_takes_during_a_save_is_never_replaced(mods, tiny_
     assert not [n for n in os.listdir(os.path.dirname(mine)) if n.endswith(".para-tmp")]
 
 
+def test_a_peft_export_never_writes_into_a_folder_another_writer_made(mods, tiny_model, monkeypatch):
+    """format peft-deft writes a folder <prefix>_NNNNN_: another ComfyUI that listed models/para
+    at the same moment made that folder (and wrote its adapter) just after this one listed it."""
+    import folder_paths
+    real, theirs = folder_paths.get_save_image_path, {}
+
+    def listed_then_taken(prefix, folder_, *a, **k):
+        got = real(prefix, folder_, *a, **k)
+        full, filename, counter = got[0], got[1], got[2]
+        other = os.path.join(full, f"{filename}_{counter:05}_")
+        if prefix.startswith("raced_peft") and not theirs:
+            os.makedirs(other)
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                theirs[os.path.join(other, name)] = f"the other server's {name}".encode()
+                with open(os.path.join(other, name), "wb") as f:
+                    f.write(theirs[os.path.join(other, name)])
+        return got
+
+    monkeypatch.setattr(folder_paths, "get_save_image_path", listed_then_taken)
+    st = subject_state(mods, tiny_model, seed=8)
+    out = mods.pn.PaRaExportLoRA.execute(model=tiny_model, para=st, filename_prefix="raced_peft", strength=1.0,
+                                         dtype="fp32", format="peft-deft")
+    assert theirs
+    for path, data in theirs.items():
+        with open(path, "rb") as f:
+            assert f.read() == data, f"{path} was replaced"
+    mine = os.path.join(folder("para"), out.args[0])
+    assert os.path.dirname(mine) != os.path.dirname(next(iter(theirs)))
+    assert sorted(os.listdir(os.path.dirname(mine))) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("prefix, says", [("bad\x00name", "NUL"), ("p" * 250, "too long")])
+def test_a_peft_export_checks_its_prefix_first(mods, tiny_model, prefix, says):
+    st = subject_state(mods, tiny_model, seed=8)
+    before = sorted(os.listdir(folder("para")))
+    with pytest.raises(mods.core.ParaError, match=f"input 'filename_prefix'.*{says}"):
+        mods.pn.PaRaExportLoRA.execute(model=tiny_model, para=st, filename_prefix=prefix, strength=1.0, dtype="fp32",
+                                       format="peft-deft")
+    assert sorted(os.listdir(folder("para"))) == before
+
+
 def test_pack_start_removes_crash_leftovers_that_the_lists_never_show(mods):
     import folder_paths
     dead_pid = 2 ** 22 + 12345  # above the kernel's pid_max default: no such process
