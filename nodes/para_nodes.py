@@ -16,6 +16,7 @@ import folder_paths
 
 from ..para_core import (MERGE_MODES, ParaError, ParaState, atomic_save_safetensors, build_metadata, export_lora,
                          load_para, merge_states, save_para)
+from ..para_core import peft as core_peft
 from ..para_core.write import NameTaken, numbered, remove_stale_temp_files
 from .patching import apply_para, check_strength, fit_to_model, model_family, model_fingerprint, original_weight
 from .types import PARA, check_model, check_para
@@ -60,18 +61,30 @@ def check_choice(value, options, input_name: str):
 _cache: Dict[str, Tuple[tuple, ParaState]] = {}
 
 
-def _file_key(st: os.stat_result) -> tuple:
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _file_key(path: str) -> tuple:
     """What tells one file from another at a path: a file replaced by another of the same size
     and mtime (``cp -p``, ``rsync -a``, a backup restored) has a new inode or at least a new
-    ctime, which no tool can set back."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    ctime, which no tool can set back. A PEFT adapter's weights are read with the
+    adapter_config.json beside them (its decomposition method, its rank): that file counts too."""
+    key = _stat_key(os.stat(path))
+    found = core_peft.peft_paths(path)
+    if found is not None and os.path.abspath(found[1]) == os.path.abspath(path):
+        try:
+            key += _stat_key(os.stat(found[0]))
+        except OSError:
+            pass
+    return key
 
 
 def load_para_cached(name: str) -> ParaState:
     path = folder_paths.get_full_path("para", name)
     if path is None:
         raise ParaError(f"PaRa file {name!r} not found in models/para ({', '.join(folder_paths.get_folder_paths('para'))}).")
-    key = _file_key(os.stat(path))
+    key = _file_key(path)
     hit = _cache.get(path)
     if hit is None or hit[0] != key:
         _cache.clear()  # keep one file's tensors, not every file ever loaded
@@ -85,7 +98,7 @@ def file_stamp(name: str):
     path = folder_paths.get_full_path("para", name)
     if path is None:
         return name
-    return f"{path}:" + ":".join(map(str, _file_key(os.stat(path))))
+    return f"{path}:" + ":".join(map(str, _file_key(path)))
 
 
 def para_files():

@@ -363,6 +363,25 @@ def test_a_peft_export_never_writes_into_a_folder_another_writer_made(mods, tiny
     assert sorted(os.listdir(os.path.dirname(mine))) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_a_peft_adapters_changed_config_is_read_again(mods, tiny_model):
+    """PaRa Load reads a PEFT adapter's weights with its adapter_config.json: a changed config
+    (here para=false, which the pack refuses) is noticed, not served from the cache."""
+    st = subject_state(mods, tiny_model, seed=9)
+    rel = mods.pn.PaRaExportLoRA.execute(model=tiny_model, para=st, filename_prefix="peft_cfg", strength=1.0,
+                                         dtype="fp32", format="peft-deft").args[0]
+    stamp = mods.pn.PaRaLoad.fingerprint_inputs(para_name=rel)
+    mods.pn.PaRaLoad.execute(para_name=rel)
+    config = os.path.join(folder("para"), os.path.dirname(rel), "adapter_config.json")
+    with open(config) as f:
+        cfg = json.load(f)
+    cfg["para"] = False
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    assert mods.pn.PaRaLoad.fingerprint_inputs(para_name=rel) != stamp
+    with pytest.raises(mods.core.ParaError, match="para"):
+        mods.pn.PaRaLoad.execute(para_name=rel)
+
+
 @pytest.mark.parametrize("prefix, says", [("bad\x00name", "NUL"), ("p" * 250, "too long")])
 def test_a_peft_export_checks_its_prefix_first(mods, tiny_model, prefix, says):
     st = subject_state(mods, tiny_model, seed=8)
