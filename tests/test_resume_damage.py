@@ -98,7 +98,7 @@ def damaged_copy(source, case_id, damage):
 def test_the_undamaged_state_resumes(mods, source):
     model, path, _ = source
     _, _, loss, steps = train(mods, model, steps=3, training_dtype="fp16", resume_from=os.path.basename(path),
-                              filename_prefix="rd_ok").args
+                              filename_prefix="rd_ok").args[:4]
     assert steps == 3 and len(loss["loss"]) == 3
 
 
@@ -111,7 +111,7 @@ def test_every_optimizers_own_state_passes_the_check(mods, source, optimizer, pa
           filename_prefix=prefix)
     (name,) = [f for f in os.listdir(para_folder()) if f.startswith(prefix + "_") and f.endswith(".safetensors")]
     _, _, loss, steps = train(mods, model, steps=3, optimizer=optimizer, parametrization=parametrization,
-                              resume_from=name, filename_prefix=prefix + "_more").args
+                              resume_from=name, filename_prefix=prefix + "_more").args[:4]
     assert steps == 3 and len(loss["loss"]) == 3
 
 
