@@ -29,7 +29,7 @@ RESNET = _BLOCK + r"\.(?:in_layers\.2|out_layers\.3|emb_layers\.1|skip_connectio
 RESAMPLE = r"(?:input_blocks\.\d+\.0\.op|output_blocks\.\d+\.\d+\.conv)"
 MIDDLE = r"middle_block\.\d+\..*"
 
-# Transformer families (issue 14): the same intents on DiT / MMDiT block names.
+# Transformer families: the same intents on DiT / MMDiT block names.
 # Image path: attention and MLP weights that the image tokens go through, including the joint
 # blocks that mix image and text tokens (Flux single blocks, Lumina 2 main layers); not the
 # text/context stream (Flux txt_*, SD3 context_block, Lumina 2 context_refiner), the embedders,

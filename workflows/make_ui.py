@@ -204,7 +204,7 @@ def _depths(api: dict) -> dict[str, int]:
 
 
 # Nodes shipped muted (LiteGraph mode 2: not queued) so that the first queue validates: workflow 5
-# loads a LoRA that its own first queue creates (issue 13.12). The note says how to unmute them.
+# loads a LoRA that its own first queue creates. The note says how to unmute them.
 MUTED = {"5_export_as_lora": {"4", "5", "6", "7", "8", "9", "10"}}
 MODE_MUTED = 2
 
