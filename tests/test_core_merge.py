@@ -219,22 +219,27 @@ def _many_layers(n, seed):
     return ParaState(B={f"diffusion_model.l{i}": torch.randn(4, 1, generator=g) for i in range(n)})
 
 
-def test_merge_time_is_linear_in_the_layers():
-    """Twice... four times the layers, about four times the time (a scan per layer made it 16x:
-    10,000 layers took 9 s)."""
-    import time
+def test_merge_does_not_scan_the_layer_list_per_layer(monkeypatch):
+    """The work per layer does not grow with the layers: the layer list of an input is built a
+    fixed number of times, whatever the layer count (a scan per layer made 10,000 layers take 9 s;
+    the time itself is a benchmark's business, not a test's)."""
+    calls = []
+    original = ParaState.layers
 
-    def seconds(n, repeats):
+    def counted(self):
+        calls.append(1)
+        return original.fget(self)
+
+    monkeypatch.setattr(ParaState, "layers", property(counted))
+
+    def listings(n):
         a, b = _many_layers(n, 1), _many_layers(n, 2)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            merge_states([a, b], [1.0, 1.0], "sum")
-            best = min(best, time.perf_counter() - t0)
-        return best
+        calls.clear()
+        merged = merge_states([a, b], [1.0, 1.0], "sum")
+        assert len(merged.layers) == n
+        return len(calls)
 
-    small, large = seconds(2000, 3), seconds(8000, 1)
-    assert large < 8 * small, (small, large)
+    assert listings(10) == listings(300)
 
 
 def test_merge_reports_progress_after_every_layer():
