@@ -527,14 +527,15 @@ def skip_image_scaling(graph: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# File facts for the summary (safetensors headers only: no torch needed)
+# File facts for the summary (safetensors headers only, through safetensors.safe_open: no torch)
 # ------------------------------------------------------------------------------------------
 
 def _header(path: Path) -> tuple[dict, dict]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    meta = header.pop("__metadata__", {}) or {}
+    """({tensor name: {"shape": [...]}}, metadata) of a safetensors file, tensors left unread."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="np") as f:
+        header = {k: {"shape": list(f.get_slice(k).get_shape())} for k in f.keys()}
+        meta = f.metadata() or {}
     return header, meta
 
 
