@@ -108,6 +108,19 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def progress(what: str, step: int, steps: int, t0: float) -> str:
+    """'<what> step k/n (elapsed, ETA)' from the rate so far (steps are of equal cost)."""
+    elapsed = time.time() - t0
+    done = step + 1
+    eta = elapsed / done * (steps - done)
+    return f"{what} step {done}/{steps} ({elapsed:.0f}s, ETA {_duration(eta)})"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 # --------------------------------------------------------------------------------------------
 # Autoencoder
 # --------------------------------------------------------------------------------------------
@@ -228,7 +241,7 @@ def train_decoder(dec, steps: int, batch: int, seed: int, lr: float = 2e-3):
         opt.step()
         sched.step()
         if step % 25 == 0 or step == steps - 1:
-            log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+            log(f"{progress('decoder', step, steps, t0)} loss {loss.item():.4f}")
     return dec
 
 
@@ -377,7 +390,7 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
                 # the EMA weights so far (to judge a long build while it runs; not a cache)
                 snapshot(step + 1, {full_names[p]: e.half() for p, e in ema.items()})
             if step % log_every == 0 or step == steps - 1:
-                log(f"unet step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f}s)")
+                log(f"{progress('UNet', step, steps, t0)} loss {np.mean(losses[-log_every:]):.4f}")
     finally:
         fast.restore()
     with torch.no_grad():
@@ -389,11 +402,23 @@ def train_unet(unet, model_sampling, world_, emb, steps, batch, seed, lr, log_ev
 def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: int = 16,
           unet_steps: int = UNET_STEPS, unet_batch: int = 16, lr: float = UNET_LR, world_limit: int = 0,
           live_resblocks: bool = False, min_snr: float = MIN_SNR, unet_only: bool = False,
-          snapshots: bool = False, live_ff: bool = LIVE_FF, high_noise: float = HIGH_NOISE) -> Path:
+          snapshots: bool = False, live_ff: bool = LIVE_FF, high_noise: float = HIGH_NOISE,
+          threads: int = 0) -> Path:
     """world_limit > 0 keeps only that many single- and two-object captions (tests: a tiny,
     fast, meaningless model of the same format). unet_only: train and cache only the UNet stage
-    (it does not depend on the decoder; two processes can build the two stages at once)."""
+    (it does not depend on the decoder; two processes can build the two stages at once).
+X torch's setting.
+    The log names the four stages first, then each stage as it starts (or is taken from its cache),
+    with the elapsed time and an ETA on every progress line."""
     import torch
+    if threads:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return build(path, seed, decoder_steps, decoder_batch, unet_steps, unet_batch, lr, world_limit,
+                         live_resblocks, min_snr, unet_only, snapshots, live_ff, high_noise)
+        finally:
+            torch.set_num_threads(before)
     from harness import comfyui, models
     comfyui.setup_comfy()
     import comfy.sd
@@ -403,8 +428,13 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
     t_start = time.time()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"building {path.name} in 4 stages (each cached beside it once built): 1 text encoder (seconds), "
+        f"2 decoder ({'skipped' if unet_only else f'{decoder_steps} steps x {decoder_batch}'}), "
+        f"3 caption embeddings, 4 UNet ({unet_steps} steps x {unet_batch}); "
+        f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}")
 
     # 1. text encoder (random, frozen) and autoencoder
+    log("stage 1/4: text encoder and encoder (set, not trained)")
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
     summary_text_encoder_(local_text_encoder_(models.init_weights_(clip, seed + 1)))
     tensors = {}
@@ -417,12 +447,12 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
     # stages are cached, so that retraining one stage with other settings reuses the others
     dec_cache = path.with_name(f"stage_decoder_v{DECODER_STAGE}_s{seed}_{decoder_steps}x{decoder_batch}.pt")
     if unet_only:
-        log("UNet stage only: the decoder is left untrained (stage runs in parallel)")
+        log("stage 2/4: UNet stage only, the decoder is left untrained (stage runs in parallel)")
     elif dec_cache.is_file():
         ae.taesd_decoder.load_state_dict(torch.load(dec_cache, weights_only=True))
-        log(f"decoder from {dec_cache}")
+        log(f"stage 2/4: decoder from {dec_cache}")
     else:
-        log("training the decoder")
+        log(f"stage 2/4: training the decoder ({decoder_steps} steps)")
         train_decoder(ae.taesd_decoder, decoder_steps, decoder_batch, seed + 2)
         _save_stage(ae.taesd_decoder.state_dict(), dec_cache)
     with torch.no_grad():
@@ -445,11 +475,13 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
     captions = [""] + w.captions()
     emb_cache = path.with_name(f"stage_captions_v{CAPTION_STAGE}_s{seed}_{len(captions)}.pt")
     emb = torch.load(emb_cache, weights_only=True) if emb_cache.is_file() else {}
+    if set(emb) == set(captions):
+        log(f"stage 3/4: caption embeddings from {emb_cache}")
     if set(emb) != set(captions):
         skeleton = path.with_name(path.stem + ".skeleton.safetensors")
         models.atomic_save(tensors, skeleton, {"modelspec.title": "skeleton"})
         _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(skeleton), output_vae=False, output_clip=True)
-        log(f"encoding {len(captions)} captions")
+        log(f"stage 3/4: encoding {len(captions)} captions")
         emb = encode_captions(clip, captions)
         del clip
         skeleton.unlink()
@@ -460,9 +492,9 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
                                 f"_w{world_limit}_rb{int(live_resblocks)}{'_ff' if live_ff else ''}_snr{min_snr:g}_hn{high_noise:g}.pt")
     if unet_cache.is_file():
         stage = torch.load(unet_cache, weights_only=True)
-        log(f"UNet from {unet_cache}")
+        log(f"stage 4/4: UNet from {unet_cache}")
     else:
-        log(f"training the UNet: {unet_steps} steps x {unet_batch}")
+        log(f"stage 4/4: training the UNet: {unet_steps} steps x {unet_batch}")
         t_unet = time.time()
         log_every = max(25, unet_steps // 40)
         losses = train_unet(unet, base.model_sampling, w, emb, unet_steps, unet_batch, seed + 4, lr,
@@ -539,12 +571,14 @@ def main(argv=None):
                     help="also save the UNet's EMA weights at 1/4, 1/2, 3/4 of its schedule (stage_unet_*.snapN.pt), "
                          "to judge a long build while it runs")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads for the build (default: torch's own setting)")
     args = ap.parse_args(argv)
     path = args.out or (checkpoint_path() if args.seed == 0 else cache_dir() / f"para_quality_base_s{args.seed}.safetensors")
     if args.force or not is_current(path, args.seed):
         build(path, args.seed, decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
               unet_batch=args.unet_batch, lr=args.lr, live_resblocks=args.live_resblocks, min_snr=args.min_snr,
-              snapshots=args.snapshots, high_noise=args.high_noise, live_ff=args.live_ff)
+              snapshots=args.snapshots, high_noise=args.high_noise, live_ff=args.live_ff, threads=args.threads)
     else:
         log(f"up to date: {path}")
     print(path)

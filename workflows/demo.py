@@ -104,13 +104,14 @@ def demo_base_path() -> Path:
     return train_base.cache_dir() / f"para_demo_base_u{DEMO_BASE_UNET_STEPS}.safetensors"
 
 
-def demo_checkpoint(quick: bool, log=print) -> tuple[Path, str]:
+def demo_checkpoint(quick: bool, log=print, threads: int = 0) -> tuple[Path, str]:
     """The checkpoint the demo uses when none is given, as (path, description).
 
     --quick: the random-weight SD1.5-format test model (built in seconds). Otherwise a model
     that draws the world's shapes and colours: the quality benchmark's base, built here once
     when it is missing and small enough (see DEMO_BASE_UNET_STEPS), else the demo's own smaller
-    base, built once with the benchmark's builder (bench/train_base.build) and cached beside it."""
+    base, built once with the benchmark's builder (bench/train_base.build) and cached beside it.
+    threads: torch's CPU threads for a build (0: torch's own setting)."""
     if quick:
         return models.cached_sd15_checkpoint(), RANDOM_BASE
     from bench import train_base  # noqa: PLC0415
@@ -120,13 +121,14 @@ def demo_checkpoint(quick: bool, log=print) -> tuple[Path, str]:
         return bench, what
     if getattr(train_base, "UNET_STEPS", DEMO_BASE_UNET_STEPS + 1) <= DEMO_BASE_UNET_STEPS:
         log(f"building the benchmark's base model once (bench/train_base.py; cached as {bench}) ...")
-        return train_base.ensure_base(), what
+        return train_base.ensure_base(threads=threads), what
     path = demo_base_path()
     what = (f"a small model of the shapes world trained here ({DEMO_BASE_UNET_STEPS} UNet steps; "
             "python bench/train_base.py builds the benchmark's larger one, which the demo then uses)")
     if not train_base.is_current(path):
-        log(f"building the demo's base model once (about 25 minutes on 2 CPU cores; cached as {path}) ...")
-        train_base.build(path, 0, unet_steps=DEMO_BASE_UNET_STEPS)
+        log(f"building the demo's base model once (cached as {path}; it logs its stages, then each "
+            f"stage's progress with an ETA) ...")
+        train_base.build(path, 0, unet_steps=DEMO_BASE_UNET_STEPS, threads=threads)
     return path, what
 
 
@@ -372,7 +374,10 @@ class Demo:
             self.ckpt_name = ckpt.name
         else:
             print("preparing the demo model (built once, then cached) ...", flush=True)
-            ckpt, what = demo_checkpoint(args.quick, log=lambda m: print(m, flush=True))
+            # the build runs in this process with the thread count the demo gives the server (below):
+            # --threads, else one (the small model's work is too fine-grained for more on a busy machine)
+            ckpt, what = demo_checkpoint(args.quick, log=lambda m: print(m, flush=True),
+                                         threads=self.args.threads or (0 if args.quick else 1))
             self.ckpt_name = BASE_NAME
         self.timings["model"] = time.monotonic() - t_start
         self.gpu = self._use_gpu()
