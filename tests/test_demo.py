@@ -145,21 +145,21 @@ def test_the_demo_uses_the_benchmark_base_when_built_else_builds_one_once(monkey
     current = set()
     bench = tmp_path / "para_quality_base.safetensors"
     monkeypatch.setattr(train_base, "UNET_STEPS", bench_steps)
-    monkeypatch.setattr(train_base, "ensure_base", lambda seed=0: (built.append((bench, seed, {})), current.add(bench),
-                                                                  bench)[-1])
+    monkeypatch.setattr(train_base, "ensure_base", lambda seed=0, **kw: (built.append((bench, seed, kw)), current.add(bench),
+                                                                        bench)[-1])
     monkeypatch.setattr(train_base, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(train_base, "checkpoint_path", lambda: tmp_path / "para_quality_base.safetensors")
     monkeypatch.setattr(train_base, "is_current", lambda path, seed=0: Path(path) in current)
     monkeypatch.setattr(train_base, "build", lambda path, seed=0, **kw: (built.append((Path(path), seed, kw)),
                                                                            current.add(Path(path))))
     logs = []
-    path, what = demo.demo_checkpoint(False, log=logs.append)
+    path, what = demo.demo_checkpoint(False, log=logs.append, threads=1)  # a build gets the demo's thread count
     if bench_steps <= demo.DEMO_BASE_UNET_STEPS:  # the benchmark's base is small: the demo builds that one
-        assert built == [(bench, 0, {})] and path == bench and "quality benchmark" in what
+        assert built == [(bench, 0, {"threads": 1})] and path == bench and "quality benchmark" in what
         assert "building the benchmark's base model once" in logs[0]
     else:
         assert built == [(tmp_path / f"para_demo_base_u{demo.DEMO_BASE_UNET_STEPS}.safetensors", 0,
-                          {"unet_steps": demo.DEMO_BASE_UNET_STEPS})]
+                          {"unet_steps": demo.DEMO_BASE_UNET_STEPS, "threads": 1})]
         assert path == built[0][0] and "trained here" in what and "building the demo's base model once" in logs[0]
     assert demo.demo_checkpoint(False, log=logs.append)[0] == path and len(built) == 1, "cached: built once"
     current.add(bench)
@@ -180,3 +180,10 @@ def test_the_first_queue_of_workflow_5_holds_only_the_export_branch():
     g = api_graph.load("5_export_as_lora")
     part = demo.only_for(g, api_graph.find(g, "PaRa Export LoRA"))
     assert sorted(api_graph.title(n) for n in part.values()) == ["Load Checkpoint", "PaRa Export LoRA", "PaRa Load"]
+
+
+def test_a_base_build_reports_each_stage_and_an_eta(monkeypatch):
+    from bench import train_base
+    monkeypatch.setattr(train_base.time, "time", lambda: 1000.0)
+    assert train_base.progress("UNet", 49, 100, 1000.0 - 90) == "UNet step 50/100 (90s, ETA 1m30s)"
+    assert train_base.progress("decoder", 99, 100, 1000.0 - 5) == "decoder step 100/100 (5s, ETA 0s)"
