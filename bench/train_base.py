@@ -403,7 +403,7 @@ def build(path: Path, seed: int = 0, decoder_steps: int = 800, decoder_batch: in
           unet_steps: int = UNET_STEPS, unet_batch: int = 16, lr: float = UNET_LR, world_limit: int = 0,
           live_resblocks: bool = False, min_snr: float = MIN_SNR, unet_only: bool = False,
           snapshots: bool = False, live_ff: bool = LIVE_FF, high_noise: float = HIGH_NOISE,
-          threads: int = 0) -> Path:
+          threads: int = 0, parallel: bool = False) -> Path:
     """world_limit > 0 keeps only that many single- and two-object captions (tests: a tiny,
     fast, meaningless model of the same format). unet_only: train and cache only the UNet stage
     (it does not depend on the decoder; two processes can build the two stages at once).
@@ -416,7 +416,7 @@ X torch's setting.
         torch.set_num_threads(threads)
         try:
             return build(path, seed, decoder_steps, decoder_batch, unet_steps, unet_batch, lr, world_limit,
-                         live_resblocks, min_snr, unet_only, snapshots, live_ff, high_noise)
+                         live_resblocks, min_snr, unet_only, snapshots, live_ff, high_noise, parallel=parallel)
         finally:
             torch.set_num_threads(before)
     from harness import comfyui, models
@@ -446,6 +446,45 @@ X torch's setting.
     analytic_encoder_(ae.taesd_encoder)
     # stages are cached, so that retraining one stage with other settings reuses the others
     dec_cache = path.with_name(f"stage_decoder_v{DECODER_STAGE}_s{seed}_{decoder_steps}x{decoder_batch}.pt")
+    unet_proc = None
+    if (parallel and not unet_only and not world_limit and not snapshots and not dec_cache.is_file()
+            and not _unet_cache(path, seed, unet_steps, unet_batch, lr, 0, live_resblocks, live_ff, min_snr,
+                                high_noise).is_file()):
+        unet_proc = _start_unet_stage(path, seed, unet_steps, unet_batch, lr, live_resblocks, min_snr, live_ff,
+                                      high_noise, torch.get_num_threads())
+    try:
+        return _build_stages(path, seed, decoder_steps, decoder_batch, unet_steps, unet_batch, lr, world_limit,
+                             live_resblocks, min_snr, unet_only, snapshots, live_ff, high_noise, t_start, tensors, ae,
+                             dec_cache, unet_proc)
+    finally:
+        if unet_proc is not None and unet_proc.poll() is None:  # this build failed or was interrupted
+            unet_proc.terminate()
+            unet_proc.wait()
+
+
+def _unet_cache(path: Path, seed, unet_steps, unet_batch, lr, world_limit, live_resblocks, live_ff, min_snr,
+                high_noise) -> Path:
+    return path.with_name(f"stage_unet_v{UNET_STAGE}_s{seed}_{unet_steps}x{unet_batch}_lr{lr:g}"
+                          f"_w{world_limit}_rb{int(live_resblocks)}{'_ff' if live_ff else ''}_snr{min_snr:g}_hn{high_noise:g}.pt")
+
+
+def _start_unet_stage(path: Path, seed, unet_steps, unet_batch, lr, live_resblocks, min_snr, live_ff, high_noise,
+                      threads):
+    """This file's --unet-only build of the same base, as a child process (its log goes to ours)."""
+    import subprocess
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-only", "--out", str(path), "--seed", str(seed),
+           "--unet-steps", str(unet_steps), "--unet-batch", str(unet_batch), "--lr", repr(lr),
+           "--min-snr", repr(min_snr), "--high-noise", repr(high_noise), "--threads", str(threads),
+           "--live-ff" if live_ff else "--no-live-ff"] + (["--live-resblocks"] if live_resblocks else [])
+    log(f"stage 4/4 (UNet) starts now in a second process, beside the decoder: {' '.join(cmd[1:])}")
+    return subprocess.Popen(cmd)
+
+
+def _build_stages(path, seed, decoder_steps, decoder_batch, unet_steps, unet_batch, lr, world_limit, live_resblocks,
+                  min_snr, unet_only, snapshots, live_ff, high_noise, t_start, tensors, ae, dec_cache, unet_proc):
+    import torch
+    from harness import models
+    import comfy.sd
     if unet_only:
         log("stage 2/4: UNet stage only, the decoder is left untrained (stage runs in parallel)")
     elif dec_cache.is_file():
@@ -460,6 +499,12 @@ X torch's setting.
         ae.vae_shift.fill_(0.0)
     for k, v in ae.state_dict().items():
         tensors["first_stage_model." + k] = v.detach().float().contiguous()  # small: keep fp32
+
+    if unet_proc is not None:
+        log("decoder done; waiting for the UNet stage's process")
+        if unet_proc.wait() != 0:
+            raise RuntimeError(f"the UNet stage's process (train_base.py --unet-only) failed with exit status "
+                               f"{unet_proc.returncode}; its log is above")
 
     # 2. UNet: ComfyUI's SD15 model (for its noise schedule) with the small config
     cfg = models.sd15_config(models.SD15_SMALL_UNET_CONFIG)
@@ -488,8 +533,8 @@ X torch's setting.
         _save_stage(emb, emb_cache)
 
     # 4. train (the UNet never sees the decoder: its stage is independent of the decoder's)
-    unet_cache = path.with_name(f"stage_unet_v{UNET_STAGE}_s{seed}_{unet_steps}x{unet_batch}_lr{lr:g}"
-                                f"_w{world_limit}_rb{int(live_resblocks)}{'_ff' if live_ff else ''}_snr{min_snr:g}_hn{high_noise:g}.pt")
+    unet_cache = _unet_cache(path, seed, unet_steps, unet_batch, lr, world_limit, live_resblocks, live_ff, min_snr,
+                             high_noise)
     if unet_cache.is_file():
         stage = torch.load(unet_cache, weights_only=True)
         log(f"stage 4/4: UNet from {unet_cache}")
@@ -573,12 +618,22 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads for the build (default: torch's own setting)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="train the decoder and the UNet stages at once, in two processes (for 2 or more cores)")
+    ap.add_argument("--unet-only", action="store_true",
+                    help="train and cache only the UNet stage (what --parallel runs in its second process)")
     args = ap.parse_args(argv)
     path = args.out or (checkpoint_path() if args.seed == 0 else cache_dir() / f"para_quality_base_s{args.seed}.safetensors")
+    if args.unet_only:
+        print(build(path, args.seed, unet_steps=args.unet_steps, unet_batch=args.unet_batch, lr=args.lr,
+                    live_resblocks=args.live_resblocks, min_snr=args.min_snr, high_noise=args.high_noise,
+                    live_ff=args.live_ff, threads=args.threads, unet_only=True))
+        return
     if args.force or not is_current(path, args.seed):
         build(path, args.seed, decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
               unet_batch=args.unet_batch, lr=args.lr, live_resblocks=args.live_resblocks, min_snr=args.min_snr,
-              snapshots=args.snapshots, high_noise=args.high_noise, live_ff=args.live_ff, threads=args.threads)
+              snapshots=args.snapshots, high_noise=args.high_noise, live_ff=args.live_ff, threads=args.threads,
+              parallel=args.parallel)
     else:
         log(f"up to date: {path}")
     print(path)

@@ -137,6 +137,9 @@ def test_a_user_checkpoint_runs_the_shipped_workflows_at_the_paper_settings(tmp_
 # cache check are replaced here; the builds themselves are tested in test_quality_pipeline.py.
 # ------------------------------------------------------------------------------------------
 
+PARALLEL = (os.cpu_count() or 1) >= 2  # the demo builds the decoder and UNet stages at once on 2+ cores
+
+
 @pytest.mark.parametrize("bench_steps", [1200, 5000], ids=["small-benchmark-base", "large-benchmark-base"])
 def test_the_demo_uses_the_benchmark_base_when_built_else_builds_one_once(monkeypatch, tmp_path, bench_steps):
     from workflows import demo
@@ -155,11 +158,11 @@ def test_the_demo_uses_the_benchmark_base_when_built_else_builds_one_once(monkey
     logs = []
     path, what = demo.demo_checkpoint(False, log=logs.append, threads=1)  # a build gets the demo's thread count
     if bench_steps <= demo.DEMO_BASE_UNET_STEPS:  # the benchmark's base is small: the demo builds that one
-        assert built == [(bench, 0, {"threads": 1})] and path == bench and "quality benchmark" in what
+        assert built == [(bench, 0, {"threads": 1, "parallel": PARALLEL})] and path == bench and "quality benchmark" in what
         assert "building the benchmark's base model once" in logs[0]
     else:
         assert built == [(tmp_path / f"para_demo_base_u{demo.DEMO_BASE_UNET_STEPS}.safetensors", 0,
-                          {"unet_steps": demo.DEMO_BASE_UNET_STEPS, "threads": 1})]
+                          {"unet_steps": demo.DEMO_BASE_UNET_STEPS, "threads": 1, "parallel": PARALLEL})]
         assert path == built[0][0] and "trained here" in what and "building the demo's base model once" in logs[0]
     assert demo.demo_checkpoint(False, log=logs.append)[0] == path and len(built) == 1, "cached: built once"
     current.add(bench)

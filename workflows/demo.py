@@ -121,14 +121,16 @@ def demo_checkpoint(quick: bool, log=print, threads: int = 0) -> tuple[Path, str
         return bench, what
     if getattr(train_base, "UNET_STEPS", DEMO_BASE_UNET_STEPS + 1) <= DEMO_BASE_UNET_STEPS:
         log(f"building the benchmark's base model once (bench/train_base.py; cached as {bench}) ...")
-        return train_base.ensure_base(threads=threads), what
+        return train_base.ensure_base(threads=threads, parallel=(os.cpu_count() or 1) >= 2), what
     path = demo_base_path()
     what = (f"a small model of the shapes world trained here ({DEMO_BASE_UNET_STEPS} UNet steps; "
             "python bench/train_base.py builds the benchmark's larger one, which the demo then uses)")
     if not train_base.is_current(path):
         log(f"building the demo's base model once (cached as {path}; it logs its stages, then each "
             f"stage's progress with an ETA) ...")
-        train_base.build(path, 0, unet_steps=DEMO_BASE_UNET_STEPS, threads=threads)
+        # two cores or more: the decoder and UNet stages train at once in two processes
+        train_base.build(path, 0, unet_steps=DEMO_BASE_UNET_STEPS, threads=threads,
+                         parallel=(os.cpu_count() or 1) >= 2)
     return path, what
 
 
