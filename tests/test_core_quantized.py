@@ -1,7 +1,6 @@
 """Quantized base weights (issue 12 item 5): ComfyUI 0.3x loads fp8/int8 checkpoints as
 QuantizedTensor; every place PaRa reads W0 (patching, fingerprint, singular-vector inits, export,
 bake, inspect) uses the dequantized weight, or refuses with a message that says what to do."""
-import importlib
 import json
 import sys
 
@@ -160,12 +159,11 @@ def fp8_checkpoint(sd15_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def quantized_model(comfy_in_process, fp8_checkpoint, para_pack):
+def quantized_model(comfy_in_process, fp8_checkpoint, mods):
     qo = pytest.importorskip("comfy.quant_ops")
     if not getattr(qo, "_CK_AVAILABLE", True):
         pytest.skip("comfy_kitchen is not installed: this ComfyUI cannot load quantized checkpoints")
     import comfy.sd
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
     mp = comfy.sd.load_checkpoint_guess_config(str(fp8_checkpoint), output_vae=False, output_clip=False)[0]
     return mp, qo.QuantizedTensor
 
@@ -173,10 +171,10 @@ def quantized_model(comfy_in_process, fp8_checkpoint, para_pack):
 LAYER = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 
 
-def test_model_weights_are_quantized_tensors_and_w0_is_dequantized(quantized_model, para_pack):
+def test_model_weights_are_quantized_tensors_and_w0_is_dequantized(quantized_model, mods):
     import comfy.utils
     mp, QT = quantized_model
-    patching = importlib.import_module(para_pack.__name__ + ".nodes.patching")
+    patching = mods("nodes.patching")
     raw = comfy.utils.get_attr(mp.model, LAYER + ".weight")
     assert isinstance(raw, QT), "the test checkpoint did not load quantized"
     W0 = patching.original_weight(mp, LAYER)
@@ -185,11 +183,11 @@ def test_model_weights_are_quantized_tensors_and_w0_is_dequantized(quantized_mod
     assert patching.model_fingerprint(mp, [LAYER]) == fingerprint({LAYER: raw.dequantize()})
 
 
-def test_para_patching_on_a_quantized_model_reduces_w0_and_unpatches_exactly(quantized_model, para_pack):
+def test_para_patching_on_a_quantized_model_reduces_w0_and_unpatches_exactly(quantized_model, mods):
     import comfy.utils
     mp, QT = quantized_model
-    core = importlib.import_module(para_pack.__name__ + ".para_core")
-    patching = importlib.import_module(para_pack.__name__ + ".nodes.patching")
+    core = mods("para_core")
+    patching = mods("nodes.patching")
     layers = [l for l in patching.layer_shapes(mp) if l.endswith((".to_q", ".to_k", ".ff.net.2"))
               and isinstance(comfy.utils.get_attr(mp.model, l + ".weight"), QT)]
     assert len(layers) >= 3
@@ -215,22 +213,22 @@ def test_para_patching_on_a_quantized_model_reduces_w0_and_unpatches_exactly(qua
         assert torch.equal(comfy.utils.get_attr(mp.model, l + ".weight").dequantize(), before[l])
 
 
-def test_singular_vector_init_and_export_read_the_dequantized_weight(quantized_model, para_pack):
+def test_singular_vector_init_and_export_read_the_dequantized_weight(quantized_model, mods):
     mp, QT = quantized_model
-    patching = importlib.import_module(para_pack.__name__ + ".nodes.patching")
-    projection = importlib.import_module(para_pack.__name__ + ".para_core.functional.projection")
+    patching = mods("nodes.patching")
+    projection = mods("para_core.functional.projection")
     W0 = patching.original_weight(mp, LAYER)
     B = projection.init_B(W0, 4, "top-singular")
     U = torch.linalg.svd(W0.float(), full_matrices=False)[0][:, :4]
     torch.testing.assert_close((B.t() @ U).abs(), torch.eye(4), rtol=1e-4, atol=1e-4)
 
 
-def test_para_trainer_trains_on_a_quantized_model(quantized_model, para_pack):
+def test_para_trainer_trains_on_a_quantized_model(quantized_model, mods):
     """Every Linear of a quantized checkpoint is ComfyUI's mixed-precision Linear (not an
     nn.Linear) holding a QuantizedTensor: the trainer reads it dequantized, as its forward does."""
     import comfy.utils
     mp, QT = quantized_model
-    trainer = importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
+    trainer = mods("nodes.trainer_node")
     assert isinstance(comfy.utils.get_attr(mp.model, LAYER + ".weight"), QT)
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
@@ -245,7 +243,7 @@ def test_para_trainer_trains_on_a_quantized_model(quantized_model, para_pack):
     assert out_model.patches
 
 
-def test_bypass_loading_works_on_a_quantized_model(quantized_model, para_pack):
+def test_bypass_loading_works_on_a_quantized_model(quantized_model, mods):
     """Load LoRA (Bypass) leaves the quantized weights alone; its result is weight patching's up
     to the fp8 rounding that patching adds when it requantizes W'."""
     import comfy.sd
@@ -253,7 +251,7 @@ def test_bypass_loading_works_on_a_quantized_model(quantized_model, para_pack):
         pytest.skip("no bypass loading in this ComfyUI")
     import comfy.utils
     mp, QT = quantized_model
-    patching = importlib.import_module(para_pack.__name__ + ".nodes.patching")
+    patching = mods("nodes.patching")
     shapes = patching.layer_shapes(mp)
     g = torch.Generator().manual_seed(8)
     layers = [l for l in shapes if l.endswith((".to_q", ".to_v", ".ff.net.2", ".proj_in"))]

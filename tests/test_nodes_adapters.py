@@ -10,22 +10,9 @@ import pytest
 import torch
 
 from harness import models
+from node_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
-
-
-@pytest.fixture(scope="module")
-def mods(para_pack):
-    import importlib
-    from types import SimpleNamespace
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(pn=get("nodes.para_nodes"), patching=get("nodes.patching"), core=get("para_core"),
-                           trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"), nodes=get("nodes"),
-                           trainer_state=get("para_core.trainer_state"), write=get("para_core.write"),
-                           adapters_base=get("nodes.adapters.base"), adapters=SimpleNamespace(
-                               ParaAdapter=get("nodes.adapters.para").ParaAdapter,
-                               ReferenceAdapter=get("nodes.adapters.reference").ReferenceAdapter))
 
 
 def folder(kind):
@@ -192,17 +179,16 @@ def test_adapters_survive_comfyuis_rebuild_from_loaded_keys_and_weights(mods, ti
     (comfy.lora.prefetch_prepared_value, dynamic VRAM on CUDA): the rebuilt adapter computes the
     same weight, and its errors still name the file and the layer."""
     import comfy.lora
-    para = mods.adapters
     shapes = mods.patching.layer_shapes(tiny_model)
     l0 = mods.core.select_layers(shapes, "noxattn")[0]
     out, inner = shapes[l0][0], int(torch.tensor(shapes[l0][1:]).prod())
     g = torch.Generator().manual_seed(0)
     U = torch.linalg.qr(torch.randn(out, 2, generator=g))[0]
     if kind == "reference":
-        adapter = para.ReferenceAdapter.from_factors(U, torch.randn(2, inner, generator=g) * 0.1, "dog.safetensors", l0)
+        adapter = mods.reference_adapter.ReferenceAdapter.from_factors(U, torch.randn(2, inner, generator=g) * 0.1, "dog.safetensors", l0)
     else:
         V = U if kind == "subject" else torch.randn(out, 2, generator=g)
-        adapter = para.ParaAdapter.from_factors(U, V, "dog.safetensors", l0)
+        adapter = mods.para.ParaAdapter.from_factors(U, V, "dog.safetensors", l0)
     rebuild = getattr(comfy.lora, "prefetch_prepared_value", None)  # 0.33; 0.3.64 has no rebuild, do what it does
     again = rebuild(adapter, [0], None, None, False) if rebuild else type(adapter)(adapter.loaded_keys, adapter.weights)
     assert type(again) is type(adapter) and again is not adapter
@@ -412,9 +398,7 @@ def test_pack_start_removes_crash_leftovers_that_the_lists_never_show(mods):
 
 # ------------------------------------------------------------------------- trainer: 5, 6, 7
 
-BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e-2, optimizer="AdamW",
-            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
-            save_every=0, filename_prefix="h", resume_from="[none]")
+BASE = trainer_settings(filename_prefix="h")
 
 
 @pytest.fixture

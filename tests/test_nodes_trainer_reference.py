@@ -10,26 +10,13 @@ import os
 import pytest
 import torch
 
-from harness import comfyui, models
+from harness import models
 from harness.server import load_latent
+from node_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
-BASE = dict(rank=4, layers="noxattn", rank_cap="none", steps=3, learning_rate=1e-2, optimizer="AdamW",
-            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="reference",
-            save_every=0, filename_prefix="ref", resume_from="[none]", parametrization="reference")
-
-
-@pytest.fixture(scope="module")
-def mods(para_pack):
-    import importlib
-    from types import SimpleNamespace
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
-                           patching=get("nodes.patching"), core=get("para_core"),
-                           reference=get("para_core.functional.reference"),
-                           reference_adapter=get("nodes.adapters.reference"))
+BASE = trainer_settings(rank=4, steps=3, init="reference", filename_prefix="ref", parametrization="reference")
 
 
 @pytest.fixture
@@ -200,8 +187,6 @@ def server_files(comfy_server, sd15_checkpoint):
     form of the expected model) and a trained-looking reference file, for the test checkpoint."""
     from PIL import Image
     from safetensors import safe_open
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core as core
     img = Image.new("RGB", (64, 64))
     img.putdata([((x * 4) % 256, (y * 4) % 256, 128) for y in range(64) for x in range(64)])
@@ -258,8 +243,6 @@ def test_server_one_tiny_reference_step_gives_W0_minus_U0_U0T_W0(comfy_server, s
     torch.testing.assert_close(trained, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
     saved = sorted((comfy_server.models_dir / "para").glob("srv_ref_*_step000001.safetensors"))
     assert len(saved) == 1
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core as core
     st = core.load_para(str(saved[0]))
     assert st.kind == "reference" and set(st.layers) == set(server_files["layers"])

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from harness import models
+from node_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
-BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e-2, optimizer="AdamW",
-            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
-            save_every=0, filename_prefix="rd", resume_from="[none]")
+BASE = trainer_settings(filename_prefix="rd")
 
 
 def _group(s):
@@ -47,15 +46,6 @@ DAMAGE = [
     ("params_swapped", lambda s: _group(s).__setitem__("params", [1, 0] + _group(s)["params"][2:]), "fp32",
      "lists the tensors"),
 ]
-
-
-@pytest.fixture(scope="module")
-def mods(para_pack):
-    import importlib
-    from types import SimpleNamespace
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(core=get("para_core"), trainer=get("nodes.trainer_node"))
 
 
 def para_folder():

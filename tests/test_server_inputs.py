@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from harness import comfyui, models
+from harness import models
 from harness.client import PromptRejected
 from harness.server import load_latent
 
@@ -19,8 +19,6 @@ IMAGE = "server_inputs.png"
 
 @pytest.fixture(scope="module")
 def para_core():
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     return para_core
 

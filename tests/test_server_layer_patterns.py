@@ -89,8 +89,6 @@ def test_a_hostile_layer_pattern_never_stalls_the_server(comfy_server, train_ima
 
 
 def test_a_nan_para_file_stops_a_stock_load_lora_prompt(comfy_server, sd15_checkpoint):
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     layer, out = first_layer(sd15_checkpoint)
     B = torch.randn(out, 2)
@@ -111,8 +109,6 @@ def test_a_nan_para_file_stops_a_stock_load_lora_prompt(comfy_server, sd15_check
 
 
 def test_an_invalid_dtype_sent_through_the_api_is_a_clear_error(comfy_server, sd15_checkpoint):
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     layer, out = first_layer(sd15_checkpoint)
     para_core.save_para(para_core.ParaState(B={layer: torch.randn(out, 2)}),
@@ -150,7 +146,6 @@ def test_a_write_killed_by_sigkill_is_never_listed_and_is_gone_after_a_restart(c
         (leftover,) = [p for p in para_dir.iterdir()]
         orphan = para_dir / "run_00001_step000004.trainer.pt"
         orphan.write_bytes(b"state without its PaRa file")
-        sys.path.insert(0, str(comfyui.PACK_ROOT))
         import para_core
         para_core.save_para(para_core.ParaState(B={"diffusion_model.x": torch.randn(4, 1)}), str(para_dir / "real.safetensors"))
         server.start()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harness import comfyui, models
+from harness import models
 from harness.server import load_latent
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.server]
@@ -15,8 +15,6 @@ NODE_IDS = ["PaRaLoader", "PaRaLoad", "PaRaApply", "PaRaMerge", "PaRaSave", "PaR
 
 @pytest.fixture(scope="module")
 def core():
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     return para_core
 
