@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness import models
-from node_helpers import trainer_settings
+from trainer_helpers import trainer_settings
 
 pytestmark = pytest.mark.comfyui
 SETTINGS = trainer_settings(filename_prefix="dyn")

@@ -1,4 +1,5 @@
-"""Helpers for the tests that run the pack's nodes in-process (test_nodes_*)."""
+"""PaRa Trainer inputs for the tests that run it in-process (test_nodes_*). (Not named node_helpers:
+ComfyUI has a top-level module of that name, which comfy.hooks imports.)"""
 
 # PaRa Trainer's required inputs at the smallest settings that train: two steps of rank 2 on the
 # noxattn layers, fp32, no checkpoints, no resume.
