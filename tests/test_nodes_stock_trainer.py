@@ -26,7 +26,7 @@ def test_create_train_follows_the_rank_rule_and_starts_as_paper_para(mods):
     assert [n for n, _ in t.named_parameters()] == ["para_B"]  # saved as <layer>.para_B: a PaRa file
     Q = torch.linalg.qr(t.para_B.detach().double())[0]
     torch.testing.assert_close(t(W).double(), W.double() - Q @ (Q.t() @ W.double()), rtol=1e-5, atol=1e-5)
-    assert tuple(mods.ParaAdapter.create_train(torch.randn(160, 8, 3, 3), rank=8).para_B.shape) == (160, 4)
+    assert tuple(mods.para.ParaAdapter.create_train(torch.randn(160, 8, 3, 3), rank=8).para_B.shape) == (160, 4)
     tiny = mods.para.ParaAdapter.create_train(torch.randn(4, 320, 3, 3), rank=8)  # e.g. the latent output conv
     assert list(tiny.parameters()) == [] and torch.equal(tiny(W[:4]), W[:4])
 
