@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness import models
-from trainer_helpers import trainer_settings
+from pack_helpers import trainer_settings
 
 pytestmark = pytest.mark.comfyui
 SETTINGS = trainer_settings(filename_prefix="dyn")

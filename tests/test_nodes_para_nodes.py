@@ -243,3 +243,39 @@ def test_apply_with_fp8_storage(tiny_model_factory, mods):
     patched.unpatch_model()
     assert all(torch.equal(v.view(torch.uint8), base[k].view(torch.uint8)) if v.dtype == dtype else torch.equal(v, base[k])
                for k, v in snapshot(model).items())
+
+
+# ------------------------------------------------------------------------- errors and Cancel
+
+def test_para_merge_honours_cancel(mods, tiny_model):
+    """Cancel (ComfyUI's interrupt flag) stops a merge at its next layer: 100,000 layers took minutes
+    and Cancel came 349 s late. Once cleared, the same merge runs."""
+    import comfy.model_management as mm
+    a, b = subject(mods, tiny_model, 1), subject(mods, tiny_model, 2)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            mods.pn.PaRaMerge.execute(mode="union", para_1=a, strength_1=1.0, para_2=b, strength_2=1.0)
+    finally:
+        mm.interrupt_current_processing(False)
+    (merged,) = mods.pn.PaRaMerge.execute(mode="union", para_1=a, strength_1=1.0, para_2=b, strength_2=1.0).args
+    assert merged.layers == a.layers
+
+
+@pytest.mark.parametrize("node, kwargs, input_name", [
+    ("PaRaSave", dict(filename_prefix="evil"), "dtype"),
+    ("PaRaExportLoRA", dict(filename_prefix="evil", strength=1.0), "dtype"),
+])
+def test_invalid_dtype_combo_is_an_error_naming_the_input(mods, tiny_model, node, kwargs, input_name):
+    st = subject(mods, tiny_model, 1)
+    cls = getattr(mods.pn, node)
+    if node == "PaRaExportLoRA":
+        kwargs = dict(kwargs, model=tiny_model)
+    with pytest.raises(mods.core.ParaError, match=f"input '{input_name}' is 'evil'; use one of fp32, fp16, bf16"):
+        cls.execute(para=st, dtype="evil", **kwargs)
+
+
+def test_invalid_merge_mode_is_an_error_naming_the_input(mods, tiny_model):
+    a, b = subject(mods, tiny_model, 1), subject(mods, tiny_model, 2)
+    with pytest.raises(mods.core.ParaError, match="input 'mode' is 'evil'"):
+        mods.pn.PaRaMerge.execute(mode="evil", para_1=a, strength_1=1.0, para_2=b, strength_2=1.0)

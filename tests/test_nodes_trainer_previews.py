@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness import models
-from trainer_helpers import trainer_settings
+from pack_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 

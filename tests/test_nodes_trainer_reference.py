@@ -12,7 +12,7 @@ import torch
 
 from harness import models
 from harness.server import load_latent
-from trainer_helpers import trainer_settings
+from pack_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
