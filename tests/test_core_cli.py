@@ -335,7 +335,7 @@ def test_usage_errors_exit_2_with_one_line(argv, capsys):
     _one_error_line(capsys.readouterr().err)
 
 
-# ------------------------------------------------------------------------- start-up cost (issue 13.14)
+# ------------------------------------------------------------------------- start-up cost: a wrong path fails before torch is imported
 
 @pytest.mark.parametrize("argv", [
     ["inspect", "{tmp}/missing.safetensors"],
@@ -358,9 +358,22 @@ def test_a_folder_given_as_a_file_is_named(files, capsys):
     assert f"{files['out']}: is a folder" in _one_error_line(capsys.readouterr().err)
 
 
-def test_the_merge_mode_choices_are_the_merge_modes():
+def _all_merge_modes():
     from para_core import cli, merge
-    assert cli.MERGE_MODES == merge.MERGE_MODES
+    return sorted(set(cli.MERGE_MODES) | set(merge.MERGE_MODES))
+
+
+@pytest.mark.parametrize("mode", _all_merge_modes())
+def test_every_merge_mode_is_a_cli_choice_and_merges_as_the_library_does(files, mode):
+    """The CLI keeps its own list of modes (importing para_core.merge would import torch): each
+    mode of either list is accepted by ``merge --mode`` and gives what merge_states gives."""
+    out = files["out"] / f"{mode}.safetensors"
+    assert main(["merge", "--mode", mode, f"{files['a']}:0.5", str(files["b"]), "-o", str(out)]) == 0
+    merged = load_para(out)
+    assert merged.kind == "merged" and merged.metadata["para.merge_mode"] == mode
+    expected = merge_states([load_para(files["a"]), load_para(files["b"])], [0.5, 1.0], mode)
+    for layer, (U, V) in expected.factors().items():
+        torch.testing.assert_close(merged.U[layer] @ merged.V[layer].t(), U @ V.t(), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------- signals, read-only outputs, odd names

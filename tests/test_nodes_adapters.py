@@ -38,7 +38,7 @@ def write_raw(path, tensors):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
-# ------------------------------------------------------------------------- 1. stock Load LoRA validates
+# ------------------------------------------------------------------------- stock Load LoRA validates like PaRa Load
 
 def broken_files(mods, model):
     shapes = mods.patching.layer_shapes(model)
@@ -181,7 +181,7 @@ def test_stock_load_lora_still_applies_a_good_file(mods, tiny_model):
         torch.testing.assert_close(stock[l + ".weight"], ours[l + ".weight"], rtol=1e-5, atol=1e-6)
 
 
-# ------------------------------------------------------------------------- 4. no non-finite weight is applied
+# ------------------------------------------------------------------------- no non-finite weight is applied
 
 def test_huge_but_finite_factors_are_refused_by_para_loader_and_stock_load_lora(mods, tiny_model):
     st = subject_state(mods, tiny_model, seed=4)

@@ -1,4 +1,4 @@
-"""PaRa in ComfyUI's bypass mode (issue 12 item 3): loading a PaRa file with
+"""PaRa in ComfyUI's bypass mode: loading a PaRa file with
 comfy.sd.load_bypass_lora_for_models / "Load LoRA (Bypass)" gives what weight patching gives,
 at every strength, biases included; an interface PaRa cannot serve is an error, never a no-op."""
 

@@ -1,4 +1,4 @@
-"""PaRa Trainer under ComfyUI 0.3x's memory management (issue 12 item 4): a dynamic-VRAM model is
+"""PaRa Trainer under ComfyUI 0.3x's memory management: a dynamic-VRAM model is
 trained on its classic copy, with comfy.model_management.in_training set, and every
 out-of-memory form ComfyUI knows stops the run with advice and the last step kept.
 

@@ -1,4 +1,4 @@
-"""PaRa nodes in-process against real ComfyUI classes (issue 4): patching through
+"""PaRa nodes in-process against real ComfyUI classes: patching through
 ModelPatcher.add_patches, the stock LoRA loaders, export, merge, dtypes, errors."""
 import math
 

@@ -1,4 +1,4 @@
-"""PaRa in ComfyUI's own trainer (issue 12 item 6): TrainLoraNode with algorithm "PaRa" trains
+"""PaRa in ComfyUI's own trainer: TrainLoraNode with algorithm "PaRa" trains
 PaRa (weight-wrapper and bypass mode), and the stock loaders load what it saves."""
 import shutil
 

@@ -30,10 +30,3 @@ def test_every_page_a_node_names_exists_and_none_points_into_the_readme(mods):
         for m in re.finditer(r"README", text):
             before = text[max(0, m.start() - 20):m.end() + 3]
             assert re.search(r"[\w-]+/README\.md", before), f"{where} sends users to the README: {text!r}"
-
-
-def test_the_trainer_says_which_nodes_make_its_latents(mods):
-    """The dataset nodes the trainer accepts (training_data) are named where users look."""
-    texts = dict(node_texts(mods))
-    for where in ("PaRaTrainer", "PaRaTrainer.latents"):
-        assert "VAE Encode" in texts[where] and "Make Training Dataset" in texts[where], where

@@ -1,4 +1,4 @@
-"""PaRa Trainer (issue 5): in-process on a tiny model with real ComfyUI classes, run under
+"""PaRa Trainer (nodes/trainer_node.py, training_loop.py): in-process on a tiny model with real ComfyUI classes, run under
 torch.inference_mode() like the server runs nodes, then through the real server."""
 import json
 import math

@@ -1,4 +1,4 @@
-"""PaRa Trainer takes its training data the ways ComfyUI makes it (issue 12 item 2): a latent
+"""PaRa Trainer takes its training data the ways ComfyUI makes it: a latent
 batch (VAE Encode, ComfyUI 0.3.64's dataset node), or the lists of the current dataset nodes
 (MakeTrainingDataset: one latent and one conditioning per image, sizes may differ;
 ResolutionBucket: one batch and one list of conditionings per size). The node declares

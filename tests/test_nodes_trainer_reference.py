@@ -1,4 +1,4 @@
-"""PaRa Trainer with parametrization=reference (issue 11, docs/spec.md section 1b): U and D trained freely,
+"""PaRa Trainer with parametrization=reference (docs/spec.md section 1b): U and D trained freely,
 W' = W0 - U D. In-process on the tiny model with real ComfyUI classes (under inference mode, as
 the server runs nodes), then through the real server: init=reference with the smallest learning
 rate gives, after one step, W0 - U0 U0^T W0 (U0 = the first r unit vectors); a reference file through

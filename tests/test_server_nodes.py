@@ -1,4 +1,6 @@
-"""PaRa nodes through the real ComfyUI HTTP server (issue 4)."""
+"""PaRa nodes through the real ComfyUI HTTP server: the node list, loading, applying,
+merging, saving and exporting through prompts, errors as ComfyUI reports them, and the pack's
+start-up cleanup."""
 import json
 import math
 
