@@ -26,8 +26,8 @@ from .presets import PresetError
 
 PROG = "python -m para_core"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # name -> torch dtype attribute
-# The argument choices; tests/test_cli.py checks they are para_core.merge.MERGE_MODES (importing
-# that module here would import torch).
+# The argument choices, the same as para_core.merge.MERGE_MODES (importing that module here would
+# import torch); tests/test_core_cli.py runs a merge with each mode of either list.
 MERGE_MODES = ("sum", "union", "sequential")
 
 

@@ -53,7 +53,7 @@ PRESETS: Dict[str, Dict[str, Sequence[str]]] = {
     # every Linear/Conv in attention, resnet and down/upsample blocks except cross-attention
     "noxattn": {"include": [SELF_ATTN, RESNET, RESAMPLE, DIT_IMAGE]},
     # the reference code's comment says "all but self-attention", its filter drops only attn2:
-    # the same layers as noxattn (tests/test_families_presets.py checks this on SDXL)
+    # the same layers as noxattn (tests/test_nodes_families_presets.py checks this on SDXL)
     "innoxattn": {"include": [SELF_ATTN, RESNET, RESAMPLE, DIT_IMAGE]},
     "selfattn": {"include": [SELF_ATTN]},
     "xattn": {"include": [CROSS_ATTN]},

@@ -16,6 +16,8 @@ not a Python name (custom_nodes/ComfyUI-PaRa, as the README installs it). The pl
 the root a plain directory for pytest, whatever its name.
 """
 
+import importlib
+import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Fixtures that need a ComfyUI checkout; tests using them get the `comfyui` marker.
 COMFY_FIXTURES = {"comfyui_path", "comfyui_version", "comfy_in_process", "comfy_base_dir", "tiny_model",
-                  "tiny_model_factory", "sd15_checkpoint", "comfy_server", "para_pack"}
+                  "tiny_model_factory", "sd15_checkpoint", "comfy_server", "para_pack", "mods"}
 SERVER_FIXTURES = {"comfy_server"}
 
 _state = {"root": None, "base_dir": None, "version": None}
@@ -174,6 +176,60 @@ def para_pack(comfy_in_process):
     """This pack imported in-process the way ComfyUI imports a custom node (its __init__.py as a
     package), e.g. para_pack.NODE_CLASS_MAPPINGS."""
     return comfyui.import_pack()
+
+
+class PackModules:
+    """The pack's modules as ComfyUI imports them (under the pack's package name, see para_pack):
+    by dotted path, ``mods("nodes.patching")`` or ``mods["nodes.patching"]``, or by a short name
+    of SHORT, ``mods.patching``. Each module is imported on first use."""
+
+    SHORT = {
+        "core": "para_core",
+        "projection": "para_core.functional.projection",
+        "reference": "para_core.functional.reference",
+        "trainer_state": "para_core.trainer_state",
+        "write": "para_core.write",
+        "nodes": "nodes",
+        "pn": "nodes.para_nodes",
+        "patching": "nodes.patching",
+        "trainer": "nodes.trainer_node",
+        "training": "nodes.training_loop",
+        "previews": "nodes.previews",
+        "dynamic_vram": "nodes.dynamic_vram",
+        "peft": "nodes.peft",
+        "adapters_base": "nodes.adapters.base",
+        "para": "nodes.adapters.para",
+        "reference_adapter": "nodes.adapters.reference",
+    }
+
+    def __init__(self, package):
+        self.package = package
+
+    def __call__(self, name: str):
+        return importlib.import_module(f"{self.package.__name__}.{name}")
+
+    __getitem__ = __call__
+
+    def __getattr__(self, short: str):
+        if short not in PackModules.SHORT:
+            raise AttributeError(f"PackModules has no short name {short!r}; use mods({short!r}) with a dotted path")
+        return self(PackModules.SHORT[short])
+
+
+@pytest.fixture(scope="session")
+def mods(para_pack) -> PackModules:
+    """The pack's modules in-process (PackModules), with the pack's nodes set up (nodes.setup():
+    models/para registered with folder_paths, as at ComfyUI's start)."""
+    importlib.import_module(para_pack.__name__ + ".nodes").setup()
+    return PackModules(para_pack)
+
+
+@pytest.fixture
+def umask_022():
+    """The process umask set to 022 for one test (files written should then be 0644)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
 
 
 @pytest.fixture(autouse=True)

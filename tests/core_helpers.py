@@ -5,7 +5,9 @@ which the library never does, so they check the library's factored formulas inde
 """
 from __future__ import annotations
 
+import json
 import os
+import textwrap
 from pathlib import Path
 
 import torch
@@ -94,3 +96,32 @@ def save_subject(path, **kw) -> ParaState:
     state = make_subject(**kw)
     save_para(state, os.fspath(path))
     return state
+
+
+# A process that starts an atomic write (para_core.write.atomic_write) and hangs mid-write, for a
+# test to SIGKILL: argv = pack root, folder, file name; it prints "writing" when the temporary
+# file is on disk.
+KILL_MID_WRITE = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    from para_core.write import atomic_write
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 1000)
+            f.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+    atomic_write(os.path.join(sys.argv[2], sys.argv[3]), write)
+""")
+
+
+def comfy_quant(fmt: str, **extra) -> torch.Tensor:
+    """The comfy_quant tensor ComfyUI 0.3x stores beside a quantized weight (its format as JSON bytes)."""
+    return torch.tensor(list(json.dumps({"format": fmt, **extra}).encode()), dtype=torch.uint8)
+
+
+def quantize_fp8(w: torch.Tensor):
+    """``w`` as float8_e4m3fn with one scale (weight, weight_scale), as ComfyUI's fp8 checkpoints store it."""
+    scale = w.abs().max() / 448.0
+    return (w / scale).to(torch.float8_e4m3fn), scale.reshape(())

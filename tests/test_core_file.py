@@ -1,4 +1,5 @@
-"""The PaRa file (docs/spec.md section 2): round trip, metadata, atomic writes, load errors, fitting a model."""
+"""The PaRa file (docs/spec.md section 2): round trip, metadata, atomic writes, load errors (one
+validation for PaRa Load and the stock Load LoRA), stored dtypes, fitting a model."""
 import json
 import os
 import struct
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 import para_core.read as read
 import para_core.write as write
 from core_helpers import CKPT_LAYERS, make_subject, randn
+from para_core.cli import main as cli_main
 from para_core import (FingerprintWarning, ParaError, ParaState, build_metadata, check_fingerprint, check_fits,
                        fingerprint, kohya_name, load_para, merge_states, save_para)
 
@@ -273,3 +275,75 @@ def test_one_layer_under_two_names_is_an_error(tmp_path, spelling):
     with pytest.raises(ParaError, match="two spellings of the same layer") as e:
         load_para(path)
     assert str(path) in str(e.value) and other in str(e.value)
+
+
+# ------------------------------------------------------------------------- hostile headers
+
+def write_header(path, header: bytes):
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+@pytest.mark.parametrize("header", [b"[" * 100000 + b"]" * 100000, b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}"],
+                         ids=["top-level", "inside-an-entry"])
+def test_deeply_nested_header_is_a_clear_error(tmp_path, header):
+    p = tmp_path / "deep.safetensors"
+    write_header(p, header)
+    with pytest.raises(ParaError, match="deep.safetensors: not a safetensors file"):
+        load_para(p)
+
+
+# ------------------------------------------------------------------------- one validation for every load path
+
+@pytest.mark.parametrize("tensors, says", [
+    ({"para_B": torch.tensor([[1.0, float("nan")]])}, "NaN or Inf"),
+    ({"para_U": torch.ones(4, 2)}, "para_U but no para_V"),
+    ({"para_V": torch.ones(4, 2)}, "para_V but no para_U"),
+    ({"para_B": torch.ones(4, 2, 1)}, r"shape \(4, 2, 1\)"),
+    ({"para_B": torch.tensor(1.0)}, r"shape \(\)"),
+    ({"para_B": torch.ones(4, 2, dtype=torch.int32)}, "dtype"),
+    ({"para_U": torch.ones(4, 2), "para_V": torch.ones(4, 3)}, "differ in shape"),
+])
+def test_layer_checks_shared_by_para_load_and_stock_load_lora(tmp_path, tensors, says):
+    with pytest.raises(ParaError, match=says):
+        read.check_layer_tensors("f.safetensors", "diffusion_model.x", tensors)
+    from safetensors.torch import save_file
+    p = tmp_path / "f.safetensors"
+    save_file({f"diffusion_model.x.{k}": v for k, v in tensors.items()}, str(p))
+    with pytest.raises(ParaError, match=says):
+        load_para(p)
+
+
+# ------------------------------------------------------------------------- stored dtypes
+
+def _factors(kind, dtype, out=16, inner=24, rank=2):
+    g = torch.Generator().manual_seed(0)
+    names = {"subject": ("para_B",), "merged": ("para_U", "para_V"), "reference": ("para_U", "para_D")}[kind]
+    shapes = {"para_B": (out, rank), "para_U": (out, rank), "para_V": (out, rank), "para_D": (rank, inner)}
+    return {f"diffusion_model.x.{n}": (torch.randn(*shapes[n], generator=g) * 0.5).to(dtype) for n in names}
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("kind", ["subject", "merged", "reference"])
+def test_float8_factors_are_read_exactly_in_float32(tmp_path, capsys, kind, dtype):
+    from safetensors.torch import save_file
+    tensors = _factors(kind, dtype)
+    path = tmp_path / f"{kind}_fp8.safetensors"
+    save_file(tensors, str(path), metadata={"para.kind": kind})
+    st = load_para(path)
+    assert st.kind == kind
+    for key, t in tensors.items():
+        layer, name = key.rsplit(".", 1)
+        got = st.tensors(layer)[name]
+        assert got.dtype == torch.float32 and torch.equal(got, t.float())
+    assert cli_main(["inspect", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_float4_factors_are_refused_with_what_to_do(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "f4.safetensors"
+    save_file({"diffusion_model.x.para_B": torch.zeros(16, 1, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}, str(path))
+    with pytest.raises(ParaError, match="para_B is stored as float4_e2m1fn_x2, a packed format.*fp32, fp16 or bf16"):
+        load_para(path)
+    with pytest.raises(ParaError, match="packed format"):
+        read.check_layer_tensors("f4.safetensors", "diffusion_model.x",
+                                 {"para_B": torch.zeros(16, 1, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)})

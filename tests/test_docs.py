@@ -52,8 +52,3 @@ def test_relative_links_resolve(page: Path):
         elif anchor and dest.suffix == ".md" and anchor not in heading_ids(dest):
             broken.append(f"{target} (no heading #{anchor} in {dest.name})")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
-
-
-def test_readme_stays_one_screen():
-    # The README is the front door; the reference lives in docs/.
-    assert (ROOT / "README.md").stat().st_size <= 16 * 1024

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from harness import comfyui, models
+from harness import models
 from harness.client import PromptRejected
 from harness.server import load_latent
 
@@ -19,8 +19,6 @@ IMAGE = "server_inputs.png"
 
 @pytest.fixture(scope="module")
 def para_core():
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     return para_core
 
@@ -275,3 +273,19 @@ def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_reloaded(comfy_ser
     ref = load_latent(comfy_server.output_files(comfy_server.run(ref_graph, 300), "latents")[0])
     assert not torch.equal(first, ref)
     assert torch.equal(second, ref), "the replaced file's old adapter was used"
+
+
+def test_an_invalid_dtype_sent_through_the_api_is_a_clear_error(comfy_server, sd15_checkpoint, para_core):
+    ((layer, (out, _)),) = checkpoint_layers(sd15_checkpoint, 1)
+    para_core.save_para(para_core.ParaState(B={layer: torch.randn(out, 2)}),
+                        str(comfy_server.models_dir / "para" / "for_evil.safetensors"))
+    g = {"load": {"class_type": "PaRaLoad", "inputs": {"para_name": "for_evil.safetensors"}},
+         "save": {"class_type": "PaRaSave", "inputs": {"para": ["load", 0], "filename_prefix": "evil",
+                                                       "dtype": "evil"}}}
+    try:
+        entry = comfy_server.wait(comfy_server.client.queue(g), timeout=120)
+    except PromptRejected as e:  # ComfyUI versions that validate V3 combos refuse it at once
+        assert "dtype" in str(e.body) and "KeyError" not in str(e.body)
+        return
+    message = entry.message or ""
+    assert "input 'dtype' is 'evil'; use one of fp32, fp16, bf16" in message, message

@@ -1,4 +1,6 @@
-"""PaRa nodes through the real ComfyUI HTTP server (issue 4)."""
+"""PaRa nodes through the real ComfyUI HTTP server: the node list, loading, applying,
+merging, saving and exporting through prompts, errors as ComfyUI reports them, and the pack's
+start-up cleanup."""
 import json
 import math
 
@@ -6,7 +8,8 @@ import pytest
 import torch
 
 from harness import comfyui, models
-from harness.server import load_latent
+from harness.server import ComfyServer, load_latent
+from workflow_helpers import checkpoint_layers
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.server]
 
@@ -15,8 +18,6 @@ NODE_IDS = ["PaRaLoader", "PaRaLoad", "PaRaApply", "PaRaMerge", "PaRaSave", "PaR
 
 @pytest.fixture(scope="module")
 def core():
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     return para_core
 
@@ -200,3 +201,57 @@ def test_a_file_rewritten_under_the_same_name_is_reloaded(comfy_server, para_fil
     shutil.copy(para_dir / para_files["s1"], para_dir / "rewritten.safetensors")
     second = run_latent(comfy_server, g("rw2"))
     assert (first - second).abs().max() > 1e-3, "the changed file was not reloaded"
+
+
+def test_a_nan_para_file_stops_a_stock_load_lora_prompt(comfy_server, sd15_checkpoint):
+    shapes, _ = checkpoint_layers(sd15_checkpoint)
+    layer = sorted(shapes)[0]
+    out = shapes[layer][0]
+    B = torch.randn(out, 2)
+    B[0, 0] = float("nan")
+    name = "nan_subject.safetensors"
+    from safetensors.torch import save_file  # save_para itself refuses to write a NaN
+    save_file({f"{layer}.para_B": B}, str(comfy_server.models_dir / "loras" / name))
+    g = models.txt2img_graph(save="image", prefix="nan_lora", steps=1)
+    g["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["ckpt", 0], "lora_name": name,
+                                                                 "strength_model": 1.0}}
+    g["sampler"]["inputs"]["model"] = ["lora", 0]
+    entry = comfy_server.wait(comfy_server.client.queue(g), timeout=300)
+    message = entry.message or ""
+    assert entry.status == "error"
+    # ComfyUI names the node that failed (its input names the file); the message names the layer.
+    assert entry.error_details["node_type"] == "LoraLoaderModelOnly"
+    assert f"{layer}.para_B contains NaN or Inf" in message, message
+
+
+def test_a_write_killed_by_sigkill_is_never_listed_and_is_gone_after_a_restart(comfyui_path, tmp_path):
+    """SIGKILL a process in the middle of writing models/para/dog.safetensors (the pack's atomic
+    write), then start ComfyUI on that folder: the leftover is not in PaRa Loader's list and the
+    pack removed it at start; a trainer state whose PaRa file never came is removed too."""
+    import signal
+    import subprocess
+    import sys
+    from core_helpers import KILL_MID_WRITE
+    server = ComfyServer(comfyui_path)
+    try:
+        para_dir = server.models_dir / "para"
+        proc = subprocess.Popen([sys.executable, "-c", KILL_MID_WRITE, str(comfyui.PACK_ROOT), str(para_dir),
+                                 "dog.safetensors"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "writing"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        (leftover,) = [p for p in para_dir.iterdir()]
+        orphan = para_dir / "run_00001_step000004.trainer.pt"
+        orphan.write_bytes(b"state without its PaRa file")
+        import para_core
+        para_core.save_para(para_core.ParaState(B={"diffusion_model.x": torch.randn(4, 1)}), str(para_dir / "real.safetensors"))
+        server.start()
+        options = server.client.object_info("PaRaLoader")["input"]["required"]["para_name"]
+        listed = options[0] if isinstance(options[0], list) else options[1].get("options", [])
+        assert listed == ["real.safetensors"]
+        assert not leftover.exists() and not orphan.exists()
+        assert "removed 2 unfinished file(s)" in server.log_text()
+    finally:
+        server.cleanup()

@@ -423,7 +423,7 @@ def make_thumbnail(name: str, png: Path, jpg: Path) -> None:
 def make_thumbnails() -> int:
     missing = [p.stem for p in sorted(UI_DIR.glob("*.json")) if not (SHOTS_DIR / f"{p.stem}.png").exists()]
     if missing:
-        print("no screenshot for", ", ".join(missing), "(tests/test_browser.py takes them)")
+        print("no screenshot for", ", ".join(missing), "(tests/test_workflows_browser.py takes them)")
         return 1
     for ui in sorted(UI_DIR.glob("*.json")):
         make_thumbnail(ui.stem, SHOTS_DIR / f"{ui.stem}.png", UI_DIR / f"{ui.stem}.jpg")

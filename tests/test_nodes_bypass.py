@@ -1,7 +1,6 @@
-"""PaRa in ComfyUI's bypass mode (issue 12 item 3): loading a PaRa file with
+"""PaRa in ComfyUI's bypass mode: loading a PaRa file with
 comfy.sd.load_bypass_lora_for_models / "Load LoRA (Bypass)" gives what weight patching gives,
 at every strength, biases included; an interface PaRa cannot serve is an error, never a no-op."""
-import importlib
 
 import pytest
 import torch
@@ -14,14 +13,8 @@ STRENGTHS = (1.0, 0.5, 2.0, -1.0)
 
 
 @pytest.fixture(scope="module")
-def pack(para_pack):
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    return para_pack
-
-
-@pytest.fixture(scope="module")
-def mod(pack):
-    return lambda name: importlib.import_module(f"{pack.__name__}.{name}")
+def mod(mods):
+    return mods
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
-"""PaRa in ComfyUI's own trainer (issue 12 item 6): TrainLoraNode with algorithm "PaRa" trains
+"""PaRa in ComfyUI's own trainer: TrainLoraNode with algorithm "PaRa" trains
 PaRa (weight-wrapper and bypass mode), and the stock loaders load what it saves."""
-import importlib
 import shutil
 
 import pytest
@@ -13,57 +12,36 @@ pytestmark = pytest.mark.comfyui
 ALGORITHM = "PaRa"
 
 
-@pytest.fixture(scope="module")
-def pack(para_pack):
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    return para_pack
-
-
-@pytest.fixture(scope="module")
-def ta(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.adapters.para")
-
-
-@pytest.fixture(scope="module")
-def adapter_mod(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.adapters.para")
-
-
-@pytest.fixture(scope="module")
-def reference_mod(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.adapters.reference")
-
-
-def test_para_is_offered_in_comfyuis_adapter_map(adapter_mod):
+def test_para_is_offered_in_comfyuis_adapter_map(mods):
     import comfy.weight_adapter as wa
-    assert wa.adapter_maps[ALGORITHM] is adapter_mod.ParaAdapter
-    assert adapter_mod.ParaAdapter in wa.adapters
+    assert wa.adapter_maps[ALGORITHM] is mods.para.ParaAdapter
+    assert mods.para.ParaAdapter in wa.adapters
 
 
-def test_create_train_follows_the_rank_rule_and_starts_as_paper_para(ta, adapter_mod):
+def test_create_train_follows_the_rank_rule_and_starts_as_paper_para(mods):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(320, 64, generator=g)
-    t = adapter_mod.ParaAdapter.create_train(W, rank=8, alpha=1.0)
-    assert isinstance(t, ta.ParaTrainDiff) and tuple(t.para_B.shape) == (320, 8)
+    t = mods.para.ParaAdapter.create_train(W, rank=8, alpha=1.0)
+    assert isinstance(t, mods.para.ParaTrainDiff) and tuple(t.para_B.shape) == (320, 8)
     assert [n for n, _ in t.named_parameters()] == ["para_B"]  # saved as <layer>.para_B: a PaRa file
     Q = torch.linalg.qr(t.para_B.detach().double())[0]
     torch.testing.assert_close(t(W).double(), W.double() - Q @ (Q.t() @ W.double()), rtol=1e-5, atol=1e-5)
-    assert tuple(adapter_mod.ParaAdapter.create_train(torch.randn(160, 8, 3, 3), rank=8).para_B.shape) == (160, 4)
-    tiny = adapter_mod.ParaAdapter.create_train(torch.randn(4, 320, 3, 3), rank=8)  # e.g. the latent output conv
+    assert tuple(mods.para.ParaAdapter.create_train(torch.randn(160, 8, 3, 3), rank=8).para_B.shape) == (160, 4)
+    tiny = mods.para.ParaAdapter.create_train(torch.randn(4, 320, 3, 3), rank=8)  # e.g. the latent output conv
     assert list(tiny.parameters()) == [] and torch.equal(tiny(W[:4]), W[:4])
 
 
-def test_to_train_continues_a_subject_and_refuses_a_merged_file(adapter_mod):
+def test_to_train_continues_a_subject_and_refuses_a_merged_file(mods):
     B = torch.randn(64, 3)
-    t = adapter_mod.ParaAdapter.load("l", {"l.para_B": B}).to_train()
+    t = mods.para.ParaAdapter.load("l", {"l.para_B": B}).to_train()
     torch.testing.assert_close(t.para_B.detach(), B)
-    merged = adapter_mod.ParaAdapter.load("l", {"l.para_U": B, "l.para_V": B})
+    merged = mods.para.ParaAdapter.load("l", {"l.para_U": B, "l.para_V": B})
     with pytest.raises(Exception, match="merged"):
         merged.to_train()
 
 
 @pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
-def test_bypass_training_gives_the_weight_wrapper_gradients(ta, adapter_mod, conv):
+def test_bypass_training_gives_the_weight_wrapper_gradients(mods, conv):
     g = torch.Generator().manual_seed(1)
     layer = torch.nn.Conv2d(8, 80, 3, padding=1) if conv else torch.nn.Linear(8, 80)
     with torch.no_grad():
@@ -72,7 +50,7 @@ def test_bypass_training_gives_the_weight_wrapper_gradients(ta, adapter_mod, con
     target = torch.randn_like(layer(x))
     grads = []
     for mode in ("wrapper", "bypass"):
-        t = adapter_mod.ParaAdapter.create_train(layer.weight, rank=2)
+        t = mods.para.ParaAdapter.create_train(layer.weight, rank=2)
         with torch.no_grad():
             t.para_B.copy_(torch.randn(80, 2, generator=torch.Generator().manual_seed(2)))
         if mode == "wrapper":
@@ -87,14 +65,14 @@ def test_bypass_training_gives_the_weight_wrapper_gradients(ta, adapter_mod, con
 
 @pytest.mark.parametrize("B", [torch.zeros(64, 3), torch.full((64, 3), 1e-40), torch.ones(64, 3)],
                          ids=["zeros", "1e-40", "dependent-columns"])
-def test_to_train_refuses_a_B_without_a_basis(adapter_mod, B):
+def test_to_train_refuses_a_B_without_a_basis(mods, B):
     """QR(B) has no gradient there: TrainLoraNode would train NaN and Save LoRA write it."""
     with pytest.raises(Exception, match="rank-deficient or vanishing.*existing_lora"):
-        adapter_mod.ParaAdapter.load("l", {"l.para_B": B}, 1.0, None).to_train()
+        mods.para.ParaAdapter.load("l", {"l.para_B": B}, 1.0, None).to_train()
 
 
 @pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
-def test_to_train_continues_a_reference_file_in_weight_and_bypass_mode(reference_mod, conv):
+def test_to_train_continues_a_reference_file_in_weight_and_bypass_mode(mods, conv):
     """A reference file (para_U/para_D, PaRa Trainer's parametrization reference) as existing_lora:
     U and D train on, the weight wrapper is W0 - U D, and bypass gives the wrapper's gradients."""
     g = torch.Generator().manual_seed(3)
@@ -109,7 +87,7 @@ def test_to_train_continues_a_reference_file_in_weight_and_bypass_mode(reference
     modes = ("wrapper", "bypass") if hasattr(WeightAdapterTrainBase, "bypass_forward") else ("wrapper",)  # 0.33+
     grads = []
     for mode in modes:
-        t = reference_mod.ReferenceAdapter.load("l", {"l.para_U": U, "l.para_D": D}, 1.0, None).to_train()
+        t = mods.reference_adapter.ReferenceAdapter.load("l", {"l.para_U": U, "l.para_D": D}, 1.0, None).to_train()
         assert [n for n, _ in t.named_parameters()] == ["para_U", "para_D"]  # saved as a reference file again
         if mode == "wrapper":
             W = t(layer.weight)

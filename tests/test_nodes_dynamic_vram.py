@@ -1,4 +1,4 @@
-"""PaRa Trainer under ComfyUI 0.3x's memory management (issue 12 item 4): a dynamic-VRAM model is
+"""PaRa Trainer under ComfyUI 0.3x's memory management: a dynamic-VRAM model is
 trained on its classic copy, with comfy.model_management.in_training set, and every
 out-of-memory form ComfyUI knows stops the run with advice and the last step kept.
 
@@ -14,18 +14,10 @@ import pytest
 import torch
 
 from harness import models
+from pack_helpers import trainer_settings
 
 pytestmark = pytest.mark.comfyui
-SETTINGS = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e-2, optimizer="AdamW",
-                batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
-                save_every=0, filename_prefix="dyn", resume_from="[none]")
-
-
-@pytest.fixture(scope="module")
-def mods(para_pack):
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return get("nodes.trainer_node"), get("nodes.training_loop"), get("nodes.dynamic_vram"), get("para_core")
+SETTINGS = trainer_settings(filename_prefix="dyn")
 
 
 @pytest.fixture
@@ -51,7 +43,7 @@ def dynamic_model(sd15_checkpoint, comfy_in_process):
 
 def test_dynamic_model_is_trained_on_its_classic_copy_with_the_training_flag(mods, dynamic_model, monkeypatch):
     import comfy.model_management as mm
-    trainer, training, dv, core = mods
+    trainer, training = mods.trainer, mods.training
     seen = {}
     real_step = training.TrainingRun._one_step
 
@@ -78,20 +70,20 @@ def test_dynamic_model_is_trained_on_its_classic_copy_with_the_training_flag(mod
 
 
 def test_a_model_that_cannot_be_reloaded_gets_a_clear_error(mods, dynamic_model):
-    trainer, training, dv, core = mods
+    dv, core = mods.dynamic_vram, mods.core
     dynamic_model.cached_patcher_init = None
     with pytest.raises(core.ParaError, match="dynamic VRAM.*--disable-dynamic-vram"):
         dv.training_patcher(dynamic_model)
 
 
 def test_a_classic_model_is_trained_as_it_is(mods, tiny_model):
-    assert mods[2].training_patcher(tiny_model) is tiny_model
+    assert mods.dynamic_vram.training_patcher(tiny_model) is tiny_model
 
 
 @pytest.mark.parametrize("form", ["OutOfMemoryError", "AcceleratorError"])
 def test_every_out_of_memory_form_stops_with_advice_and_keeps_the_last_step(mods, tiny_model, monkeypatch, form):
     import comfy.model_management as mm
-    trainer, training, dv, core = mods
+    trainer, training, core = mods.trainer, mods.training, mods.core
     if form == "AcceleratorError" and not (hasattr(torch, "AcceleratorError") and hasattr(mm, "is_oom")):
         pytest.skip("no AcceleratorError / comfy.model_management.is_oom here")
     error = getattr(torch, form)

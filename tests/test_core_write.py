@@ -1,14 +1,19 @@
-"""Writers that share a folder: temporary names that always fit, exclusive writes that never
-replace another writer's file, run numbers claimed by one process only (two real processes
-racing), and the cleanup of what a crashed run left."""
+"""Writing files (para_core/write.py): writers that share a folder (temporary names that always
+fit, exclusive writes that never replace another writer's file, run numbers claimed by one process
+only, two real processes racing), what a write killed midway leaves and the cleanup of it,
+file permissions, and no non-finite tensor ever written."""
 import os
+import signal
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from para_core import ParaState, load_para, save_para
+from core_helpers import KILL_MID_WRITE, REPO_ROOT, make_subject, save_subject
+from para_core import ParaError, ParaState, load_para, save_para
 from para_core import write as ff
 
 EMOJI = "\U0001F600"
@@ -139,4 +144,79 @@ def test_metadata_too_large_for_a_safetensors_header_is_a_clear_error_and_writes
     st = ParaState(B={"diffusion_model.x": torch.randn(8, 2)}, metadata={"para.train": "w" * 101_000_000})
     with pytest.raises(ff.ParaError, match=r"too large.*100 MB.*'para\.train'"):
         save_para(st, tmp_path / "big.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------- a write killed midway
+
+def comfy_lists(folder, exts=(".safetensors",)):
+    """What ComfyUI's model lists show of ``folder``: its own extension filter (folder_paths'
+    filter_files_extensions: os.path.splitext(name)[-1].lower() in the folder's extensions)."""
+    return sorted(n for n in os.listdir(folder) if os.path.splitext(n)[-1].lower() in exts)
+
+
+def test_temporary_names_are_not_listed_by_the_model_lists(tmp_path):
+    tmp = ff.temp_path_for(tmp_path / "dog.safetensors")
+    Path(tmp).write_bytes(b"partial")
+    for exts in ({".safetensors"}, {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}):
+        assert comfy_lists(tmp_path, exts) == []
+    assert os.path.basename(tmp).startswith(".dog.safetensors.") and tmp.endswith(ff.TEMP_SUFFIX)
+
+
+@pytest.mark.parametrize("name", ["dog.safetensors", "PaRa_00001_step000004.trainer.pt"])
+def test_sigkill_mid_write_leaves_nothing_listed_and_the_next_start_removes_it(tmp_path, name):
+    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_WRITE, str(REPO_ROOT), str(tmp_path), name],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and left[0].endswith(ff.TEMP_SUFFIX), left
+    assert comfy_lists(tmp_path, {".safetensors", ".pt"}) == []
+    removed = ff.remove_stale_temp_files([str(tmp_path)])
+    assert [os.path.basename(p) for p in removed] == left and os.listdir(tmp_path) == []
+
+
+def test_cleanup_keeps_a_live_writers_temp_file_and_every_real_file(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    live = Path(ff.temp_path_for(sub / "a.safetensors"))  # this process's pid: still writing
+    live.write_bytes(b"x")
+    old_style = tmp_path / ".tmp-abcd1234.safetensors"  # what earlier versions left (and listed)
+    old_style.write_bytes(b"")
+    keep = [tmp_path / "dog.safetensors", tmp_path / "dog.trainer.pt", sub / "run_00001_step000002.safetensors",
+            sub / "run_00001_step000002.trainer.pt", tmp_path / "notes.tmp"]
+    for p in keep:
+        p.write_bytes(b"k")
+    orphan = sub / "run_00001_step000004.trainer.pt"  # its PaRa file never got written
+    orphan.write_bytes(b"o")
+    being_written = sub / "run_00001_step000006.trainer.pt"  # its PaRa file is being written right now
+    being_written.write_bytes(b"w")
+    Path(ff.temp_path_for(sub / "run_00001_step000006.safetensors")).write_bytes(b"x")
+    removed = sorted(ff.remove_stale_temp_files([str(tmp_path)]))
+    assert removed == sorted([str(old_style), str(orphan)])
+    assert live.exists() and being_written.exists() and all(p.exists() for p in keep)
+
+
+# ------------------------------------------------------------------------- permissions
+
+def test_para_files_get_the_umasks_permissions_not_0600(tmp_path, umask_022):
+    path = tmp_path / "a.safetensors"
+    save_subject(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    os.chmod(path, 0o664)  # a replaced file keeps its mode, as with any other writer
+    save_subject(path, seed=3)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+
+
+# ------------------------------------------------------------------------- non-finite values
+
+def test_saving_never_writes_a_non_finite_tensor(tmp_path):
+    st = make_subject()
+    for l in st.B:
+        st.B[l][0, 0] = 1e6  # finite in fp32, inf in fp16
+    with pytest.raises(ParaError, match="not finite"):
+        save_para(st, str(tmp_path / "a.safetensors"), dtype=torch.float16)
     assert os.listdir(tmp_path) == []

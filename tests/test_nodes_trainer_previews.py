@@ -6,21 +6,11 @@ import pytest
 import torch
 
 from harness import models
+from pack_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
-BASE = dict(rank=4, layers="noxattn", rank_cap="none", steps=4, learning_rate=1e-2, optimizer="AdamW",
-            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
-            save_every=0, filename_prefix="test_previews", resume_from="[none]")
-
-
-@pytest.fixture(scope="module")
-def mods(para_pack):
-    import importlib
-    from types import SimpleNamespace
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer_node"), previews=get("nodes.previews"), core=get("para_core"))
+BASE = trainer_settings(rank=4, steps=4, filename_prefix="test_previews")
 
 
 def train(mods, **kw):

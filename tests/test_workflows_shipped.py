@@ -1,4 +1,4 @@
-"""The shipped workflows (issue 6): every UI workflow is valid against the running server's
+"""The shipped workflows: every UI workflow is valid against the running server's
 /object_info, every API workflow runs on the server with the test checkpoint."""
 import json
 import math
@@ -296,7 +296,7 @@ def test_api_5_export_as_lora_runs_in_two_queues_as_its_note_says(client, comfy_
 
 def test_ui_5_first_queue_validates_before_the_lora_exists(client, comfy_server):
     """The UI file ships the LoRA half muted (mode 2, which the frontend leaves out of the prompt):
-    its first queue validates although the LoRA it loads is not exported yet (issue 13.12)."""
+    its first queue validates although the LoRA it loads is not exported yet."""
     ui = ui_workflows()["5_export_as_lora"]
     muted = {str(n["id"]) for n in ui["nodes"] if n.get("mode") == make_ui.MODE_MUTED}
     g = api_graph.shrink(api_graph.load("5_export_as_lora"), **SMALL)

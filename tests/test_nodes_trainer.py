@@ -1,4 +1,4 @@
-"""PaRa Trainer (issue 5): in-process on a tiny model with real ComfyUI classes, run under
+"""PaRa Trainer (nodes/trainer_node.py, training_loop.py): in-process on a tiny model with real ComfyUI classes, run under
 torch.inference_mode() like the server runs nodes, then through the real server."""
 import json
 import math
@@ -9,29 +9,11 @@ import pytest
 import torch
 
 from harness import models
+from pack_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
-BASE = dict(rank=4, layers="noxattn", rank_cap="none", steps=4, learning_rate=1e-2, optimizer="AdamW",
-            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
-            save_every=0, filename_prefix="test", resume_from="[none]")
-
-
-@pytest.fixture(scope="module")
-def pack(para_pack):
-    import importlib
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    return para_pack
-
-
-@pytest.fixture(scope="module")
-def mods(pack):
-    import importlib
-    from types import SimpleNamespace
-    get = lambda m: importlib.import_module(f"{pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
-                           patching=get("nodes.patching"), core=get("para_core"), para=get("nodes.adapters.para"),
-                           projection=get("para_core.functional.projection"))
+BASE = trainer_settings(rank=4, steps=4)
 
 
 @pytest.fixture

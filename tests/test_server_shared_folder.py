@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import comfyui, models
+from harness import models
 from harness.server import ComfyServer
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.server, pytest.mark.slow]
@@ -92,8 +92,6 @@ def at_once(servers, graphs, timeout=900):
 
 
 def test_two_servers_saving_under_one_prefix_never_overwrite_each_other(two_servers, sd15_checkpoint):
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core
     from safetensors import safe_open
     a, b = two_servers

@@ -57,7 +57,7 @@ def test_quick_demo_writes_para_files_images_loss_plots_and_a_summary(comfyui_pa
                  "random weights", "workflows/batch.py"):
         assert line in log, log
     assert "no live progress" not in log
-    # every graph was valid as queued: ComfyUI logged no validation failure (issue 13.12)
+    # every graph was valid as queued: ComfyUI logged no validation failure
     server_log = (out / "comfyui" / "comfyui.log").read_text()
     assert "Failed to validate" not in server_log and "invalid prompt" not in server_log.lower(), server_log[-3000:]
 
@@ -98,7 +98,7 @@ def test_quick_demo_writes_para_files_images_loss_plots_and_a_summary(comfyui_pa
                                          "4_single_image_edit", "5_export_as_lora (generate)", "total"}
     assert sorted(files) == ["para/demo_merged.safetensors", "para/demo_sks.safetensors", "para/demo_zwx.safetensors"]
 
-    # the documented batch example runs as written on what the demo left behind (issue 13.9)
+    # the documented batch example runs as written on what the demo left behind
     models = out / "comfyui" / "models"
     assert (models / "checkpoints" / "demo_base.safetensors").is_file()
     assert sorted(p.name for p in (models / "para").iterdir()) == sorted(Path(f).name for f in files)
@@ -133,8 +133,8 @@ def test_a_user_checkpoint_runs_the_shipped_workflows_at_the_paper_settings(tmp_
 
 
 # ------------------------------------------------------------------------------------------
-# Which model the demo uses (issue 11.6). The builds take minutes, so train_base's build and
-# cache check are replaced here; the builds themselves are tested in test_quality_pipeline.py.
+# Which model the demo uses: the benchmark's base when it is built, else one it builds once. The
+# builds take minutes, so train_base's build and cache check are replaced here; the builds themselves are tested in test_bench_quality.py.
 # ------------------------------------------------------------------------------------------
 
 PARALLEL = (os.cpu_count() or 1) >= 2  # the demo builds the decoder and UNet stages at once on 2+ cores

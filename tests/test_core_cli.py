@@ -6,6 +6,7 @@ interpreter start-up.
 """
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -14,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from core_helpers import CKPT_LAYERS, PARA_LAYERS, REPO_ROOT, make_checkpoint, save_subject
-from para_core import load_para, merge_states
+from core_helpers import CKPT_LAYERS, PARA_LAYERS, REPO_ROOT, make_checkpoint, make_subject, save_subject
+from para_core import ParaState, build_metadata, load_para, merge_states, save_para
 from para_core.functional.projection import reduce_weight
 from para_core.base_model import Checkpoint
 from para_core.cli import main, parse_file_strength
@@ -334,7 +335,7 @@ def test_usage_errors_exit_2_with_one_line(argv, capsys):
     _one_error_line(capsys.readouterr().err)
 
 
-# ------------------------------------------------------------------------- start-up cost (issue 13.14)
+# ------------------------------------------------------------------------- start-up cost: a wrong path fails before torch is imported
 
 @pytest.mark.parametrize("argv", [
     ["inspect", "{tmp}/missing.safetensors"],
@@ -357,9 +358,22 @@ def test_a_folder_given_as_a_file_is_named(files, capsys):
     assert f"{files['out']}: is a folder" in _one_error_line(capsys.readouterr().err)
 
 
-def test_the_merge_mode_choices_are_the_merge_modes():
+def _all_merge_modes():
     from para_core import cli, merge
-    assert cli.MERGE_MODES == merge.MERGE_MODES
+    return sorted(set(cli.MERGE_MODES) | set(merge.MERGE_MODES))
+
+
+@pytest.mark.parametrize("mode", _all_merge_modes())
+def test_every_merge_mode_is_a_cli_choice_and_merges_as_the_library_does(files, mode):
+    """The CLI keeps its own list of modes (importing para_core.merge would import torch): each
+    mode of either list is accepted by ``merge --mode`` and gives what merge_states gives."""
+    out = files["out"] / f"{mode}.safetensors"
+    assert main(["merge", "--mode", mode, f"{files['a']}:0.5", str(files["b"]), "-o", str(out)]) == 0
+    merged = load_para(out)
+    assert merged.kind == "merged" and merged.metadata["para.merge_mode"] == mode
+    expected = merge_states([load_para(files["a"]), load_para(files["b"])], [0.5, 1.0], mode)
+    for layer, (U, V) in expected.factors().items():
+        torch.testing.assert_close(merged.U[layer] @ merged.V[layer].t(), U @ V.t(), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------- signals, read-only outputs, odd names
@@ -440,3 +454,75 @@ def test_a_read_only_file_in_a_peft_output_folder_is_refused_before_any_work(fil
     line = _one_error_line(capsys.readouterr().err)
     assert str(keep) in line and "read-only" in line
     assert sorted(os.listdir(out)) == [name] and keep.read_bytes() == b"the user's file"
+
+
+# ------------------------------------------------------------------------- permissions
+
+def test_cli_outputs_get_the_umasks_permissions(tmp_path, umask_022):
+    ckpt = tmp_path / "base.safetensors"
+    make_checkpoint(ckpt)
+    a = tmp_path / "a.safetensors"
+    save_subject(a)
+    outs = {"merge": tmp_path / "m.safetensors", "export": tmp_path / "l.safetensors", "bake": tmp_path / "b.safetensors"}
+    assert main(["merge", "--mode", "sum", str(a), str(a), "-o", str(outs["merge"])]) == 0
+    assert main(["export-lora", "--base", str(ckpt), "--para", str(a), "-o", str(outs["export"])]) == 0
+    assert main(["bake", "--base", str(ckpt), "--para", str(a), "-o", str(outs["bake"])]) == 0
+    assert {k: oct(stat.S_IMODE(p.stat().st_mode)) for k, p in outs.items()} == {k: "0o644" for k in outs}
+
+
+# ------------------------------------------------------------------------- finite but huge factors
+
+def huge_subject():
+    st = make_subject()
+    for l in st.B:
+        st.B[l][0, 0] = 3e38  # finite: passes the NaN/Inf check on load
+    return st
+
+
+def huge_merged():
+    st = make_subject()
+    U = {l: torch.full((b.shape[0], 2), 3e38) for l, b in st.B.items()}
+    return ParaState(kind="merged", U=U, V={l: u.clone() for l, u in U.items()},
+                     metadata=build_metadata("merged", merge_mode="sum", base_arch="SD15"))
+
+
+@pytest.mark.parametrize("make", [huge_subject, huge_merged], ids=["subject", "merged"])
+def test_cli_export_and_bake_refuse_non_finite_results_and_write_nothing(tmp_path, capsys, make):
+    ckpt = tmp_path / "base.safetensors"
+    make_checkpoint(ckpt)
+    f = tmp_path / "huge.safetensors"
+    save_para(make(), str(f))
+    load_para(f)  # the inputs alone look fine
+    for args, out in ((["export-lora", "--base", str(ckpt), "--para", str(f)], "l.safetensors"),
+                      (["bake", "--base", str(ckpt), "--para", str(f)], "b.safetensors")):
+        assert main(args + ["-o", str(tmp_path / out)]) == 1
+        err = capsys.readouterr().err
+        assert "not finite" in err and "huge.safetensors" in err, err
+        assert not (tmp_path / out).exists()
+    assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "huge.safetensors"]
+
+
+def test_merge_of_huge_values_is_a_clear_error_not_a_linalg_error(tmp_path, capsys):
+    a = tmp_path / "a.safetensors"
+    save_para(huge_subject(), str(a))
+    b = tmp_path / "b.safetensors"
+    save_subject(b, seed=5)
+    for mode in ("union", "sum", "sequential"):
+        assert main(["merge", "--mode", mode, str(a), str(b), "-o", str(tmp_path / "m.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert "LinAlgError" not in err and "unexpected" not in err and "a.safetensors" in err, err
+        assert not (tmp_path / "m.safetensors").exists()
+
+
+# ------------------------------------------------------------------------- metadata as stored
+
+@pytest.mark.parametrize("depth", [600, 100000])
+def test_inspect_shows_deeply_nested_metadata_as_stored(tmp_path, capsys, depth):
+    st = make_subject()
+    st.metadata["para.train"] = "[" * depth + "]" * depth
+    p = tmp_path / "a.safetensors"
+    save_para(st, str(p))
+    assert main(["inspect", str(p)]) == 0
+    assert main(["inspect", str(p), "--json"]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and "para.train" in out.out

@@ -1,19 +1,21 @@
-"""A damaged .trainer.pt (optimizer or GradScaler state) is a clear error naming resume_from
-before the run starts: in-process for every kind of damage, and through the real server, which
-then keeps serving."""
+"""PaRa Trainer's checkpoints and resume: a resume takes its new learning rate, a checkpoint that
+cannot be written warns and the run goes on (and is retried at the next save), a NaN stop gives
+advice for the training dtype; a damaged .trainer.pt (wrong rank, wrong field types, damaged
+optimizer or GradScaler state) is a clear error naming resume_from before the run starts:
+in-process for every kind of damage, and through the real server, which then keeps serving."""
 import copy
+import json
 import os
 
 import pytest
 import torch
 
 from harness import models
+from pack_helpers import folder, trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
-BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=2, learning_rate=1e-2, optimizer="AdamW",
-            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
-            save_every=0, filename_prefix="rd", resume_from="[none]")
+BASE = trainer_settings(filename_prefix="rd")
 
 
 def _group(s):
@@ -47,15 +49,6 @@ DAMAGE = [
     ("params_swapped", lambda s: _group(s).__setitem__("params", [1, 0] + _group(s)["params"][2:]), "fp32",
      "lists the tensors"),
 ]
-
-
-@pytest.fixture(scope="module")
-def mods(para_pack):
-    import importlib
-    from types import SimpleNamespace
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(core=get("para_core"), trainer=get("nodes.trainer_node"))
 
 
 def para_folder():
@@ -161,3 +154,99 @@ def test_a_damaged_trainer_state_through_the_server(comfy_server):
         assert f"input 'resume_from' ({name})" in message and says in message, (case_id, message)
     # and the server keeps serving: the undamaged checkpoint resumes
     comfy_server.run(resume_graph("resume_damage.png", first.name, "fp16"), timeout=600)
+
+
+# ------------------------------------------------------------------------- checkpoints, resume and stops in-process
+
+@pytest.fixture
+def model(comfy_in_process):
+    with torch.inference_mode():
+        return models.make_tiny_model(seed=0)
+
+
+def test_resume_with_a_new_learning_rate_uses_it(mods, model, monkeypatch):
+    train(mods, model, steps=2, save_every=2, filename_prefix="lr_src")
+    (name,) = [f for f in os.listdir(folder("para")) if f.startswith("lr_src_") and f.endswith(".safetensors")]
+    seen = []
+    real = mods.training.TrainingRun._one_step
+
+    def spy(self, *a, **k):
+        seen.append([g["lr"] for g in self.optimizer.param_groups])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(mods.training.TrainingRun, "_one_step", spy)
+    train(mods, model, steps=3, learning_rate=0.5, resume_from=name, filename_prefix="lr_dst")
+    assert seen == [[0.5]]
+
+
+def test_a_checkpoint_that_cannot_be_written_warns_and_the_run_goes_on(mods, model, caplog, monkeypatch):
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mods.trainer, "save_para", disk_full)
+    prefix = "ppp_full"
+    out = train(mods, model, steps=3, save_every=1, filename_prefix=prefix)
+    _, para, loss, steps = out.args[:4]
+    assert steps == 3 and len(loss["loss"]) == 3 and para.layers
+    assert sum("could not write the checkpoint" in r.getMessage() for r in caplog.records) == 3
+    assert "could not be written" in json.dumps(out.ui.as_dict())
+    assert not [f for f in os.listdir(folder("para")) if f.startswith("ppp")]
+
+
+def test_a_failed_save_is_retried_at_the_next_one(mods, model, monkeypatch):
+    real, calls = mods.trainer.save_para, []
+
+    def flaky(state, path, *a, **k):  # disk full once, at step 1
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(state, path, *a, **k)
+
+    monkeypatch.setattr(mods.trainer, "save_para", flaky)
+    _, para, _, steps = train(mods, model, steps=2, save_every=1, filename_prefix="retry").args[:4]
+    files = sorted(f for f in os.listdir(folder("para")) if f.startswith("retry_"))
+    assert steps == 2 and files == ["retry_00001_step000002.safetensors", "retry_00001_step000002.trainer.pt"]
+
+
+def resumable(mods, model, prefix):
+    train(mods, model, steps=2, save_every=2, filename_prefix=prefix)
+    (name,) = [f for f in os.listdir(folder("para")) if f.startswith(prefix + "_") and f.endswith(".safetensors")]
+    return name, mods.trainer_state.trainer_state_path(os.path.join(folder("para"), name))
+
+
+def test_trainer_state_of_another_rank_is_a_clear_error(mods, model):
+    name, tpath = resumable(mods, model, "rank2")
+    other, other_t = resumable(mods, model, "rank1_src")
+    state = mods.trainer_state.load_trainer_state(other_t)
+    for st in state["optimizer"]["state"].values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                st[k] = v[:, :1].clone()  # what a rank-1 run's moments look like
+    torch.save(state, tpath)
+    with pytest.raises(mods.core.ParaError, match=r"input 'resume_from'.*does not belong to .*another rank"):
+        train(mods, model, steps=4, resume_from=name, filename_prefix="rank_resume")
+
+
+@pytest.mark.parametrize("field, value", [("step", -5), ("layers", 7), ("loss_history", "abc")])
+def test_damaged_trainer_state_is_an_error_naming_resume_from_and_the_field(mods, model, field, value):
+    name, tpath = resumable(mods, model, f"dmg_{field}")
+    state = torch.load(tpath, weights_only=True)
+    state[field] = value
+    torch.save(state, tpath)
+    with pytest.raises(mods.core.ParaError, match=f"input 'resume_from'.*field '{field}'"):
+        train(mods, model, steps=4, resume_from=name, filename_prefix="dmg_resume")
+
+
+@pytest.mark.parametrize("dtype, advice, not_advice", [
+    ("fp32", "Lower learning_rate", "fp16"),
+    ("bf16", "training_dtype fp32", "instead of fp16"),
+    ("fp16", "bf16 or fp32 instead of fp16", None),
+])
+def test_nan_stop_advice_depends_on_the_training_dtype(mods, model, monkeypatch, dtype, advice, not_advice):
+    real = mods.training.diffusion_loss_sum
+    monkeypatch.setattr(mods.training, "diffusion_loss_sum", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(mods.core.ParaError, match="NaN/Inf") as err:
+        train(mods, model, steps=2, training_dtype=dtype, filename_prefix=f"nan_{dtype}")
+    assert advice in str(err.value)
+    if not_advice:
+        assert not_advice not in str(err.value)

@@ -1,4 +1,4 @@
-"""SDXL, SD2-v, SD3, Flux and Lumina 2 end to end (issue 14).
+"""SDXL, SD2-v, SD3, Flux and Lumina 2 end to end.
 
 Each family's small model (harness/families.py, random weights, built once and cached) is
 checked to be detected by ComfyUI as that family, its training loss is checked to be the

@@ -273,7 +273,7 @@ def test_diffusers_map_of_a_checkpoint():
     assert names["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == \
         "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
     assert names["mid_block.resnets.0.time_emb_proj"] == "diffusion_model.middle_block.0.emb_layers.1"
-    # (the full map of a real UNet is compared with ComfyUI's in test_peft_comfy.py)
+    # (the full map of a real UNet is compared with ComfyUI's in test_nodes_peft.py)
 
 
 def test_cli_export_peft_inspect_and_round_trip(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """PEFT DEFT adapters in ComfyUI: the same UNet as a diffusers model (with the real peft) and as
 the SD1.5 test checkpoint that ComfyUI loads; import, export and the server."""
 import copy
-import importlib
 import json
 import shutil
 
@@ -20,13 +19,6 @@ from peft import DeftConfig, PeftModel, get_peft_model  # noqa: E402
 
 # Every Linear of an SD1.5 UNet (proj_in/proj_out are 1x1 convs there, which DEFT cannot adapt)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "linear_1", "linear_2"]
-
-
-@pytest.fixture(scope="module")
-def mods(para_pack):
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return {m: get(m) for m in ("para_core", "para_core.peft", "nodes.peft", "nodes.patching", "nodes.para_nodes")}
 
 
 @pytest.fixture(scope="module")

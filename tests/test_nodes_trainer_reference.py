@@ -1,4 +1,4 @@
-"""PaRa Trainer with parametrization=reference (issue 11, docs/spec.md section 1b): U and D trained freely,
+"""PaRa Trainer with parametrization=reference (docs/spec.md section 1b): U and D trained freely,
 W' = W0 - U D. In-process on the tiny model with real ComfyUI classes (under inference mode, as
 the server runs nodes), then through the real server: init=reference with the smallest learning
 rate gives, after one step, W0 - U0 U0^T W0 (U0 = the first r unit vectors); a reference file through
@@ -10,26 +10,13 @@ import os
 import pytest
 import torch
 
-from harness import comfyui, models
+from harness import models
 from harness.server import load_latent
+from pack_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
-BASE = dict(rank=4, layers="noxattn", rank_cap="none", steps=3, learning_rate=1e-2, optimizer="AdamW",
-            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="reference",
-            save_every=0, filename_prefix="ref", resume_from="[none]", parametrization="reference")
-
-
-@pytest.fixture(scope="module")
-def mods(para_pack):
-    import importlib
-    from types import SimpleNamespace
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    get = lambda m: importlib.import_module(f"{para_pack.__name__}.{m}")
-    return SimpleNamespace(trainer=get("nodes.trainer_node"), training=get("nodes.training_loop"),
-                           patching=get("nodes.patching"), core=get("para_core"),
-                           reference=get("para_core.functional.reference"),
-                           reference_adapter=get("nodes.adapters.reference"))
+BASE = trainer_settings(rank=4, steps=3, init="reference", filename_prefix="ref", parametrization="reference")
 
 
 @pytest.fixture
@@ -200,8 +187,6 @@ def server_files(comfy_server, sd15_checkpoint):
     form of the expected model) and a trained-looking reference file, for the test checkpoint."""
     from PIL import Image
     from safetensors import safe_open
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core as core
     img = Image.new("RGB", (64, 64))
     img.putdata([((x * 4) % 256, (y * 4) % 256, 128) for y in range(64) for x in range(64)])
@@ -258,8 +243,6 @@ def test_server_one_tiny_reference_step_gives_W0_minus_U0_U0T_W0(comfy_server, s
     torch.testing.assert_close(trained, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
     saved = sorted((comfy_server.models_dir / "para").glob("srv_ref_*_step000001.safetensors"))
     assert len(saved) == 1
-    import sys
-    sys.path.insert(0, str(comfyui.PACK_ROOT))
     import para_core as core
     st = core.load_para(str(saved[0]))
     assert st.kind == "reference" and set(st.layers) == set(server_files["layers"])

@@ -11,12 +11,9 @@ pytestmark = pytest.mark.comfyui
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def node_texts(para_pack):
+def node_texts(mods):
     """(where, text) of every node's description and every input's and output's tooltip."""
-    import importlib
-    nodes = importlib.import_module(para_pack.__name__ + ".nodes")
-    nodes.setup()  # models/para, which the file lists read
-    for cls in nodes.all_nodes():
+    for cls in mods.nodes.all_nodes():
         schema = cls.define_schema()
         yield schema.node_id, schema.description or ""
         for item in list(schema.inputs) + list(schema.outputs):
@@ -24,8 +21,8 @@ def node_texts(para_pack):
                 getattr(item, "tooltip", None) or ""
 
 
-def test_every_page_a_node_names_exists_and_none_points_into_the_readme(para_pack):
-    texts = list(node_texts(para_pack))
+def test_every_page_a_node_names_exists_and_none_points_into_the_readme(mods):
+    texts = list(node_texts(mods))
     assert any(where.startswith("PaRaTrainer") for where, _ in texts)
     for where, text in texts:
         for page in re.findall(r"[\w./-]+\.md\b", text):
@@ -33,10 +30,3 @@ def test_every_page_a_node_names_exists_and_none_points_into_the_readme(para_pac
         for m in re.finditer(r"README", text):
             before = text[max(0, m.start() - 20):m.end() + 3]
             assert re.search(r"[\w-]+/README\.md", before), f"{where} sends users to the README: {text!r}"
-
-
-def test_the_trainer_says_which_nodes_make_its_latents(para_pack):
-    """The dataset nodes the trainer accepts (training_data) are named where users look."""
-    texts = dict(node_texts(para_pack))
-    for where in ("PaRaTrainer", "PaRaTrainer.latents"):
-        assert "VAE Encode" in texts[where] and "Make Training Dataset" in texts[where], where

@@ -1,4 +1,4 @@
-"""Layer presets on every family (issue 14.3).
+"""Layer presets on every family.
 
 SD-style UNets: the presets must select exactly what the reference code (CCRobert1997/PaRa,
 trainscripts/lora_controller.py, ``create_modules``) selects on SDXL. That code walks the diffusers
@@ -307,7 +307,7 @@ def preset_table(real: bool = True):
     return rows
 
 
-if __name__ == "__main__":  # python tests/test_families_presets.py: the README's per-family preset table
+if __name__ == "__main__":  # python tests/test_nodes_families_presets.py: the README's per-family preset table
     import tempfile
     from harness import comfyui
     comfyui.setup_comfy(base_directory=tempfile.mkdtemp())

@@ -1,4 +1,4 @@
-"""PaRa Trainer takes its training data the ways ComfyUI makes it (issue 12 item 2): a latent
+"""PaRa Trainer takes its training data the ways ComfyUI makes it: a latent
 batch (VAE Encode, ComfyUI 0.3.64's dataset node), or the lists of the current dataset nodes
 (MakeTrainingDataset: one latent and one conditioning per image, sizes may differ;
 ResolutionBucket: one batch and one list of conditionings per size). The node declares
@@ -10,19 +10,16 @@ import pytest
 import torch
 
 from harness import models
+from pack_helpers import trainer_settings
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_torch_thread")]
 
-BASE = dict(rank=2, layers="noxattn", rank_cap="none", steps=3, learning_rate=1e-2, optimizer="AdamW",
-            batch_size=1, seed=0, training_dtype="fp32", gradient_checkpointing=False, init="orthogonal",
-            save_every=0, filename_prefix="datasets", resume_from="[none]")
+BASE = trainer_settings(steps=3, filename_prefix="datasets")
 
 
 @pytest.fixture(scope="module")
-def trainer(para_pack):
-    import importlib
-    importlib.import_module(para_pack.__name__ + ".nodes").setup()
-    return importlib.import_module(para_pack.__name__ + ".nodes.trainer_node")
+def trainer(mods):
+    return mods.trainer
 
 
 @pytest.fixture
