@@ -138,10 +138,10 @@ SUBJECT_PROMPTS = {
 INSTANCES = {
     "sks": {"shape": "square", "colour": "yellow", "detail": "dot", "train_bgs": ("white", "gray", "white", "gray"),
             "prompts": [("large", "red"), ("large", "blue"), ("large", "gray")]},
-    "zwx": {"shape": "square", "colour": "red", "detail": "band", "train_bgs": ("white", "gray", "white", "gray"),
+    "ohwx": {"shape": "square", "colour": "red", "detail": "band", "train_bgs": ("white", "gray", "white", "gray"),
             "prompts": [("large", "blue"), ("large", "gray"), ("large", "white")]},
 }
-IA, IB = "sks", "zwx"
+IA, IB = "sks", "ohwx"
 DRIFT_PROMPTS = ["a large red circle on a white background", "a large green square on a blue background",
                  "a large yellow triangle on a gray background"]
 MULTI_BGS = ["white", "gray"]

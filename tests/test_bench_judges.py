@@ -1,0 +1,59 @@
+"""The benchmark's judges on ground truth and on known negatives (issue 19, item 1): fast,
+deterministic, no ComfyUI server."""
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("scipy", reason="the benchmark's judges need scipy")
+pytest.importorskip("PIL", reason="the benchmark's world draws with Pillow")
+pytest.importorskip("torch", reason="the shape judge is a small torch MLP")
+
+from bench import judges, quality, world  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def J():
+    return judges.Judges.build(None, n=400)
+
+
+SRC = quality.EDIT_SOURCE.objects[0]
+SRC_ATTRS = (SRC.shape, SRC.colour, SRC.size, quality.EDIT_SOURCE.background)
+
+
+def test_edit_source_scores_as_reconstructed(J):
+    assert quality._edit_check(J, world.render(quality.EDIT_SOURCE), SRC_ATTRS, None) == (True, True)
+
+
+@pytest.mark.parametrize("what,obj,bg", [("colour", dataclasses.replace(SRC, colour="red"), "white"),
+                                         ("background", SRC, "gray")])
+def test_perfect_edit_scores_as_edited_and_preserved(J, what, obj, bg):
+    img = world.render(world.Scene((obj,), bg))
+    assert quality._edit_check(J, img, (obj.shape, obj.colour, obj.size, bg), what) == (True, True)
+
+
+def test_shifted_object_is_not_preserved(J):
+    img = world.render(world.Scene((dataclasses.replace(SRC, cx=SRC.cx + 0.2),), "white"))
+    assert quality._edit_check(J, img, SRC_ATTRS, None)[1] is False
+
+
+def test_wrong_colour_edit_fails(J):
+    img = world.render(world.Scene((dataclasses.replace(SRC, colour="blue"),), "white"))
+    assert quality._edit_check(J, img, (SRC.shape, "red", SRC.size, "white"), "colour")[0] is False
+
+
+def _sd1_tokenizer():
+    root = os.environ.get("COMFYUI_PATH") or str(Path.home() / "ComfyUI")
+    path = Path(root) / "comfy" / "sd1_tokenizer"
+    if not (path / "vocab.json").is_file():
+        pytest.skip("ComfyUI's SD1 tokenizer files not found (set COMFYUI_PATH)")
+    transformers = pytest.importorskip("transformers")
+    return transformers.CLIPTokenizer.from_pretrained(str(path))
+
+
+def test_every_trigger_word_is_one_sd1_token():
+    tok = _sd1_tokenizer()
+    triggers = set(quality.INSTANCES) | {s["trigger"] for s in quality.SUBJECTS.values()}
+    for t in sorted(triggers):
+        assert len(tok.tokenize(t)) == 1, (t, tok.tokenize(t))
