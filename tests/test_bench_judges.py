@@ -57,3 +57,16 @@ def test_every_trigger_word_is_one_sd1_token():
     triggers = set(quality.INSTANCES) | {s["trigger"] for s in quality.SUBJECTS.values()}
     for t in sorted(triggers):
         assert len(tok.tokenize(t)) == 1, (t, tok.tokenize(t))
+
+
+@pytest.mark.parametrize("trig", sorted(quality.INSTANCES))
+def test_instance_judge_positive_and_wrong_mark(J, trig):
+    inst = quality.INSTANCES[trig]
+    o = world.Obj(inst["shape"], inst["colour"], "large", 0.5, 0.5, inst["detail"])
+    img = world.render(world.Scene((o,), "white"))
+    assert J.instance(img, inst["shape"], inst["colour"], inst["detail"])["all"]
+    other = "band" if inst["detail"] == "dot" else "dot"
+    wrong = world.render(world.Scene((dataclasses.replace(o, detail=other),), "white"))
+    assert not J.instance(wrong, inst["shape"], inst["colour"], inst["detail"])["all"]
+    plain = world.render(world.Scene((dataclasses.replace(o, detail=""),), "white"))
+    assert not J.instance(plain, inst["shape"], inst["colour"], inst["detail"])["all"]
