@@ -257,6 +257,22 @@ class Judges:
                 return True
         return False
 
+    def both_present(self, img: np.ndarray, a, b) -> bool:
+        """Two different objects (connected components) of the image, one each instance; a and b
+        are (shape, colour) or (shape, colour, detail). A fused blob is one component, so it can
+        never count as both (issue 19: every merged grid was one fused yellow/red blob)."""
+        found = self.objects_and_masks(img)
+
+        def fits(om, want):
+            (o, m), (shape, colour, *detail) = om, want
+            if o.shape != shape:
+                return False
+            if not detail:
+                return o.colour == colour
+            return detail_colours(img, m, detail[0]) == (colour, world.DETAIL_COLOURS[detail[0]])
+        return any(i != k and fits(found[i], a) and fits(found[k], b)
+                   for i in range(len(found)) for k in range(len(found)))
+
     def describe(self, img: np.ndarray) -> Dict:
         bg = background(img)
         return {"background": bg, "objects": self.objects(img, bg)}

@@ -634,11 +634,10 @@ def _run(out, s, ckpt, base_dir, t_start):
                 imgs = cf.sample(model, text, s.per_prompt, 7000 + k, s)
                 rows.append(imgs)
                 for img in imgs:
-                    a = J.has_instance(img, INSTANCES[IA]["shape"], INSTANCES[IA]["colour"])
-                    b = J.has_instance(img, ib["shape"], ib["colour"])
-                    both.append(a and b)
-                    marks.append(J.has_instance(img, INSTANCES[IA]["shape"], INSTANCES[IA]["colour"], INSTANCES[IA]["detail"])
-                                 and J.has_instance(img, ib["shape"], ib["colour"], ib["detail"]))
+                    ia = INSTANCES[IA]  # two different objects, never one fused blob
+                    both.append(J.both_present(img, (ia["shape"], ia["colour"]), (ib["shape"], ib["colour"])))
+                    marks.append(J.both_present(img, (ia["shape"], ia["colour"], ia["detail"]),
+                                                (ib["shape"], ib["colour"], ib["detail"])))
             alone = {}
             for trig in (IA, IB):
                 r, rr = eval_instance(cf, J, model, trig, s, seed, prompts=INSTANCES[trig]["prompts"][:1])

@@ -70,3 +70,20 @@ def test_instance_judge_positive_and_wrong_mark(J, trig):
     assert not J.instance(wrong, inst["shape"], inst["colour"], inst["detail"])["all"]
     plain = world.render(world.Scene((dataclasses.replace(o, detail=""),), "white"))
     assert not J.instance(plain, inst["shape"], inst["colour"], inst["detail"])["all"]
+
+
+def _pair(ca, cb, fused=False):
+    a, b = quality.INSTANCES[quality.IA], quality.INSTANCES[quality.IB]
+    (x1, y1), (x2, y2) = ((0.42, 0.5), (0.58, 0.5)) if fused else world.PAIR_CENTRES
+    return world.render(world.Scene((world.Obj(a["shape"], ca, "small", x1, y1),
+                                     world.Obj(b["shape"], cb, "small", x2, y2)), "white"))
+
+
+def test_both_present_positive_and_fused_blob(J):
+    a, b = quality.INSTANCES[quality.IA], quality.INSTANCES[quality.IB]
+    want = ((a["shape"], a["colour"]), (b["shape"], b["colour"]))
+    assert J.both_present(_pair(a["colour"], b["colour"]), *want)
+    fused = _pair(a["colour"], b["colour"], fused=True)
+    assert len(judges.object_masks(fused)) == 1
+    assert not J.both_present(fused, *want)
+    assert not J.both_present(_pair(a["colour"], a["colour"]), *want)  # wrong colour
