@@ -516,6 +516,14 @@ def _run(out, s, ckpt, base_dir, t_start):
     jv.update(instance_judge_accuracy(J, decoder, n=max(4, s.judge_validate // 10)))
     results["judges"] = jv
     log(f"judges: {jv}")
+    ctl = controls(J, decoder)
+    results["controls"] = ctl
+    log(f"controls: {ctl}")
+    md += ["## Judge controls (issue 19)", "",
+           "Each metric on rendered ground truth, and through the model's autoencoder (`recon_`: what a "
+           "generated image looks like to the judges), and on a known negative (`neg_`: must be low). "
+           "ctl_* in the RESULT line are the decoded ground truth (the worse of gt and recon).", "",
+           "| control | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ctl.items()] + [""]
     base_acc, base_rows = base_prompt_accuracy(cf, J, s)
     results["base"] = base_acc
     results["base_train_captions"], train_rows = base_prompt_accuracy(cf, J, s, "train")
@@ -800,7 +808,57 @@ def result_line(results, s: Settings) -> str:
     edit = results.get("edit", {})
     for k, label in zip(METHOD_KEYS, [l for l, _, _ in METHODS[:3]]):
         parts.append((f"edit_success_{names[k]}", edit.get(f"{label} r={s.edit_rank}", {}).get("edit_success", float("nan"))))
+    ctl = results.get("controls", {})
+    parts += [(k, ctl.get(k, float("nan"))) for k in ("ctl_recon_gt", "ctl_edit_preserved_gt", "ctl_multi_ceiling")]
     return "RESULT " + " ".join(f"{k}={v:.2f}" for k, v in parts)
+
+
+def controls(J, decoder=None, n: int = 8, seed: int = 31) -> Dict[str, float]:
+    """Positive controls on rendered ground truth (and its autoencoder reconstruction when a
+    decoder is given) and known negatives: the edit source reconstructed, perfect colour and
+    background edits edited and preserved, the pair prompt's ground truth with both present; the
+    negatives are the source shifted by 0.2 widths, a fused pair. ctl_* = the worse of gt/recon."""
+    import dataclasses
+    src = EDIT_SOURCE.objects[0]
+    attrs = (src.shape, src.colour, src.size, EDIT_SOURCE.background)
+    edits = []
+    for c in world.OBJECT_COLOURS:
+        if c not in (src.colour, EDIT_SOURCE.background):
+            edits.append((world.Scene((dataclasses.replace(src, colour=c),), EDIT_SOURCE.background), "colour"))
+    for b in world.BACKGROUNDS:
+        if b not in (src.colour, EDIT_SOURCE.background):
+            edits.append((world.Scene((src,), b), "background"))
+    rng = random.Random(seed)
+    ia, ib = INSTANCES[IA], INSTANCES[IB]
+    pairs, fused = [], []
+    for k in range(n):
+        bg = [b for b in world.BACKGROUNDS if b not in (ia["colour"], ib["colour"])][k % 2]
+        p1, p2 = world.place_two(rng)
+        pairs.append(world.Scene((world.Obj(ia["shape"], ia["colour"], "small", *p1),
+                                  world.Obj(ib["shape"], ib["colour"], "small", *p2)), bg))
+        fused.append(world.Scene((world.Obj(ia["shape"], ia["colour"], "small", 0.42, 0.5),
+                                  world.Obj(ib["shape"], ib["colour"], "small", 0.58, 0.5)), bg))
+    shifted = world.Scene((dataclasses.replace(src, cx=src.cx + 0.2),), EDIT_SOURCE.background)
+    want = ((ia["shape"], ia["colour"]), (ib["shape"], ib["colour"]))
+
+    def views(scenes):
+        gt = np.stack([world.render(sc) for sc in scenes])
+        return {"gt": gt, **({"recon": judges_mod.reconstruct(gt, decoder)} if decoder is not None else {})}
+    out = {}
+    for tag in ["gt"] + (["recon"] if decoder is not None else []):
+        v = lambda scenes: views(scenes)[tag]  # noqa: E731
+        out[f"{tag}_recon"] = float(all(_edit_check(J, img, attrs, None)[1] for img in v([EDIT_SOURCE])))
+        ok = [_edit_check(J, img, (sc.objects[0].shape, sc.objects[0].colour, sc.objects[0].size, sc.background), w)
+              for img, (sc, w) in zip(v([e for e, _ in edits]), edits)]
+        out[f"{tag}_edit_preserved"] = float(np.mean([a and b for a, b in ok]))
+        out[f"{tag}_multi"] = float(np.mean([J.both_present(img, *want) for img in v(pairs)]))
+        out[f"neg_{tag}_recon_shifted"] = float(_edit_check(J, v([shifted])[0], attrs, None)[1])
+        out[f"neg_{tag}_multi_fused"] = float(np.mean([J.both_present(img, *want) for img in v(fused)]))
+    tags = ["gt"] + (["recon"] if decoder is not None else [])
+    out["ctl_recon_gt"] = min(out[f"{t}_recon"] for t in tags)
+    out["ctl_edit_preserved_gt"] = min(out[f"{t}_edit_preserved"] for t in tags)
+    out["ctl_multi_ceiling"] = min(out[f"{t}_multi"] for t in tags)
+    return out
 
 
 def instance_judge_accuracy(J, decoder, n: int = 30, seed: int = 77) -> Dict[str, float]:

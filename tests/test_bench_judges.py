@@ -87,3 +87,9 @@ def test_both_present_positive_and_fused_blob(J):
     assert len(judges.object_masks(fused)) == 1
     assert not J.both_present(fused, *want)
     assert not J.both_present(_pair(a["colour"], a["colour"]), *want)  # wrong colour
+
+
+def test_controls_on_ground_truth(J):
+    c = quality.controls(J)
+    assert c["ctl_recon_gt"] >= 0.95 and c["ctl_edit_preserved_gt"] >= 0.95 and c["ctl_multi_ceiling"] >= 0.8, c
+    assert c["neg_gt_recon_shifted"] == 0 and c["neg_gt_multi_fused"] == 0, c
