@@ -26,6 +26,7 @@ SIZE_SPLIT = 38
 MASK_THRESHOLD = 110  # sum of |RGB - background| per pixel
 CROP = 16
 JUDGE_VERSION = "4"
+MARK_AGREEMENT = 0.6  # share of a mark/body region's pixels that must show its colour
 
 _BG_NAMES = list(world.BACKGROUNDS)
 _BG = np.array([world.BACKGROUNDS[k] for k in _BG_NAMES], dtype=np.float32)
@@ -109,7 +110,13 @@ def detail_colours(img: np.ndarray, m: np.ndarray, detail: str):
         inner, outer = m & (dist < 0.08), m & (dist > 0.28)
     if inner.sum() < 1 or outer.sum() < 1:
         return None, None
-    med = lambda sel: _nearest(np.median(img[sel].astype(np.float32), 0), _OBJ, _OBJ_NAMES)  # noqa: E731
+    def med(sel):
+        # the region's colour only when most of its own pixels agree (a chaotic object whose
+        # middle rows merely average to the mark colour has no mark; issue 19)
+        px = img[sel].astype(np.float32)
+        name = _nearest(np.median(px, 0), _OBJ, _OBJ_NAMES)
+        each = np.abs(px[:, None, :] - _OBJ[None]).sum(-1).argmin(1)
+        return name if np.mean(each == _OBJ_NAMES.index(name)) >= MARK_AGREEMENT else None
     return med(outer), med(inner)
 
 
@@ -249,6 +256,22 @@ class Judges:
             elif detail_colours(img, m, detail) == (colour, world.DETAIL_COLOURS[detail]):
                 return True
         return False
+
+    def both_present(self, img: np.ndarray, a, b) -> bool:
+        """Two different objects (connected components) of the image, one each instance; a and b
+        are (shape, colour) or (shape, colour, detail). A fused blob is one component, so it can
+        never count as both (issue 19: every merged grid was one fused yellow/red blob)."""
+        found = self.objects_and_masks(img)
+
+        def fits(om, want):
+            (o, m), (shape, colour, *detail) = om, want
+            if o.shape != shape:
+                return False
+            if not detail:
+                return o.colour == colour
+            return detail_colours(img, m, detail[0]) == (colour, world.DETAIL_COLOURS[detail[0]])
+        return any(i != k and fits(found[i], a) and fits(found[k], b)
+                   for i in range(len(found)) for k in range(len(found)))
 
     def describe(self, img: np.ndarray) -> Dict:
         bg = background(img)
