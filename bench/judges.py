@@ -112,7 +112,7 @@ def detail_colours(img: np.ndarray, m: np.ndarray, detail: str):
         return None, None
     def med(sel):
         # the region's colour only when most of its own pixels agree (a chaotic object whose
-        # middle rows merely average to the mark colour has no mark; issue 19)
+        # middle rows merely average to the mark colour has no mark)
         px = img[sel].astype(np.float32)
         name = _nearest(np.median(px, 0), _OBJ, _OBJ_NAMES)
         each = np.abs(px[:, None, :] - _OBJ[None]).sum(-1).argmin(1)
@@ -260,7 +260,7 @@ class Judges:
     def both_present(self, img: np.ndarray, a, b) -> bool:
         """Two different objects (connected components) of the image, one each instance; a and b
         are (shape, colour) or (shape, colour, detail). A fused blob is one component, so it can
-        never count as both (issue 19: every merged grid was one fused yellow/red blob)."""
+        never count as both (every merged grid of the earlier benchmark was one fused yellow/red blob)."""
         found = self.objects_and_masks(img)
 
         def fits(om, want):

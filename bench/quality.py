@@ -519,7 +519,7 @@ def _run(out, s, ckpt, base_dir, t_start):
     ctl = controls(J, decoder)
     results["controls"] = ctl
     log(f"controls: {ctl}")
-    md += ["## Judge controls (issue 19)", "",
+    md += ["## Judge controls", "",
            "Each metric on rendered ground truth, and through the model's autoencoder (`recon_`: what a "
            "generated image looks like to the judges), and on a known negative (`neg_`: must be low). "
            "ctl_* in the RESULT line are the decoded ground truth (the worse of gt and recon).", "",
@@ -908,7 +908,7 @@ def _edit_check(J, img, attrs, what):
     want = {"shape": shape, "colour": colour, "size": size, "background": bg}
     # Like with like: the judged mask centroid vs the mask centroid of the rendered source (a
     # triangle's centroid sits r/3 below its box centre: 0.121 image widths at large size, which
-    # failed the 0.1 test on the ground-truth source itself; issue 19).
+    # failed the 0.1 test on the ground-truth source itself).
     scx, scy = _source_centroid()
     near = math.hypot(o.cx - scx, o.cy - scy) < 0.1
     if what is None:  # reconstruction

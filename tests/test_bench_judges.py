@@ -1,4 +1,4 @@
-"""The benchmark's judges on ground truth and on known negatives (issue 19, item 1): fast,
+"""The benchmark's judges on ground truth and on known negatives: fast,
 deterministic, no ComfyUI server."""
 import dataclasses
 import os
