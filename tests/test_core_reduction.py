@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from core_helpers import dense_projector, dense_reduce, randn
-from para_core import RankCap, basis, basis_batched, effective_rank
+from para_core import ParaError, RankCap, basis, basis_batched, effective_rank
 from para_core.functional import projection
 
 
@@ -166,3 +166,79 @@ def test_basis_batched_equals_per_layer_qr():
     assert set(Qs) == set(Bs)
     for name, B in Bs.items():
         torch.testing.assert_close(Qs[name], basis(B), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- patching: W += up @ down, never non-finite
+
+def _thin(out=24, inner=18, k=3, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, inner, generator=g), scale * torch.randn(out, k, generator=g), scale * torch.randn(k, inner, generator=g)
+
+
+@pytest.mark.parametrize("strength", [1.0, -1.0, 0.35, 2.0])
+def test_delta_factors_multiply_to_the_dense_change(strength):
+    W, B, _ = _thin()
+    Q = basis(B)
+    up, down = projection.delta_factors(W.reshape(24, 2, 3, 3), Q, Q, strength)
+    assert up.shape == (24, 3) and down.shape == (3, 18)
+    dense = -strength * (Q @ Q.t() @ W)
+    torch.testing.assert_close(up @ down, dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(projection.delta(W, Q, Q, strength), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_add_product_is_the_plain_sum_when_the_change_is_small():
+    from para_core.functional.base import add_product_
+    W, up, down = _thin()
+    want = W + up @ down
+    got = add_product_(W.clone(), up, down, lambda a: a, "dog.safetensors", "the patched weight x")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    conv = W.reshape(24, 2, 3, 3)
+    torch.testing.assert_close(add_product_(conv.clone(), up, down), want.reshape(conv.shape), rtol=0, atol=0)
+
+
+def test_add_product_applies_a_custom_weight_function():
+    from para_core.functional.base import add_product_
+    W, up, down = _thin()
+    got = add_product_(W.clone(), up, down, lambda a: 2 * a)
+    torch.testing.assert_close(got, W + 2 * (up @ down), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["huge_up", "huge_down", "nan_up", "inf_down"])
+def test_add_product_never_leaves_a_non_finite_weight(case):
+    """Finite factors can overflow in the product (3e38 * 3e38); NaN/Inf factors poison it."""
+    from para_core.functional.base import add_product_
+    W, up, down = _thin()
+    if case == "huge_up":
+        up, down = torch.full_like(up, 3e38), torch.full_like(down, 10.0)
+    elif case == "huge_down":
+        up, down = torch.full_like(up, 1e20), torch.full_like(down, 1e20)
+    elif case == "nan_up":
+        up[1, 1] = float("nan")
+    else:
+        down[0, 2] = float("inf")
+    with pytest.raises(ParaError, match="dog.safetensors: the patched weight x .*not finite|NaN or Inf"):
+        add_product_(W.clone(), up, down, lambda a: a, "dog.safetensors", "the patched weight x")
+
+
+def test_add_product_checks_the_whole_result_when_a_custom_function_could_overflow():
+    """A small change is safe only with the identity function: anything else is checked in full."""
+    from para_core.functional.base import add_product_
+    W, up, down = _thin()
+    with pytest.raises(ParaError, match="not finite|NaN or Inf"):
+        add_product_(W.clone(), up, down, lambda a: a * float("inf"), "dog.safetensors", "the patched weight x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_change_within_the_safe_bound_never_overflows_the_storage_format(dtype):
+    """The fast path's promise: W0 finite in its format, every |change| < SAFE_CHANGE, ComfyUI's cast
+    back to that format is finite (the largest finite values are the worst case)."""
+    from para_core.functional.base import SAFE_CHANGE, add_product_
+    big = torch.finfo(dtype).max
+    W = torch.full((4, 4), big, dtype=dtype).float()
+    W[1] = -big
+    up = torch.zeros(4, 1)
+    up[:, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0]) * (SAFE_CHANGE * 0.999)
+    down = torch.ones(1, 4)
+    out = add_product_(W, up, down, lambda a: a)
+    assert torch.isfinite(out.to(dtype)).all()
+    assert (out.to(dtype) != 0).all()

@@ -23,7 +23,7 @@ from comfy.weight_adapter.base import WeightAdapterBase, WeightAdapterTrainBase
 
 from ...para_core.errors import ParaError
 from ...para_core.functional import projection
-from ...para_core.functional.base import RankCap, add_bias, check_finite, effective_rank, is_linear, layer_op
+from ...para_core.functional.base import RankCap, add_bias, add_product_, effective_rank, is_linear, layer_op
 from ...para_core.functional.projection import basis, basis_batched
 from ..training_loop import LayerForwards, _weight_and_bias
 from .base import (STOCK_SOURCE, StoredAdapter, bypass_weight_shape, check_fits, layer_bias, layer_groups, layer_kind,
@@ -118,11 +118,10 @@ class ParaAdapter(StoredAdapter, ProjectionBypass, WeightAdapterBase):
         tensors, source, _ = self._split()
         check_fits(source, key, self.kind, self._names(), tensors, weight.shape)
         U, V = self.factors(weight.device)
-        # W' = W0 - s U (V^T W0), in float32 whatever the storage dtype (docs/spec.md section 1).
-        weight += function(projection.delta(weight, U, V, strength).to(weight.dtype))
-        # Finite factors can still overflow (entries near 3e38): never apply a NaN/Inf weight.
-        check_finite(weight, source, f"the patched weight {key}")
-        return weight
+        # W' = W0 - s U (V^T W0), in float32 whatever the storage dtype (docs/spec.md section 1);
+        # ComfyUI hands a float32 working copy. Finite factors can still overflow: never a NaN/Inf weight.
+        up, down = projection.delta_factors(weight, U, V, strength)
+        return add_product_(weight, up, down, function, source, f"the patched weight {key}")
 
     @classmethod
     def create_train(cls, weight, rank=1, alpha=1.0):

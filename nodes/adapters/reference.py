@@ -17,7 +17,7 @@ from comfy.weight_adapter.base import WeightAdapterBase, WeightAdapterTrainBase
 
 from ...para_core.errors import ParaError
 from ...para_core.functional import reference
-from ...para_core.functional.base import check_finite, is_linear, layer_op
+from ...para_core.functional.base import add_product_, is_linear, layer_op
 from ..training_loop import LayerForwards, _weight_and_bias
 from .base import (STOCK_SOURCE, StoredAdapter, bypass_op, bypass_weight_shape, check_fits, output_positions,
                    split_weights, stock_layer)
@@ -96,10 +96,9 @@ class ReferenceAdapter(StoredAdapter, ReferenceBypass, WeightAdapterBase):
         # a misfit stops the prompt, like ParaAdapter's (a file that silently does nothing is worse)
         check_fits(source, key, reference.KIND, NAMES, tensors, weight.shape)
         U, D = self.factors(weight.device)
-        # W' = W0 - s U D in float32 whatever the storage dtype.
-        weight += function(reference.delta(weight.shape, U, D, strength).to(weight.dtype))
-        check_finite(weight, source, f"the patched weight {key}")
-        return weight
+        # W' = W0 - s U D in float32 whatever the storage dtype (ComfyUI hands a float32 working copy).
+        up, down = reference.delta_factors(weight.shape, U, D, strength)
+        return add_product_(weight, up, down, function, source, f"the patched weight {key}")
 
     def to_train(self):
         """Continue training this file's U and D in TrainLoraNode (its existing_lora input)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..errors import ParaError
 
 __all__ = ["RankCap", "effective_rank", "as_matrix", "inner_size", "add_bias", "is_linear", "layer_op",
-           "check_factor", "check_finite", "require_pair"]
+           "check_factor", "check_finite", "add_product_", "require_pair"]
 
 
 class RankCap:
@@ -131,6 +131,41 @@ def check_finite(t: torch.Tensor, where: str, what: str) -> torch.Tensor:
                         "computation (e.g. a merge or strength with huge entries, or an fp16 overflow). Nothing was "
                         "applied or written; use a sane adapter, a lower strength, or fp32.")
     return t
+
+
+# A change d keeps a finite weight finite in every format ComfyUI casts a patched weight back to
+# when every |d| entry is below this: fp16, the narrowest format with infinities, reaches inf only
+# from 65520 = 65504 + 16 (half a step above its largest value; float32 and bf16 have steps of
+# 2^104 and 2^120 there, fp8 saturates). 8 leaves room for float32 rounding of the sum.
+SAFE_CHANGE = 8.0
+
+
+def _is_identity(function) -> bool:
+    """ComfyUI's default weight function ``lambda a: a`` (comfy.lora.calculate_weight)."""
+    code = getattr(function, "__code__", None)
+    return code is not None and code.co_code == _IDENTITY.co_code and code.co_argcount == 1 and not getattr(
+        function, "__closure__", None) and not code.co_names
+
+
+_IDENTITY = (lambda a: a).__code__
+
+
+def add_product_(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, function: Optional[Callable] = None,
+                 where: str = "", what: str = "the patched weight") -> torch.Tensor:
+    """weight += function(up @ down) in place, up (out, k), down (k, in*kh*kw), and never a
+    non-finite weight. The whole result is checked only where the thin factors cannot rule an
+    overflow out: max|up @ down| <= max_i sum_k |up_ik| * max|down| (out*k + k*in work, not
+    out*in) below SAFE_CHANGE, with ComfyUI's identity function, leaves a finite weight finite
+    in its own format (what ComfyUI casts it back to). A NaN/Inf factor fails that bound too."""
+    if up.numel() == 0 or down.numel() == 0:
+        return weight
+    bound = float(up.abs().sum(1).max() * down.abs().max())
+    plain = function is None or _is_identity(function)
+    d = (up @ down).reshape(weight.shape)
+    weight += (d if plain else function(d)).to(weight.dtype)
+    if not (plain and bound < SAFE_CHANGE):  # NaN fails the comparison too
+        check_finite(weight, where, what)
+    return weight
 
 
 def require_pair(where: str, layer: str, a: Tuple[str, Optional[torch.Tensor]], b: Tuple[str, Optional[torch.Tensor]],

@@ -16,7 +16,7 @@ import torch
 from ..errors import ParaError
 from .base import add_bias, as_matrix, check_factor, require_pair
 
-__all__ = ["KINDS", "basis", "basis_batched", "INIT_METHODS", "DEFAULT_INIT", "init_B", "delta", "reduce_weight",
+__all__ = ["KINDS", "basis", "basis_batched", "INIT_METHODS", "DEFAULT_INIT", "init_B", "delta_factors", "delta", "reduce_weight",
            "forward_weight_side", "output_delta", "forward_activation_side", "cheaper_side", "to_lora",
            "check_tensors"]
 
@@ -91,13 +91,20 @@ def init_B(weight: torch.Tensor, rank: int, method: str = DEFAULT_INIT, generato
 
 # ---------------------------------------------------------------- weight side
 
+def delta_factors(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, strength: float = 1.0,
+                  dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) = (-s U, V^T W0), (out, k) and (k, in*kh*kw) in ``dtype``: the change of the
+    weight as a product of two thin factors (the strength scales the small one)."""
+    W = as_matrix(weight).to(dtype)
+    return U.to(W.device, dtype) * -float(strength), V.to(W.device, dtype).t() @ W
+
+
 def delta(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, strength: float = 1.0,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """-s U (V^T W0), shaped like ``weight``: the exact change of the weight, computed in ``dtype``
     (float32 where a weight is patched or written; the training dtype in the trainer's forward)."""
-    W = as_matrix(weight).to(dtype)
-    Ud, Vd = U.to(W.device, dtype), V.to(W.device, dtype)
-    return (Ud @ (Vd.t() @ W)).mul_(-float(strength)).reshape(weight.shape)
+    up, down = delta_factors(weight, U, V, strength, dtype)
+    return (up @ down).reshape(weight.shape)
 
 
 def reduce_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
@@ -157,10 +164,8 @@ def to_lora(W0: torch.Tensor, U: torch.Tensor, V: torch.Tensor, strength: float 
     """(lora_up, lora_down) in float32 with lora_up @ lora_down = -s U (V^T W0) exactly (alpha = rank,
     scale 1): up = -s U (out, k), down = V^T W0 (k, in*kh*kw); convs up (out, k, 1, 1), down
     (k, in, kh, kw), as LoCon stores them."""
-    Wm = as_matrix(W0).float()
     k = U.shape[1]
-    up = -float(strength) * U.float().to(Wm.device)
-    down = V.float().to(Wm.device).t() @ Wm
+    up, down = delta_factors(W0, U, V, strength)
     if W0.dim() > 2:
         up = up.reshape(up.shape[0], k, *([1] * (W0.dim() - 2)))
         down = down.reshape(k, *W0.shape[1:])

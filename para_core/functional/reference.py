@@ -21,7 +21,7 @@ from ..errors import ParaError
 from .base import add_bias, as_matrix, check_factor, inner_size, require_pair
 from .projection import basis, init_B
 
-__all__ = ["KIND", "PARAMETRIZATIONS", "DEFAULT_PARAMETRIZATION", "REFERENCE_INIT", "init", "delta",
+__all__ = ["KIND", "PARAMETRIZATIONS", "DEFAULT_PARAMETRIZATION", "REFERENCE_INIT", "init", "delta_factors", "delta",
            "reduce_weight", "forward_weight_side", "output_delta", "forward_activation_side", "cheaper_side",
            "to_lora", "merge_sum", "check_tensors"]
 
@@ -54,16 +54,24 @@ def init(weight: torch.Tensor, rank: int, method: str = REFERENCE_INIT,
 
 # ---------------------------------------------------------------- weight side
 
-def delta(weight_shape, U: torch.Tensor, D: torch.Tensor, strength: float = 1.0,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """-s U D shaped like the weight: its exact change, computed in ``dtype``."""
+def delta_factors(weight_shape, U: torch.Tensor, D: torch.Tensor, strength: float = 1.0,
+                  dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) = (-s U, D) in ``dtype`` on U's device: the change of the weight as a product
+    of two thin factors (the strength scales the small one)."""
     shape = tuple(weight_shape)
     inner = inner_size(shape)
     if U.dim() != 2 or D.dim() != 2 or U.shape[0] != shape[0] or tuple(D.shape) != (U.shape[1], inner):
         raise ValueError(f"reference factors U {tuple(U.shape)} / D {tuple(D.shape)} do not fit a weight of "
                          f"shape {shape} (U must be (out, r), D (r, {inner}))")
     Ud = U.to(dtype=dtype)
-    return (Ud @ D.to(Ud.device, dtype)).mul_(-float(strength)).reshape(shape)
+    return Ud * -float(strength), D.to(Ud.device, dtype)
+
+
+def delta(weight_shape, U: torch.Tensor, D: torch.Tensor, strength: float = 1.0,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """-s U D shaped like the weight: its exact change, computed in ``dtype``."""
+    up, down = delta_factors(weight_shape, U, D, strength, dtype)
+    return (up @ down).reshape(tuple(weight_shape))
 
 
 def reduce_weight(weight: torch.Tensor, U: torch.Tensor, D: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
