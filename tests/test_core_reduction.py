@@ -130,8 +130,27 @@ def test_activation_side_equals_the_reduced_weight(strength):
     x = randn(7, 40, seed=21)
     got = projection.forward_activation_side(F.linear, x, W0, None, U, V, -1, strength)
     torch.testing.assert_close(got, F.linear(x, projection.reduce_weight(W0, U, V, strength)), atol=1e-4, rtol=0)
-    h = F.linear(x, W0)
-    torch.testing.assert_close(h + projection.output_delta(h, U, V, -1, strength), got, atol=0, rtol=0)
+    b = randn(48, seed=23)
+    with_bias = projection.forward_activation_side(F.linear, x, W0, b, U, V, -1, strength)
+    torch.testing.assert_close(with_bias, F.linear(x, projection.reduce_weight(W0, U, V, strength), b), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_projected_conv_outputs_equal_the_reduced_conv(dim, bias):
+    """The activation side of a ConvNd (the bias fused into the conv, V^T b taken back out) is
+    the conv with W' = W0 - s U (V^T W0) plus its bias, for every spatial rank."""
+    conv = [torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d][dim - 1](6, 10, 3, padding=1, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(randn(*conv.weight.shape, seed=30))
+        if bias:
+            conv.bias.copy_(randn(10, seed=31))
+    U, V = randn(10, 3, seed=32), randn(10, 3, seed=33)
+    x = randn(2, 6, *([5] * dim), seed=34)
+    from para_core.functional.base import layer_op
+    got = projection.forward_activation_side(layer_op(conv), x, conv.weight, conv.bias, U, V, 1, 0.7)
+    want = conv._conv_forward(x, projection.reduce_weight(conv.weight.detach(), U, V, 0.7), conv.bias)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------- rank caps

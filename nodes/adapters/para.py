@@ -23,7 +23,7 @@ from comfy.weight_adapter.base import WeightAdapterBase, WeightAdapterTrainBase
 
 from ...para_core.errors import ParaError
 from ...para_core.functional import projection
-from ...para_core.functional.base import RankCap, add_bias, add_product_, effective_rank, is_linear, layer_op
+from ...para_core.functional.base import RankCap, add_product_, effective_rank, is_linear, layer_op
 from ...para_core.functional.projection import basis, basis_batched
 from ..training_loop import LayerForwards, _weight_and_bias
 from .base import (STOCK_SOURCE, StoredAdapter, bypass_weight_shape, check_fits, layer_bias, layer_groups, layer_kind,
@@ -38,7 +38,7 @@ MIN_SINGULAR_VALUE = 1e-15
 
 
 class ProjectionBypass:
-    """``bypass_forward`` for W0 - s U (V^T W0): y + output_delta(y - b). Subclasses give
+    """``bypass_forward`` for W0 - s U (V^T W0): y - s U (V^T (y - b)) (projection.project_outputs). Subclasses give
     ``bypass_factors(device) -> (U, V)`` and ``check_bypass(weight_shape)``."""
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -57,8 +57,7 @@ class ProjectionBypass:
                                               layer_groups(self, org_forward)))
         b = layer_bias(org_forward, x, y, conv_dim, kernel_size, dilation, args, kwargs)
         U, V = self.bypass_factors(y.device)
-        h = y if b is None else add_bias(y, -b, channel_dim)
-        return y + projection.output_delta(h, U, V, channel_dim, float(getattr(self, "multiplier", 1.0)))
+        return projection.project_outputs(y, U, V, channel_dim, float(getattr(self, "multiplier", 1.0)), b)
 
 
 class ParaAdapter(StoredAdapter, ProjectionBypass, WeightAdapterBase):

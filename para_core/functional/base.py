@@ -87,12 +87,12 @@ def is_linear(module: torch.nn.Module) -> bool:
             and len(w.shape) == 2 and not isinstance(module, torch.nn.modules.conv._ConvNd))
 
 
-def layer_op(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The bias-free op of a Linear / ConvNd module, as f(x, weight)."""
+def layer_op(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """The Linear / ConvNd module's op as f(x, weight, bias=None) (bias-free unless given)."""
     if is_linear(module):
-        return lambda x, w: F.linear(x, w)
+        return lambda x, w, b=None: F.linear(x, w, b)
     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-        return lambda x, w: module._conv_forward(x, w, None)
+        return lambda x, w, b=None: module._conv_forward(x, w, b)
     raise TypeError(f"PaRa adapts Linear and Conv layers, not {type(module).__name__}")
 
 

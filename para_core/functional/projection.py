@@ -2,7 +2,7 @@
 
 A trained subject has U = V = Q = QR(B) (the paper's equation 3, W0 - Q Q^T W0); a merged file
 stores U and V. The out x out projector is never formed. The verbs, as in reference.py:
-``init_B``, ``delta``, ``reduce_weight``, ``forward_weight_side``, ``output_delta`` /
+``init_B``, ``delta``, ``reduce_weight``, ``forward_weight_side``, ``project_outputs`` /
 ``forward_activation_side`` (also ComfyUI's bypass mode), ``cheaper_side``, ``to_lora``,
 ``check_tensors``.
 """
@@ -17,7 +17,7 @@ from ..errors import ParaError
 from .base import add_bias, as_matrix, check_factor, require_pair
 
 __all__ = ["KINDS", "basis", "basis_batched", "INIT_METHODS", "DEFAULT_INIT", "init_B", "delta_factors", "delta", "reduce_weight",
-           "forward_weight_side", "output_delta", "forward_activation_side", "cheaper_side", "to_lora",
+           "forward_weight_side", "project_outputs", "forward_activation_side", "cheaper_side", "to_lora",
            "check_tensors"]
 
 KINDS = ("subject", "merged")
@@ -116,28 +116,46 @@ def reduce_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, streng
 
 
 def forward_weight_side(op, x, W0, bias, U, V, channel_dim: int, strength: float = 1.0):
-    """op(x, W0 - s U (V^T W0)) + b, in W0's dtype (``op``: the layer's bias-free op f(x, w))."""
-    return add_bias(op(x, W0 + delta(W0, U, V, strength, W0.dtype)), bias, channel_dim)
+    """op(x, W0 - s U (V^T W0), b), in W0's dtype (``op``: the layer's op f(x, w, b=None), as layer_op gives)."""
+    W = W0 + delta(W0, U, V, strength, W0.dtype)
+    return op(x, W) if bias is None else op(x, W, bias.to(W.dtype))
 
 
 # ---------------------------------------------------------------- activation side
 
-def output_delta(h: torch.Tensor, U: torch.Tensor, V: torch.Tensor, channel_dim: int,
-                 strength: float = 1.0) -> torch.Tensor:
-    """-s U (V^T h) along ``channel_dim`` (-1 for Linear outputs, 1 for convs), in ``h``'s dtype.
+def project_outputs(y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, channel_dim: int, strength: float = 1.0,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y - s U (V^T (y - b)) along ``channel_dim`` (-1 for Linear outputs, 1 for convs), in ``y``'s dtype.
 
-    For h = W0 x (bias excluded) this is (W' - W0) x: the projector acts on the output channels
-    only. ComfyUI's bypass mode has y = W0 x + b and adds output_delta(y - b)."""
-    Ud, Vd = U.to(h.device, h.dtype), V.to(h.device, h.dtype)
-    d = (h.movedim(channel_dim, -1) @ Vd) @ Ud.t()
-    return d.mul_(-float(strength)).movedim(-1, channel_dim)
+    For y = W0 x + b this is W' x + b: the projector acts on the output channels only, the bias
+    stays (ComfyUI's bypass mode and the trainer's activation side both hand y with its bias).
+    Two thin products and one fused multiply-add (addmm / baddbmm) on y's own layout: no
+    transposed copy of the activations and no separate pass for the strength or the bias."""
+    Ud = U.to(y.device, y.dtype) * -float(strength)
+    Vd = V.to(y.device, y.dtype)
+    vb = None if bias is None else bias.to(y.device, y.dtype) @ Vd  # V^T b, (r,)
+    cd = channel_dim % y.dim()
+    if cd == y.dim() - 1:  # Linear: (..., C)
+        y2 = y.reshape(-1, y.shape[-1])
+        t = y2 @ Vd
+        return torch.addmm(y2, t if vb is None else t - vb, Ud.t()).reshape(y.shape)
+    if cd == 1:  # ConvNd: (N, C, *spatial)
+        y3 = y.reshape(y.shape[0], y.shape[1], -1)
+        t = Vd.t() @ y3  # (N, r, positions)
+        if vb is not None:
+            t = t - vb[:, None]
+        return torch.baddbmm(y3, Ud.expand(y.shape[0], -1, -1), t).reshape(y.shape)
+    h = y if bias is None else add_bias(y, -bias, channel_dim)
+    return y + ((h.movedim(channel_dim, -1) @ Vd) @ Ud.t()).movedim(-1, channel_dim)
 
 
 def forward_activation_side(op, x, W0, bias, U, V, channel_dim: int, strength: float = 1.0):
-    """op(x, W0) - s U (V^T op(x, W0)) + b: the same output as forward_weight_side, from the
-    layer's own op (its kernel, its dtype). Grouped convs work only on this side."""
-    h = op(x, W0)
-    return add_bias(h + output_delta(h, U, V, channel_dim, strength), bias, channel_dim)
+    """op(x, W0) + b - s U (V^T op(x, W0)): the same output as forward_weight_side, from the
+    layer's own op (its kernel, its dtype, the bias fused in when ``op`` takes it as
+    f(x, w, b), as layer_op's ops do). Grouped convs work only on this side."""
+    if bias is None:
+        return project_outputs(op(x, W0), U, V, channel_dim, strength)
+    return project_outputs(op(x, W0, bias.to(x.dtype)), U, V, channel_dim, strength, bias)
 
 
 def cheaper_side(tokens: int, inner: int, *, rank: int = 1, backward: bool = False) -> str:
