@@ -5,10 +5,11 @@ ComfyUI detects as SDXL / SD2-v / SD3 / Flux / Lumina 2 (harness/families.py; --
 released shape), makes a rank-r PaRa subject on a layer preset, exports it to the exact equivalent LoRA, and times ComfyUI patching the model
 with each (clone + add_patches + load_models_gpu, i.e. the work KSampler triggers), plus the
 stock "Load LoRA" path reading the PaRa file directly. Prints absolute figures and, last:
-RESULT apply_time_ratio=<PaRa/LoRA> peak_mem_ratio=<PaRa/LoRA> file_size_ratio=<PaRa/LoRA>
+RESULT apply_time_ratio=<PaRa/LoRA, medians> peak_mem_ratio=<PaRa/LoRA> file_size_ratio=<PaRa/LoRA>
+       apply_time_ratio_min=<lowest per-round ratio> apply_time_ratio_max=<highest>
 
     python bench/apply.py [--family sd15|sdxl|sd2v|sd3|flux|lumina2] [--size test|real] [--rank 4]
-                          [--preset noxattn] [--dtype fp16] [--device cpu|cuda] [--repeats 3]
+                          [--preset noxattn] [--dtype fp16] [--device cpu|cuda] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="noxattn")
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     add_family_args(ap)
     args = ap.parse_args(argv)
 
@@ -236,15 +237,21 @@ def main(argv=None):
                 samples[name].append((t, mem))
     results = {}
     for name, _ in paths:
-        t = statistics.median(x[0] for x in samples[name])
+        ts = [x[0] for x in samples[name]]
+        t = statistics.median(ts)
         mem = max(x[1] for x in samples[name])
         results[name] = (t, mem)
-        print(f"{name:42s} patch time {t * 1000:8.1f} ms   peak extra memory {mem:8.1f} MiB")
+        print(f"{name:42s} patch time {t * 1000:8.1f} ms (min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f}, "
+              f"{len(ts)} rounds)   peak extra memory {mem:8.1f} MiB")
     pt, pm = results["PaRa (PaRa Loader)"]
     lt, lm = results["LoRA (stock Load LoRA, exported file)"]
+    # per-round ratios (each round times both paths back to back): their spread says how far load drift moved it
+    rounds = [p[0] / l[0] for p, l in zip(samples["PaRa (PaRa Loader)"], samples["LoRA (stock Load LoRA, exported file)"])]
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"per-round apply time ratio: min {min(rounds):.3f}, median {statistics.median(rounds):.3f}, max {max(rounds):.3f}")
     print(f"RESULT apply_time_ratio={pt / lt:.3f} peak_mem_ratio={(pm / lm) if lm > 0 else float('nan'):.3f} "
-          f"file_size_ratio={para_size / lora_size:.3f}")
+          f"file_size_ratio={para_size / lora_size:.3f} apply_time_ratio_min={min(rounds):.3f} "
+          f"apply_time_ratio_max={max(rounds):.3f}")
 
 
 if __name__ == "__main__":

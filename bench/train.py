@@ -11,19 +11,21 @@ Guider_Basic, the model's own model_sampling, AdamW):
 - frozen: the floor, the same step with the frozen model and no adapter; its only trainable
   tensor is one scalar added to the model's input, so the backward pass computes the activation
   gradients every adapter needs and no weight gradient.
-The three alternate (round robin) so drift in machine load hits all alike. Prints absolute
+The three alternate (round robin) so drift in machine load hits all alike, after one unmeasured
+warm-up round (the first method in a fresh process is slower for several steps otherwise). Prints absolute
 figures and, last: RESULT step_time_ratio=<PaRa/LoRA> peak_mem_ratio=<PaRa/LoRA>
 trainable_params_ratio=<PaRa/LoRA> overhead_vs_frozen=<PaRa/frozen step time>. Peak memory is the whole process's (weights included):
 sampled RSS on the CPU, the CUDA allocator's high-water mark on a GPU.
 
     python bench/train.py [--family sd15|sdxl|sd2v|sd3|flux|lumina2] [--size test|real]
                           [--device cpu|cuda] [--rank 4] [--preset noxattn] [--latent 32]
-                          [--batch 1] [--dtype bf16|fp16|fp32] [--steps 3] [--rounds 2]
+                          [--batch 1] [--dtype bf16|fp16|fp32] [--steps 3] [--warmup 2] [--rounds 3]
                           [--gradient-checkpointing] [--weight-side]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -95,8 +97,9 @@ def main(argv=None):
                          "CPU, where bf16 is emulated unless it has AVX512-BF16/AMX)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--steps", type=int, default=3, help="measured steps per method and round")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured steps per method and round")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per method and round (the first steps "
+                    "after a method starts pay the allocator's page faults)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--weight-side", action="store_true",
                     help="also time PaRa forced onto the weight side (W' = W0 - Q Q^T W0 per step), to check the "
                          "trainer's choice of the activation side")
@@ -164,13 +167,20 @@ def main(argv=None):
     overheads = {m: [] for m in methods}
     params = {}
     losses = {}
-    for r in range(args.rounds):
-        for name, make in methods.items():
+    warm = dataclasses.replace(settings, steps=args.warmup)
+    for r in range(-1, args.rounds):  # round 0 (printed as such) only warms the process up: the first
+        for name, make in methods.items():  # method to run in a fresh process pays its page faults
             mp, adapter = make()
             params[name] = sum(p.numel() for p in adapter.parameters())
             with PeakMemory(device) as mem:
-                run = training.TrainingRun(mp, latents, positive, adapter, settings)
+                run = training.TrainingRun(mp, latents, positive, adapter, warm if r < 0 else settings)
                 run.run()
+            if r < 0:
+                print(f"warm-up round {name}: steps {', '.join(f'{t:.3f}' for t in run.step_times)} s", flush=True)
+                del run, adapter, mp
+                mm.unload_all_models()
+                release_memory(device)
+                continue
             times[name] += run.step_times[args.warmup:]
             peaks[name].append(mem.peak)
             overheads[name].append(mem.peak - mem.start)
@@ -188,13 +198,19 @@ def main(argv=None):
           f"{args.rounds} rounds x {args.steps} measured steps")
     for m in methods:
         t, peak, over = res[m]
-        print(f"{m:16s} step {t * 1000:9.1f} ms (median)   peak memory {peak:9.1f} MiB (+{over:.1f} MiB for training)   "
+        print(f"{m:16s} step {t * 1000:9.1f} ms (median; min {min(times[m]) * 1000:.1f}, max {max(times[m]) * 1000:.1f}, "
+              f"{len(times[m])} steps)   peak memory {peak:9.1f} MiB (+{over:.1f} MiB for training)   "
               f"trainable params {params[m]:,}   final loss {losses[m][-1]:.4f}")
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     (pt, pp, _), (lt, lp, _) = res["PaRa"], res["LoRA"]
     ft = res["frozen"][0]
+    # per round: the methods ran back to back, so each round's ratio sees one load level
+    per_round = [statistics.median(times["PaRa"][i * args.steps:(i + 1) * args.steps])
+                 / statistics.median(times["frozen"][i * args.steps:(i + 1) * args.steps]) for i in range(args.rounds)]
+    print(f"overhead_vs_frozen per round: {', '.join(f'{r:.3f}' for r in per_round)}")
     print(f"RESULT step_time_ratio={pt / lt:.3f} peak_mem_ratio={pp / lp:.3f} "
-          f"trainable_params_ratio={params['PaRa'] / params['LoRA']:.3f} overhead_vs_frozen={pt / ft:.3f}")
+          f"trainable_params_ratio={params['PaRa'] / params['LoRA']:.3f} overhead_vs_frozen={pt / ft:.3f} "
+          f"overhead_vs_frozen_min={min(per_round):.3f} overhead_vs_frozen_max={max(per_round):.3f}")
 
 
 if __name__ == "__main__":
