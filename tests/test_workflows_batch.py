@@ -175,9 +175,10 @@ def test_stopping_the_batch_removes_its_waiting_job_and_interrupts_its_running_o
             proc.kill()
     assert proc.returncode == 128 + sig, out
     assert "removed 1 waiting job(s)" in out and "interrupted job 1" in out, out
-    deadline = time.monotonic() + 30
-    while server.client.get("/queue")["queue_running"] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # ComfyUI checks the interrupt between sampler steps only: a job still loading its model on a
+    # busy 2-core CI machine stops once sampling starts, which took more than 30 s there once
+    res = server.client.wait(running, timeout=180)
+    assert res.error == "interrupted", (f"running {running}", res.status, res.error)
     q = server.client.get("/queue")
     assert q["queue_running"] == [] and q["queue_pending"] == [], (f"running {running}, waiting {waiting}", q, out)
     history = server.client.get(f"/history/{running}")[running]
