@@ -3,12 +3,13 @@ built at test time with random weights and detected by ComfyUI's own model detec
 
 Each builder writes a diffusion-model-only safetensors file (fp16, bare keys, what ComfyUI's
 "Load Diffusion Model" node reads from models/diffusion_models) into the test cache
-(harness.models.cache_dir()/families, never into the repo). The shapes are the smallest that ComfyUI
-still detects as that family (see /work notes: detection reads sizes from the weights):
+(harness.models.cache_dir()/families/<signature>, never into the repo; ComfyUI versions whose
+modules agree share one file). The shapes are the smallest that ComfyUI
+still detects as that family (detection reads sizes from the weights):
 
 | family | ComfyUI class | what is cut |
 |---|---|---|
-| sdxl | SDXL | channel_mult [1, 1, 1] (real: [1, 2, 4]); the exact SDXL transformer depths, 2048 context, ADM 2816 |
+| sdxl | SDXL | channel_mult [1, 1, 1] (real: [1, 2, 4]); middle and decoder transformers 1 block deep (real: up to 10; detection reads them but matches only the encoder's); the exact encoder depths, 2048 context, ADM 2816 |
 | sd2v | SD20 (V_PREDICTION) | channel_mult [1, 1, 1, 1], attention only at the top level (output_blocks.11 must exist: ComfyUI tells v from eps by it) |
 | sd3 | SD3 | MMDiT depth 2 (hidden 128, 2 joint blocks; sizes are read from the weights) |
 | flux | Flux | 1 double + 1 single block; hidden 3072 (ComfyUI 0.3.64 does not read it from the weights) |
@@ -26,6 +27,7 @@ the functions that only the test process calls.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,7 +62,7 @@ FAMILY_NAMES = list(FAMILIES)
 SDXL_UNET = dict(
     use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
     num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
-    transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth_middle=1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1],
     context_dim=2048, adm_in_channels=2816, num_classes="sequential", use_spatial_transformer=True,
     use_linear_in_transformer=True, legacy=False, use_temporal_resblock=False, use_temporal_attention=False,
     num_heads=-1, num_head_channels=64,
@@ -83,7 +85,8 @@ LUMINA2_DIT = dict(patch_size=2, in_channels=16, dim=2304, cap_feat_dim=2304, n_
                    qk_norm=True, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512])
 # The released models' shapes (for layer and parameter counts; built on the meta device only).
 REAL_CONFIGS = {
-    "sdxl": dict(SDXL_UNET, channel_mult=[1, 2, 4]),
+    "sdxl": dict(SDXL_UNET, channel_mult=[1, 2, 4], transformer_depth_middle=10,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10]),
     "sd2v": dict(SD2_UNET, channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]),
     "sd3": dict(SD3_DIT, depth=24, num_patches=36864, pos_embed_max_size=192,
@@ -137,9 +140,10 @@ def _config_tag(name: str) -> str:
     return hashlib.sha256(json.dumps(_config(name), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _module(name: str, real: bool = False):
-    """ComfyUI's own module for the family, uninitialised: the test size on the CPU in float32,
-    or (real=True) the released model's size on the meta device (shapes only, no memory)."""
+def _module(name: str, real: bool = False, meta: bool = False):
+    """ComfyUI's own module for the family, uninitialised: the test size on the CPU in float32
+    (meta=True: on the meta device, shapes only), or (real=True) the released model's size on the
+    meta device (no memory)."""
     import torch
     import comfy.ops
     ops = comfy.ops.disable_weight_init
@@ -147,7 +151,7 @@ def _module(name: str, real: bool = False):
         cfg, real = DETECTION_ONLY[name][2], True
     else:
         cfg = REAL_CONFIGS[name] if real else _config(name)
-    kw = dict(dtype=torch.float16 if real else torch.float32, device="meta" if real else "cpu", operations=ops)
+    kw = dict(dtype=torch.float16 if real else torch.float32, device="meta" if real or meta else "cpu", operations=ops)
     with torch.device(kw["device"]):
         if name in ("sdxl", "sd2v"):
             from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -194,7 +198,7 @@ def build(name: str, path, seed: int = 0) -> Path:
             tensors[SD2_V_MARKER] = (0.2 * torch.randn(tensors[SD2_V_MARKER].shape, generator=g)).half()
     meta = {"modelspec.title": f"PaRa test {name} (random weights, not a real model)",
             "para_test.family": name, "para_test.builder_version": BUILDER_VERSION, "para_test.seed": str(seed),
-            "para_test.config": _config_tag(name)}
+            "para_test.config": _config_tag(name), "para_test.signature": signature(name, seed)}
     models.atomic_save(tensors, Path(path), meta)
     n = sum(v.numel() for v in tensors.values())
     print(f"[harness.families] built {name}: {n / 1e6:.1f}M params, {Path(path).stat().st_size / 2**20:.0f} MiB "
@@ -206,24 +210,145 @@ def file_name(name: str) -> str:
     return f"test_{name}.safetensors"
 
 
-def _is_current(path: Path, name: str, seed: int) -> bool:
+@functools.lru_cache(maxsize=None)
+def signature(name: str, seed: int = 0) -> str:
+    """What the family's test file holds, as 16 hex digits: the builder version, the seed, the
+    config and every tensor's name and shape in the running ComfyUI's module (built on the meta
+    device, no memory). Two ComfyUI versions whose modules agree share one file; where a module
+    differs (Lumina 2 gained norm_final), each gets its own."""
+    import hashlib
+    import json
+    tensors = sorted((k, list(v.shape)) for k, v in _module(name, meta=True).state_dict().items())
+    payload = {"family": name, "builder_version": BUILDER_VERSION, "seed": seed, "config": _config_tag(name),
+               "tensors": tensors}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _is_current(path: Path, name: str, seed: int, sig: str) -> bool:
+    """path holds today's build of the family for this signature, or links to today's build of
+    another signature (a file another ComfyUI built that this one loads completely)."""
     from harness import models
     meta = models.cached_metadata(path)
     if meta is None:
         return False
+    if path.is_symlink():
+        sig = path.resolve().parent.name
     return (meta.get("para_test.family") == name and meta.get("para_test.builder_version") == BUILDER_VERSION
-            and meta.get("para_test.seed") == str(seed) and meta.get("para_test.config") == _config_tag(name))
+            and meta.get("para_test.seed") == str(seed) and meta.get("para_test.config") == _config_tag(name)
+            and meta.get("para_test.signature") == sig)
+
+
+def _loads_completely(path: Path, name: str) -> bool:
+    """Whether the running ComfyUI loads the file as the family with every weight of its module
+    present ("unet missing" is the warning ComfyUI's load_model_weights gives otherwise); extra
+    tensors are fine (ComfyUI ignores them, as it does for the released files)."""
+    import logging
+    import comfy.sd
+
+    class Missing(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.seen = False
+
+        def emit(self, record):
+            self.seen = self.seen or record.getMessage().startswith("unet missing")
+
+    handler, root = Missing(), logging.getLogger()
+    root.addHandler(handler)
+    try:
+        mp = comfy.sd.load_diffusion_model(str(path))
+        detected = type(mp.model.model_config).__name__
+        del mp
+    except Exception:
+        return False
+    finally:
+        root.removeHandler(handler)
+    return not handler.seen and detected == family(name).config_class
+
+
+def _shared_file(root: Path, name: str, seed: int, sig: str, file: str) -> Path | None:
+    """Today's build of the family under another signature that the running ComfyUI can use:
+    module layouts differ between versions in ways their loaders bridge (0.33 renamed Flux's
+    norm scales and reads the old names; it dropped Lumina 2's norm_final and ignores it)."""
+    from harness import models
+    if not root.is_dir():
+        return None
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and _is_signature(p.name) and p.name != sig):
+        f = folder / file
+        if f.is_symlink() or not f.is_file():
+            continue
+        meta = models.cached_metadata(f) or {}
+        if (meta.get("para_test.family") == name and meta.get("para_test.seed") == str(seed)
+                and meta.get("para_test.builder_version") == BUILDER_VERSION
+                and meta.get("para_test.config") == _config_tag(name)
+                and meta.get("para_test.signature") == folder.name and _loads_completely(f, name)):
+            return f
+    return None
+
+
+def _link(path: Path, target: Path):
+    """path -> target as a relative symlink, replacing path atomically."""
+    import os
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(target, path.parent))
+    os.replace(tmp, path)
+
+
+def _is_signature(folder_name: str) -> bool:
+    return len(folder_name) == 16 and all(c in "0123456789abcdef" for c in folder_name)
+
+
+def remove_stale(root: Path, name: str, seed: int, keep: Path) -> list[Path]:
+    """Delete the family's test files that no ComfyUI can use any more: those of the old
+    one-folder-per-ComfyUI-version layout (families/0.3.64/...), and those built by an older
+    builder or config. Files of another signature built by today's builder stay (another
+    ComfyUI version's layout). Only files that carry this family's para_test metadata are
+    touched; a folder is removed once empty. Returns what was deleted."""
+    from harness import models
+    removed = []
+    if not root.is_dir():
+        return removed
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(folder.glob("test_*.safetensors")):
+            if f == keep:
+                continue
+            meta = models.cached_metadata(f) or {}
+            if meta.get("para_test.family") != name or meta.get("para_test.seed") != str(seed):
+                continue
+            outdated = (meta.get("para_test.builder_version") != BUILDER_VERSION
+                        or meta.get("para_test.config") != _config_tag(name))
+            if not _is_signature(folder.name) or outdated:
+                try:
+                    f.unlink()
+                    removed.append(f)
+                except OSError:
+                    pass
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
+    return removed
 
 
 def cached(name: str, seed: int = 0) -> Path:
-    """The family's test model in the cache, built when missing or stale."""
+    """The family's test model in the cache (families/<signature>/), built when missing or stale.
+    ComfyUI versions whose module for the family has the same tensors share the file; where they
+    differ, a file another version built is linked to when this one loads it completely."""
     from harness import models
-    # One folder per ComfyUI version: module layouts differ between versions (e.g. Lumina 2's
-    # norm_final exists only in newer ones), and every tensor of a model must be initialised.
-    folder = models.cache_dir() / "families" / comfyui_version()
-    path = folder / (file_name(name) if seed == 0 else f"test_{name}_s{seed}.safetensors")
-    if not _is_current(path, name, seed):
-        build(name, path, seed)
+    sig = signature(name, seed)
+    root = models.cache_dir() / "families"
+    file = file_name(name) if seed == 0 else f"test_{name}_s{seed}.safetensors"
+    path = root / sig / file
+    if not _is_current(path, name, seed, sig):
+        shared = _shared_file(root, name, seed, sig, file)
+        if shared is not None:
+            _link(path, shared)
+        else:
+            build(name, path, seed)
+    remove_stale(root, name, seed, keep=path)
     return path
 
 

@@ -184,8 +184,9 @@ def test_presets_select_exactly_what_the_reference_code_selects_on_sdxl(method, 
 
 @pytest.mark.parametrize("method", ["noxattn", "xattn-strict", "noxattn-hspace-last"])
 def test_presets_select_the_reference_layers_on_the_small_detected_sdxl(method, sdxl_real):
-    """The small SDXL of the tests differs from the released one only in widths, so each preset
-    picks the released selection minus the skip connections its equal widths do not have."""
+    """The small SDXL of the tests differs from the released one in widths and in its shallower
+    middle and decoder transformers, so each preset picks the released selection minus the skip
+    connections its equal widths do not have and the transformer blocks it lacks."""
     from para_core import select_layers
     small = fm.weight_shapes("sdxl")
     got = set(select_layers(small, method, family="SDXL"))
