@@ -8,7 +8,7 @@ It finds ComfyUI (COMFYUI_PATH, the ComfyUI that holds this pack in custom_nodes
 ~/ComfyUI) and builds its own training images (drawn here, no downloads). Unless you give a
 checkpoint it uses a small text-to-image model of the synthetic shapes world of bench/world.py:
 the quality benchmark's base when it has been built (python bench/train_base.py), else a smaller
-one trained here once and cached (a few minutes on 2 CPU cores); --quick uses random weights
+one trained here once and cached (about 12 min on 2 CPU cores); --quick uses random weights
 (noise pictures, every step still real). It starts ComfyUI headless with this pack on a free
 loopback port and with --out/comfyui as its base directory (models/, input/, output/, kept
 afterwards, so workflows/batch.py --start-server can use what the demo trained); runs the shipped
@@ -126,7 +126,7 @@ def demo_checkpoint(quick: bool, log=print, threads: int = 0) -> tuple[Path, str
     what = (f"a small model of the shapes world trained here ({DEMO_BASE_UNET_STEPS} UNet steps; "
             "python bench/train_base.py builds the benchmark's larger one, which the demo then uses)")
     if not train_base.is_current(path):
-        log(f"building the demo's base model once (cached as {path}; it logs its stages, then each "
+        log(f"building the demo's base model once, about 12 min on 2 cores (cached as {path}; it logs its stages, then each "
             f"stage's progress with an ETA) ...")
         # two cores or more: the decoder and UNet stages train at once in two processes
         train_base.build(path, 0, unet_steps=DEMO_BASE_UNET_STEPS, threads=threads,
