@@ -187,6 +187,27 @@ def test_basis_batched_equals_per_layer_qr():
         torch.testing.assert_close(Qs[name], basis(B), atol=1e-6, rtol=0)
 
 
+
+def test_basis_cached_reuses_the_qr_of_an_unchanged_tensor_only():
+    B = randn(32, 4, seed=26)
+    Q = projection.basis_cached(B, "cpu")
+    torch.testing.assert_close(Q, basis(B), atol=0, rtol=0)
+    assert projection.basis_cached(B, "cpu") is Q                      # a second patch: no new QR
+    assert projection.basis_cached(B.clone(), "cpu") is not Q          # another tensor (another load)
+    B.mul_(-1.0).add_(randn(32, 4, seed=27))                            # changed in place: recomputed
+    Q2 = projection.basis_cached(B, "cpu")
+    assert Q2 is not Q
+    torch.testing.assert_close(Q2, basis(B), atol=0, rtol=0)
+    P = torch.nn.Parameter(randn(32, 4, seed=28))                       # being trained: never cached
+    assert projection.basis_cached(P, "cpu").requires_grad
+    assert projection.basis_cached(P, "cpu") is not projection.basis_cached(P, "cpu")
+    n = len(projection._BASES)
+    del B, Q, Q2
+    import gc
+    gc.collect()
+    assert len(projection._BASES) < n                                   # dropped with its tensor
+
+
 # ---------------------------------------------------------------- patching: W += up @ down, never non-finite
 
 def _thin(out=24, inner=18, k=3, seed=0, scale=0.1):

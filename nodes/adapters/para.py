@@ -24,7 +24,7 @@ from comfy.weight_adapter.base import WeightAdapterBase, WeightAdapterTrainBase
 from ...para_core.errors import ParaError
 from ...para_core.functional import projection
 from ...para_core.functional.base import RankCap, add_product_, effective_rank, is_linear, layer_op
-from ...para_core.functional.projection import basis, basis_batched
+from ...para_core.functional.projection import basis, basis_batched, basis_cached
 from ..training_loop import LayerForwards, _weight_and_bias
 from .base import (STOCK_SOURCE, StoredAdapter, bypass_weight_shape, check_fits, layer_bias, layer_groups, layer_kind,
                    split_weights, stock_layer, output_positions)
@@ -98,7 +98,7 @@ class ParaAdapter(StoredAdapter, ProjectionBypass, WeightAdapterBase):
     def factors(self, device) -> tuple:
         tensors = self._split()[0]
         if self.form == "B":
-            Q = basis(tensors[0].to(device))  # QR in float32 on the patching device
+            Q = basis_cached(tensors[0], device)  # QR in float32 on the patching device, once per tensor
             return Q, Q
         U, V = tensors
         return U.to(device, torch.float32), V.to(device, torch.float32)

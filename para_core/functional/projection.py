@@ -9,6 +9,7 @@ stores U and V. The out x out projector is never formed. The verbs, as in refere
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from ..errors import ParaError
 from .base import add_bias, as_matrix, check_factor, require_pair
 
-__all__ = ["KINDS", "basis", "basis_batched", "INIT_METHODS", "DEFAULT_INIT", "init_B", "delta_factors", "delta", "reduce_weight",
+__all__ = ["KINDS", "basis", "basis_cached", "basis_batched", "INIT_METHODS", "DEFAULT_INIT", "init_B", "delta_factors", "delta", "reduce_weight",
            "forward_weight_side", "project_outputs", "forward_activation_side", "cheaper_side", "to_lora",
            "check_tensors"]
 
@@ -37,6 +38,30 @@ def basis(B: torch.Tensor) -> torch.Tensor:
     if B.dim() < 2:
         raise ValueError(f"B must have shape (out, r), got {tuple(B.shape)}")
     Q, _ = torch.linalg.qr(B.float(), mode="reduced")
+    return Q
+
+
+_BASES: Dict[tuple, tuple] = {}
+
+
+def basis_cached(B: torch.Tensor, device) -> torch.Tensor:
+    """basis(B) on ``device``, remembered for this tensor while it lives and is not changed in
+    place: ComfyUI re-patches a model with the same loaded tensors whenever a strength, a model or
+    a sampler's memory plan changes, and each patch would redo every layer's QR. The result is
+    shared: read it, never write it. A B that needs grad is never cached (training)."""
+    device = torch.device(device)
+    try:
+        version = B._version  # bumped by every in-place change
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return basis(B.to(device))
+    if B.requires_grad and torch.is_grad_enabled():
+        return basis(B.to(device))
+    key = (id(B), str(device))
+    hit = _BASES.get(key)
+    if hit is not None and hit[0]() is B and hit[1] == version:
+        return hit[2]
+    Q = basis(B.to(device))
+    _BASES[key] = (weakref.ref(B, lambda _ref, k=key: _BASES.pop(k, None)), version, Q)
     return Q
 
 
