@@ -233,9 +233,14 @@ def _is_current(path: Path, name: str, seed: int, sig: str) -> bool:
         return False
     if path.is_symlink():
         sig = path.resolve().parent.name
-    return (meta.get("para_test.family") == name and meta.get("para_test.builder_version") == BUILDER_VERSION
-            and meta.get("para_test.seed") == str(seed) and meta.get("para_test.config") == _config_tag(name)
-            and meta.get("para_test.signature") == sig)
+    return _built_today(meta, name, seed) and meta.get("para_test.signature") == sig
+
+
+def _built_today(meta: dict, name: str, seed: int) -> bool:
+    """The metadata names this family and seed, built by today's builder and config."""
+    return (meta.get("para_test.family") == name and meta.get("para_test.seed") == str(seed)
+            and meta.get("para_test.builder_version") == BUILDER_VERSION
+            and meta.get("para_test.config") == _config_tag(name))
 
 
 def _loads_completely(path: Path, name: str) -> bool:
@@ -278,10 +283,8 @@ def _shared_file(root: Path, name: str, seed: int, sig: str, file: str) -> Path 
         if f.is_symlink() or not f.is_file():
             continue
         meta = models.cached_metadata(f) or {}
-        if (meta.get("para_test.family") == name and meta.get("para_test.seed") == str(seed)
-                and meta.get("para_test.builder_version") == BUILDER_VERSION
-                and meta.get("para_test.config") == _config_tag(name)
-                and meta.get("para_test.signature") == folder.name and _loads_completely(f, name)):
+        if (_built_today(meta, name, seed) and meta.get("para_test.signature") == folder.name
+                and _loads_completely(f, name)):
             return f
     return None
 
@@ -318,9 +321,7 @@ def remove_stale(root: Path, name: str, seed: int, keep: Path) -> list[Path]:
             meta = models.cached_metadata(f) or {}
             if meta.get("para_test.family") != name or meta.get("para_test.seed") != str(seed):
                 continue
-            outdated = (meta.get("para_test.builder_version") != BUILDER_VERSION
-                        or meta.get("para_test.config") != _config_tag(name))
-            if not _is_signature(folder.name) or outdated:
+            if not _is_signature(folder.name) or not _built_today(meta, name, seed):
                 try:
                     f.unlink()
                     removed.append(f)
