@@ -28,6 +28,7 @@ the functions that only the test process calls.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -291,7 +292,6 @@ def _shared_file(root: Path, name: str, seed: int, sig: str, file: str) -> Path 
 
 def _link(path: Path, target: Path):
     """path -> target as a relative symlink, replacing path atomically."""
-    import os
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
     if tmp.is_symlink() or tmp.exists():
@@ -320,7 +320,7 @@ def remove_stale(root: Path, name: str, seed: int, keep: Path) -> list[Path]:
                 continue
             meta = models.cached_metadata(f) or {}
             if meta.get("para_test.family") != name or meta.get("para_test.seed") != str(seed):
-                continue
+                continue  # not this family's file (or not ours at all)
             if not _is_signature(folder.name) or not _built_today(meta, name, seed):
                 try:
                     f.unlink()
@@ -349,7 +349,7 @@ def cached(name: str, seed: int = 0) -> Path:
             _link(path, shared)
         else:
             build(name, path, seed)
-    remove_stale(root, name, seed, keep=path)
+        remove_stale(root, name, seed, keep=path)  # whoever makes a file cleans up, once
     return path
 
 

@@ -187,7 +187,6 @@ def test_basis_batched_equals_per_layer_qr():
         torch.testing.assert_close(Qs[name], basis(B), atol=1e-6, rtol=0)
 
 
-
 def test_basis_cached_reuses_the_qr_of_an_unchanged_tensor_only():
     B = randn(32, 4, seed=26)
     Q = projection.basis_cached(B, "cpu")

@@ -22,7 +22,8 @@ def test_the_file_is_named_by_its_layout_not_by_the_comfyui_version(cache):
     assert meta["para_test.signature"] == sig and meta["para_test.family"] == "sd3"
     # the signature covers what the file holds: seed, and each tensor's name and shape
     assert fm.signature("sd3", seed=1) != sig
-    with __import__("safetensors").safe_open(str(path), framework="pt") as f:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     module = {k: list(v.shape) for k, v in fm._module("sd3", meta=True).state_dict().items()}
     assert shapes == module
