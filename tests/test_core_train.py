@@ -143,3 +143,59 @@ def test_unknown_init_is_an_error():
 def test_layer_op_rejects_other_modules():
     with pytest.raises(TypeError, match="Linear and Conv"):
         layer_op(torch.nn.LayerNorm(4))
+
+
+def _dense_projected(y, B, channel_dim, strength, bias):
+    """y - s P (y - b) along channel_dim, P = Q Q^T formed explicitly (float64)."""
+    P = dense_projector(B)
+    h = y.double().movedim(channel_dim, -1)
+    b = 0 if bias is None else bias.double()
+    return (h - strength * (h - b) @ P.t()).movedim(-1, channel_dim)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((2, 12, 5, 3), 1), ((1, 12, 7), 1), ((3, 4, 12), -1), ((6, 12), -1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_training_projection_gradients_equal_the_dense_reference(shape, channel_dim, with_bias, strength):
+    """The trainer's y - s Q (Q^T (y - b)) has its backward written out (projection._SubjectProjection):
+    its output and the gradients for y and for B (through the QR) equal autograd through the dense
+    projector, for conv and Linear layouts, batches, a bias and a strength."""
+    from para_core.functional.projection import project_outputs
+    C = shape[channel_dim]
+    y = randn(*shape, seed=40, dtype=torch.float64).requires_grad_(True)
+    B = randn(C, 3, seed=41, dtype=torch.float64).requires_grad_(True)
+    bias = randn(C, seed=42, dtype=torch.float64) if with_bias else None
+    g = randn(*shape, seed=43, dtype=torch.float64)
+    Q = torch.linalg.qr(B)[0]  # float64 (basis() works in float32)
+    got = project_outputs(y, Q, Q, channel_dim, strength, bias)
+    assert type(got.grad_fn).__name__ == "_SubjectProjectionBackward"  # the written-out path, not autograd's
+    gy, gB = torch.autograd.grad(got, (y, B), g)
+    want = _dense_projected(y, B, channel_dim, strength, bias)
+    wy, wB = torch.autograd.grad(want, (y, B), g)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gy, wy, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gB, wB, atol=1e-10, rtol=0)
+    torch.autograd.gradcheck(lambda y, Q: project_outputs(y, Q, Q, channel_dim, strength, bias),
+                             (y.detach().requires_grad_(True), Q.detach().requires_grad_(True)))
+
+
+def test_training_projection_in_float32_matches_autograd_and_keeps_dtypes():
+    """In the training dtype (float32 here; bf16/fp16 under autocast on a GPU) the written-out
+    backward gives autograd's numbers to rounding, and Q's gradient comes back in Q's dtype."""
+    from para_core.functional.projection import project_outputs
+    module = _frozen(_conv())
+    B = torch.nn.Parameter(init_B(module.weight, 4, "orthogonal", generator(44)))
+    x = randn(2, 8, 9, 9, seed=45)
+    g = randn(2, 48, 5, 5, seed=46)
+    y = F.conv2d(x, module.weight, module.bias, 2, 1)
+    Q, Q2 = basis(B), basis(B)
+    fused = project_outputs(y, Q, Q, 1, 1.0, module.bias)
+    plain = project_outputs(y, Q2, Q2.view_as(Q2), 1, 1.0, module.bias)  # U is not V: autograd's products
+    assert type(plain.grad_fn).__name__ != "_SubjectProjectionBackward"
+    (a,) = torch.autograd.grad(fused, B, g)
+    (b,) = torch.autograd.grad(plain, B, g)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert a.dtype == torch.float32
+    with torch.no_grad():  # sampling: no autograd Function, the plain products
+        assert project_outputs(y, Q, Q, 1, 1.0, module.bias).grad_fn is None

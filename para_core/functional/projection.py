@@ -72,9 +72,9 @@ def basis_batched(Bs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         groups.setdefault((tuple(B.shape), B.device), []).append(name)
     out: Dict[str, torch.Tensor] = {}
     for names in groups.values():
-        Q = basis(torch.stack([Bs[n] for n in names]))
-        for i, n in enumerate(names):
-            out[n] = Q[i]
+        # unbind: the backward stacks the layers' gradients once (indexing Q[i] would scatter
+        # each one into a zero tensor of the whole group)
+        out.update(zip(names, basis(torch.stack([Bs[n] for n in names])).unbind(0)))
     return out
 
 
@@ -156,6 +156,9 @@ def project_outputs(y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, channel_d
     stays (ComfyUI's bypass mode and the trainer's activation side both hand y with its bias).
     Two thin products and one fused multiply-add (addmm / baddbmm) on y's own layout: no
     transposed copy of the activations and no separate pass for the strength or the bias."""
+    if U is V and torch.is_grad_enabled() and (U.requires_grad or y.requires_grad) \
+            and not (bias is not None and bias.requires_grad) and channel_dim % y.dim() in (1, y.dim() - 1):
+        return _SubjectProjection.apply(y, U, bias, channel_dim % y.dim() == 1, float(strength))
     Ud = U.to(y.device, y.dtype) * -float(strength)
     Vd = V.to(y.device, y.dtype)
     vb = None if bias is None else bias.to(y.device, y.dtype) @ Vd  # V^T b, (r,)
@@ -172,6 +175,65 @@ def project_outputs(y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, channel_d
         return torch.baddbmm(y3, Ud.expand(y.shape[0], -1, -1), t).reshape(y.shape)
     h = y if bias is None else add_bias(y, -bias, channel_dim)
     return y + ((h.movedim(channel_dim, -1) @ Vd) @ Ud.t()).movedim(-1, channel_dim)
+
+
+class _SubjectProjection(torch.autograd.Function):
+    """y - s Q (Q^T (y - b)) with its gradients written out, for training (U = V = Q): the same
+    numbers as autograd through project_outputs' products, with fewer passes over the activations
+    (forward: t = Q^T (y - b) and one fused multiply-add; backward: Q^T g, one fused multiply-add
+    for the input's gradient and two thin products for Q's; only y and the small t are kept)."""
+
+    @staticmethod
+    def forward(ctx, y, Q, bias, conv, strength):
+        Qd = Q.to(y.device, y.dtype)
+        vb = None if bias is None else bias.to(y.device, y.dtype) @ Qd  # Q^T b, (r,)
+        if conv:  # (N, C, *spatial): channels on dim 1
+            h = y.reshape(y.shape[0], y.shape[1], -1)
+            t = torch.bmm(Qd.t().expand(h.shape[0], -1, -1), h)  # (N, r, positions)
+            if vb is not None:
+                t = t - vb[:, None]
+            z = torch.baddbmm(h, Qd.expand(h.shape[0], -1, -1), t, alpha=-strength)
+        else:  # (..., C)
+            h = y.reshape(-1, y.shape[-1])
+            t = h @ Qd  # (positions, r)
+            if vb is not None:
+                t = t - vb
+            z = torch.addmm(h, t, Qd.t(), alpha=-strength)
+        ctx.conv, ctx.strength, ctx.q_dtype, ctx.shape = conv, strength, Q.dtype, y.shape
+        ctx.save_for_backward(h, t, Qd, bias)
+        return z.reshape(y.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, t, Qd, bias = ctx.saved_tensors
+        s = ctx.strength
+        need_y, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gy = gq = None
+        g = grad.to(h.dtype)
+        if ctx.conv:
+            g = g.reshape(h.shape)
+            sg = torch.bmm(Qd.t().expand(g.shape[0], -1, -1), g)  # Q^T g, (N, r, positions)
+            if need_y:
+                gy = torch.baddbmm(g, Qd.expand(g.shape[0], -1, -1), sg, alpha=-s).reshape(ctx.shape)
+            if need_q:
+                # d/dQ <g, s Q Q^T (y - b)> = s [sum (y - b) (Q^T g)^T + g (Q^T (y - b))^T]
+                gq = (torch.bmm(h, sg.transpose(1, 2)) + torch.bmm(g, t.transpose(1, 2))).sum(0)
+                if bias is not None:
+                    gq = gq - bias.to(gq.dtype)[:, None] * sg.sum((0, 2))[None, :]
+        else:
+            g = g.reshape(h.shape)
+            sg = g @ Qd  # (positions, r)
+            if need_y:
+                gy = torch.addmm(g, sg, Qd.t(), alpha=-s).reshape(ctx.shape)
+            if need_q:
+                # as (r, C) products: MKL is several times slower at h^T @ sg, a transposed
+                # operand contracted over its long dimension
+                gq = torch.addmm(sg.t() @ h, t.t(), g).t()
+                if bias is not None:
+                    gq = gq - bias.to(gq.dtype)[:, None] * sg.sum(0)[None, :]
+        if gq is not None:
+            gq = (gq * -s).to(ctx.q_dtype)
+        return gy, gq, None, None, None
 
 
 def forward_activation_side(op, x, W0, bias, U, V, channel_dim: int, strength: float = 1.0):
