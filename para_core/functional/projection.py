@@ -179,25 +179,24 @@ def project_outputs(y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, channel_d
 
 class _SubjectProjection(torch.autograd.Function):
     """y - s Q (Q^T (y - b)) with its gradients written out, for training (U = V = Q): the same
-    numbers as autograd through project_outputs' products, with fewer passes over the activations
-    (forward: t = Q^T (y - b) and one fused multiply-add; backward: Q^T g, one fused multiply-add
-    for the input's gradient and two thin products for Q's; only y and the small t are kept)."""
+    numbers as autograd through project_outputs' products, in fewer kernels (it runs once per
+    adapted layer and step; at small sizes the launches are the cost) and without autograd's
+    h^T @ (.) products (MKL is several times slower with a transposed operand contracted over its
+    long dimension). Forward: t = Q^T (y - b) and one fused multiply-add; backward: Q^T g, one
+    fused multiply-add for y's gradient, two (r, C) products for Q's. Keeps y and the small t."""
 
     @staticmethod
     def forward(ctx, y, Q, bias, conv, strength):
         Qd = Q.to(y.device, y.dtype)
-        vb = None if bias is None else bias.to(y.device, y.dtype) @ Qd  # Q^T b, (r,)
+        nvb = None if bias is None else -(bias.to(y.device, y.dtype) @ Qd)  # -Q^T b, (r,)
         if conv:  # (N, C, *spatial): channels on dim 1
             h = y.reshape(y.shape[0], y.shape[1], -1)
-            t = torch.bmm(Qd.t().expand(h.shape[0], -1, -1), h)  # (N, r, positions)
-            if vb is not None:
-                t = t - vb[:, None]
+            Qt = Qd.t().expand(h.shape[0], -1, -1)
+            t = torch.bmm(Qt, h) if nvb is None else torch.baddbmm(nvb[:, None], Qt, h)  # (N, r, positions)
             z = torch.baddbmm(h, Qd.expand(h.shape[0], -1, -1), t, alpha=-strength)
         else:  # (..., C)
             h = y.reshape(-1, y.shape[-1])
-            t = h @ Qd  # (positions, r)
-            if vb is not None:
-                t = t - vb
+            t = h @ Qd if nvb is None else torch.addmm(nvb, h, Qd)  # (positions, r)
             z = torch.addmm(h, t, Qd.t(), alpha=-strength)
         ctx.conv, ctx.strength, ctx.q_dtype, ctx.shape = conv, strength, Q.dtype, y.shape
         ctx.save_for_backward(h, t, Qd, bias)
@@ -208,32 +207,31 @@ class _SubjectProjection(torch.autograd.Function):
         h, t, Qd, bias = ctx.saved_tensors
         s = ctx.strength
         need_y, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad.to(h.dtype).reshape(h.shape)
         gy = gq = None
-        g = grad.to(h.dtype)
+        # Q's gradient: d/dQ <g, s Q Q^T (y - b)> = s [sum (y - b) (Q^T g)^T + g (Q^T (y - b))^T]
         if ctx.conv:
-            g = g.reshape(h.shape)
-            sg = torch.bmm(Qd.t().expand(g.shape[0], -1, -1), g)  # Q^T g, (N, r, positions)
+            N = g.shape[0]
+            sg = torch.bmm(Qd.t().expand(N, -1, -1), g)  # Q^T g, (N, r, positions)
             if need_y:
-                gy = torch.baddbmm(g, Qd.expand(g.shape[0], -1, -1), sg, alpha=-s).reshape(ctx.shape)
+                gy = torch.baddbmm(g, Qd.expand(N, -1, -1), sg, alpha=-s).reshape(ctx.shape)
             if need_q:
-                # d/dQ <g, s Q Q^T (y - b)> = s [sum (y - b) (Q^T g)^T + g (Q^T (y - b))^T]
-                gq = (torch.bmm(h, sg.transpose(1, 2)) + torch.bmm(g, t.transpose(1, 2))).sum(0)
+                if N == 1:
+                    gq = torch.addmm(torch.mm(h[0], sg[0].t()), g[0], t[0].t(), beta=-s, alpha=-s)
+                else:
+                    gq = torch.baddbmm(torch.bmm(h, sg.transpose(1, 2)), g, t.transpose(1, 2)).sum(0).mul_(-s)
                 if bias is not None:
-                    gq = gq - bias.to(gq.dtype)[:, None] * sg.sum((0, 2))[None, :]
+                    gq.addr_(bias.to(gq.dtype), sg.sum((0, 2)), alpha=s)
         else:
-            g = g.reshape(h.shape)
             sg = g @ Qd  # (positions, r)
             if need_y:
                 gy = torch.addmm(g, sg, Qd.t(), alpha=-s).reshape(ctx.shape)
             if need_q:
-                # as (r, C) products: MKL is several times slower at h^T @ sg, a transposed
-                # operand contracted over its long dimension
-                gq = torch.addmm(sg.t() @ h, t.t(), g).t()
+                gqt = torch.addmm(sg.t() @ h, t.t(), g, beta=-s, alpha=-s)  # (r, C): see the class doc
                 if bias is not None:
-                    gq = gq - bias.to(gq.dtype)[:, None] * sg.sum(0)[None, :]
-        if gq is not None:
-            gq = (gq * -s).to(ctx.q_dtype)
-        return gy, gq, None, None, None
+                    gqt.addr_(sg.sum(0), bias.to(gqt.dtype), alpha=s)
+                gq = gqt.t()
+        return gy, None if gq is None else gq.to(ctx.q_dtype), None, None, None
 
 
 def forward_activation_side(op, x, W0, bias, U, V, channel_dim: int, strength: float = 1.0):
