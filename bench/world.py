@@ -67,6 +67,8 @@ class Obj:
     cx: float = 0.5   # centre, as a fraction of the image side
     cy: float = 0.5
     detail: str = ""  # an instance's mark (DETAILS), never in the base world
+    side: float = 0.0  # bounding side in px; 0: the size's own (SIZES, jittered). Editing sources
+    #                    use an in-between side the base world never shows
 
     def words(self, names: Optional[dict] = None) -> str:
         name = (names or {}).get(self.shape, self.shape)
@@ -132,6 +134,8 @@ def render(scene: Scene, size: int = SIZE, supersample: int = 4) -> np.ndarray:
 
 
 def _jittered_side(o: Obj) -> float:
+    if o.side:
+        return o.side
     # deterministic per object: jitter from the position
     j = (hash_unit(o.shape, o.cx, o.cy) - 0.5) * 4
     return SIZES[o.size] + j

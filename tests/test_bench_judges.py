@@ -10,7 +10,9 @@ pytest.importorskip("scipy", reason="the benchmark's judges need scipy")
 pytest.importorskip("PIL", reason="the benchmark's world draws with Pillow")
 pytest.importorskip("torch", reason="the shape judge is a small torch MLP")
 
-from bench import judges, quality, world  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import editing, judges, quality, world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,29 +20,78 @@ def J():
     return judges.Judges.build(None, n=400)
 
 
-SRC = quality.EDIT_SOURCE.objects[0]
-SRC_ATTRS = (SRC.shape, SRC.colour, SRC.size, quality.EDIT_SOURCE.background)
+SOURCES = {src.name: src for src in editing.SOURCES + (editing.PILOT_SOURCE,)}
 
 
-def test_edit_source_scores_as_reconstructed(J):
-    assert quality._edit_check(J, world.render(quality.EDIT_SOURCE), SRC_ATTRS, None) == (True, True)
+def _check(J, scene, src, edit=None):
+    return editing.check(J, world.render(scene), src, editing._reference(J, src), edit)
 
 
-@pytest.mark.parametrize("what,obj,bg", [("colour", dataclasses.replace(SRC, colour="red"), "white"),
-                                         ("background", SRC, "gray")])
-def test_perfect_edit_scores_as_edited_and_preserved(J, what, obj, bg):
-    img = world.render(world.Scene((obj,), bg))
-    assert quality._edit_check(J, img, (obj.shape, obj.colour, obj.size, bg), what) == (True, True)
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_each_edit_source_scores_as_reconstructed(J, name):
+    src = SOURCES[name]
+    assert _check(J, src.scene, src)["joint"] is True
 
 
-def test_shifted_object_is_not_preserved(J):
-    img = world.render(world.Scene((dataclasses.replace(SRC, cx=SRC.cx + 0.2),), "white"))
-    assert quality._edit_check(J, img, SRC_ATTRS, None)[1] is False
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_perfect_edits_score_as_edited_and_preserved(J, name):
+    src = SOURCES[name]
+    for edit in src.edits:
+        r = _check(J, src.edited(*edit), src, edit)
+        assert r["edited"] and r["kept"] and r["joint"], (edit, r)
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_what_the_caption_alone_says_does_not_reconstruct(J, name):
+    """The base world's picture of the source's caption (centred, the size's own side, no mark)
+    must fail: that is what makes the task one the base cannot do alone."""
+    src = SOURCES[name]
+    o = src.obj
+    plain = world.Scene((world.Obj(o.shape, o.colour, o.size, 0.5, 0.5),), src.scene.background)
+    assert _check(J, plain, src)["joint"] is False
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_a_shift_of_six_pixels_is_not_a_reconstruction(J, name):
+    src = SOURCES[name]
+    shifted = dataclasses.replace(src.obj, cx=src.obj.cx + 6 / world.SIZE)
+    r = _check(J, world.Scene((shifted,), src.scene.background), src)
+    assert r["position"] is False and r["joint"] is False
+
+
+def test_the_world_size_or_a_missing_mark_is_not_a_reconstruction(J):
+    sized = next(s for s in editing.SOURCES if s.obj.side)
+    marked = next(s for s in editing.SOURCES if s.obj.detail)
+    r = _check(J, world.Scene((dataclasses.replace(sized.obj, side=0.0),), sized.scene.background), sized)
+    assert r["size"] is False and r["joint"] is False
+    r = _check(J, world.Scene((dataclasses.replace(marked.obj, detail=""),), marked.scene.background), marked)
+    assert r["mark"] is False and r["joint"] is False
 
 
 def test_wrong_colour_edit_fails(J):
-    img = world.render(world.Scene((dataclasses.replace(SRC, colour="blue"),), "white"))
-    assert quality._edit_check(J, img, (SRC.shape, "red", SRC.size, "white"), "colour")[0] is False
+    src = editing.SOURCES[0]
+    edit = next(e for e in src.edits if e[0] == "colour")
+    wrong = world.Scene((dataclasses.replace(src.obj, colour="blue"),), src.scene.background)
+    assert edit[1] != "blue"
+    r = _check(J, wrong, src, edit)
+    assert r["edited"] is False and r["kept"] is True and r["joint"] is False
+
+
+def test_consistency_is_one_for_identical_samples_and_low_for_scattered_ones(J):
+    src = editing.SOURCES[0]
+    same = np.stack([world.render(src.scene)] * 3)
+    assert editing.consistency(J, same) == pytest.approx(1.0)
+    scattered = np.stack([world.render(world.Scene((dataclasses.replace(src.obj, cx=x, cy=y),), "white"))
+                          for x, y in ((0.25, 0.25), (0.75, 0.75), (0.25, 0.75))])
+    assert editing.consistency(J, scattered) < 0.2
+
+
+def test_bootstrap_interval_brackets_the_mean_of_paired_differences():
+    assert editing.bootstrap_ci([0.25] * 12) == (0.25, 0.25)
+    lo, hi = editing.bootstrap_ci([1, -1] * 10)
+    assert lo < 0 < hi
+    lo, hi = editing.bootstrap_ci([0.5, 0.25, 0.75, 0.5] * 3)
+    assert 0.25 < lo < 0.5 < hi < 0.75
 
 
 def _sd1_tokenizer():
@@ -92,4 +143,6 @@ def test_both_present_positive_and_fused_blob(J):
 def test_controls_on_ground_truth(J):
     c = quality.controls(J)
     assert c["ctl_recon_gt"] >= 0.95 and c["ctl_edit_preserved_gt"] >= 0.95 and c["ctl_multi_ceiling"] >= 0.8, c
-    assert c["neg_gt_recon_shifted"] == 0 and c["neg_gt_multi_fused"] == 0, c
+    assert c["neg_edit_worst"] == 0 and c["neg_gt_multi_fused"] == 0, c
+    for k in ("shifted", "resized", "unmarked", "wrong_colour", "caption_only"):
+        assert c[f"neg_gt_{k}"] == 0, (k, c)

@@ -195,14 +195,16 @@ def test_benchmark_runs_end_to_end_at_tiny_settings(sd15_checkpoint, tmp_path):
                 "instance_fidelity_para", "instance_fidelity_para_ref", "instance_fidelity_lora",
                 "concept_fidelity_para", "concept_fidelity_para_ref", "concept_fidelity_lora",
                 "prompt_fidelity_para", "prompt_fidelity_para_ref", "prompt_fidelity_lora",
-                "multi_both_present_para", "edit_success_para"):
+                "multi_both_present_para", "edit_success_para", "base_recon", "edit_recon_para", "edit_recon_para_ref",
+                "edit_recon_lora", "edit_joint_para", "edit_joint_lora", "edit_consistency_para",
+                "edit_ci_para_minus_lora_lo", "edit_ci_para_minus_lora_hi", "ctl_recon_gt", "ctl_edit_preserved_gt"):
         assert f" {key}=" in line, key
     assert "nan" not in line, line
     md = (out / "quality.md").read_text()
     for row in ("Learning-rate pilot", "| PaRa paper r=4 |", "| PaRa reference r=4 |", "| LoRA r=4 |",
                 "| LoRA r=1 (~ PaRa paper's params) |", "PaRa paper merge sum", "PaRa paper merge union",
                 "PaRa paper merge sequential", "PaRa reference merge sum", "LoRA r=4 stacked",
-                "| PaRa paper r=2 |", "| PaRa reference r=2 |", "| LoRA r=2 |"):
+                "Single-image editing", "Learning-rate pilot on another source"):
         assert row in md, row
     # the reference rows really are the reference parametrization: U and D, r*(out + in) per layer
     # = LoRA's count at the same rank; the paper's r*out is smaller
