@@ -95,7 +95,8 @@ class PaRaTrainer(io.ComfyNode):
                                        "resampling layers except cross-attention; on transformers (SD3, Flux, Lumina 2) "
                                        "the image path's attention and MLP weights, not the text path. "
                                        "noxattn-hspace-last: one layer in the middle of the network (single-image "
-                                       "editing). See docs/presets.md for each preset per model family."),
+                                       "editing; measured, parametrization reference edits and paper does not: "
+                                       "bench/README.md). See docs/presets.md for each preset per model family."),
                 io.Combo.Input("rank_cap", options=list(RankCap.MODES), default=RankCap.REFERENCE,
                                tooltip="reference: a layer with fewer than rank_ratio*rank outputs gets rank "
                                        "out//rank_ratio (at least 1). reference-code: exactly the authors' code: "
