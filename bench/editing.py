@@ -101,7 +101,7 @@ def measure(J, img: np.ndarray, detail: str = "") -> Optional[Measure]:
     side = float(max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1))
     mark = None
     if detail:
-        body, mark = judges_mod.detail_colours(img, m, detail)
+        _, mark = judges_mod.detail_colours(img, m, detail)
     return Measure(o.shape, o.colour, judges_mod.background(img), float(xs.mean()), float(ys.mean()), side, m, mark)
 
 
