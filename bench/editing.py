@@ -40,7 +40,6 @@ IOU_MIN = 0.6       # mask overlap with the source's
 class Source:
     name: str
     scene: world.Scene
-    hidden: str                              # what the caption leaves out
     edits: Tuple[Tuple[str, str], ...]       # (attribute, new value): "colour" or "background"
 
     @property
@@ -66,17 +65,17 @@ def _obj(shape, colour, size, cx=0.5, cy=0.5, detail="", side=0.0):
 
 SOURCES = (
     Source("off-layout (top right)", world.Scene((_obj("triangle", "green", "small", 0.70, 0.30),), "white"),
-           "position", (("colour", "red"), ("background", "gray"))),
+           (("colour", "red"), ("background", "gray"))),
     Source("in-between size (38 px)", world.Scene((_obj("circle", "red", "large", side=38.0),), "gray"),
-           "size", (("colour", "blue"), ("background", "white"))),
+           (("colour", "blue"), ("background", "white"))),
     Source("mark (green dot)", world.Scene((_obj("square", "blue", "large", detail="dot"),), "white"),
-           "mark", (("colour", "red"), ("background", "gray"))),
+           (("colour", "red"), ("background", "gray"))),
     Source("off-layout (bottom left)", world.Scene((_obj("square", "yellow", "small", 0.30, 0.68),), "blue"),
-           "position", (("colour", "red"), ("background", "white"))),
+           (("colour", "red"), ("background", "white"))),
 )
 # The learning-rate pilot's source: not one of the evaluated ones.
 PILOT_SOURCE = Source("pilot: off-layout circle", world.Scene((_obj("circle", "blue", "small", 0.34, 0.66),), "white"),
-                      "position", (("colour", "yellow"),))
+                      (("colour", "yellow"),))
 
 
 @dataclass
@@ -138,12 +137,8 @@ def check(J, img: np.ndarray, src: Source, ref: Measure, edit: Optional[Tuple[st
          "iou": iou(m.mask, ref.mask) >= IOU_MIN,
          "mark": (m.mark == world.DETAIL_COLOURS[src.obj.detail]) if src.obj.detail else True}
     same = {"shape": m.shape == ref.shape, "colour": m.colour == want_colour, "background": m.background == want_bg}
-    if edit is None:
-        r["edited"] = True
-        r["kept"] = all(same.values()) and r["position"] and r["size"] and r["iou"] and r["mark"]
-    else:
-        r["edited"] = same.pop(edit[0])
-        r["kept"] = all(same.values()) and r["position"] and r["size"] and r["iou"] and r["mark"]
+    r["edited"] = True if edit is None else same.pop(edit[0])
+    r["kept"] = all(same.values()) and r["position"] and r["size"] and r["iou"] and r["mark"]
     r["joint"] = r["edited"] and r["kept"]
     return r
 
@@ -156,10 +151,10 @@ def consistency(J, imgs: np.ndarray, detail: str = "") -> float:
     return float(np.mean([iou(a.mask, b.mask) if a is not None and b is not None else 0.0 for a, b in pairs]))
 
 
-def evaluate(J, sample, src: Source, n_recon: int = 8, n_edit: int = 4, seed: int = 9000, decoder=None) -> Dict:
+def evaluate(J, sample, src: Source, n_recon: int = 8, n_edit: int = 4, seed: int = 9000) -> Dict:
     """Judge one model on one source: ``sample(caption, n, seed) -> images`` (uint8 N x 64 x 64 x 3).
     Returns rates (recon, edit_success, edit_kept, edit_joint, consistency) and the image rows."""
-    ref = _reference(J, src, decoder)
+    ref = _reference(J, src)
     rows = [world.render(src.scene)[None]]
     imgs = sample(src.caption, n_recon, seed)
     rows.append(imgs)

@@ -103,7 +103,7 @@ class Settings:
     # of the base, 400 steps at rank 4, a learning rate per method from a pilot on another source
     edit_steps: int = 400
     edit_rank: int = 4
-    edit_layer: str = "middle_block.2.out_layers.3"
+    edit_layer: str = editing.EDIT_LAYER
     edit_seeds: Sequence[int] = (0, 1, 2)
     edit_sources: int = 0         # > 0: only the first that many sources (tests)
     edit_samples: int = 8         # samples of the source caption (different noise) per model
